@@ -1,0 +1,34 @@
+# Each target sets up what it needs on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# torch first, pinned: on these machines 2.13.0 is the CPU build that lies on disk; an unpinned torch
+# would pull a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test models demo-data venv clean faults bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+models: venv
+	$(PY) scripts/build_tiny_models.py --out models
+
+demo-data: venv
+	$(PY) scripts/make_demo_data.py --out data/demo
+
+demo: models demo-data
+	$(PY) -m pipeline run configs/demo.yaml --overwrite
+	@echo "Shards: $(CURDIR)/out/demo/data/   (manifest: out/demo/manifest.json, card: out/demo/README.md)"
+
+test: venv
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf out models data/demo

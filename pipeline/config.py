@@ -1,0 +1,292 @@
+"""Loading and checking the job config.
+
+Defaults live in configs/default.yaml, not here. The dataclasses below only
+declare the shape and types, so that omegaconf rejects unknown keys and wrong
+types with the full key in the message; `check` adds the rules types can't say.
+Everything is checked before Ray starts or any model loads.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A config problem; the message starts with the offending key."""
+
+
+@dataclass
+class Resources:
+    num_cpus: float = MISSING
+    num_gpus: float = MISSING
+    pool_size: int = MISSING
+    batch_size: int = MISSING
+
+
+@dataclass
+class Sampling:
+    temperature: float = MISSING
+    top_p: float = MISSING
+    max_new_tokens: int = MISSING
+
+
+@dataclass
+class Generator:
+    name: str = MISSING
+    backend: str = MISSING
+    model: str = MISSING
+    k: int = MISSING
+    template: str = MISSING
+    seed: int = MISSING
+    trust_remote_code: bool = MISSING
+    sampling: Sampling = MISSING
+    options: Dict[str, Any] = MISSING
+    resources: Resources = MISSING
+
+
+@dataclass
+class Input:
+    path: str = MISSING
+    format: str = MISSING
+    image_root: Optional[str] = MISSING
+    subset: Optional[str] = MISSING
+    rows_per_shard: int = MISSING
+    max_query_chars: int = MISSING
+    max_image_pixels: int = MISSING
+
+
+@dataclass
+class Embedder:
+    backend: str = MISSING
+    model: str = MISSING
+    pooling: str = MISSING
+    max_length: int = MISSING
+    trust_remote_code: bool = MISSING
+    options: Dict[str, Any] = MISSING
+    query_instruction: str = MISSING
+    reasoned_query_instruction: str = MISSING
+    target_instruction: str = MISSING
+    resources: Resources = MISSING
+
+
+@dataclass
+class Scoring:
+    mode: str = MISSING
+    temperature: float = MISSING
+    in_shard_negatives: int = MISSING
+    seed: int = MISSING
+    epsilon: float = MISSING
+
+
+@dataclass
+class Output:
+    dir: str = MISSING
+    compression: str = MISSING
+
+
+@dataclass
+class RayOpts:
+    address: Optional[str] = MISSING
+    read_num_cpus: float = MISSING
+    write_num_cpus: float = MISSING
+
+
+@dataclass
+class JobConfig:
+    input: Input = MISSING
+    generators: List[Generator] = MISSING
+    prompts: Dict[str, str] = MISSING
+    embedder: Embedder = MISSING
+    scoring: Scoring = MISSING
+    output: Output = MISSING
+    ray: RayOpts = MISSING
+
+
+CHOICES = {
+    "input.format": ("mmeb", "hf", "webdataset"),
+    "generators[].backend": ("transformers", "vllm", "precomputed"),
+    "embedder.backend": ("transformers", "sentence_transformers", "vllm"),
+    "embedder.pooling": ("last", "mean"),
+    "scoring.mode": ("cosine", "pair_aware"),
+}
+
+# The keys whose values decide the labels; a resume refuses if these changed.
+LABEL_KEYS = ("input.rows_per_shard", "generators", "prompts", "embedder", "scoring")
+
+
+def _fail(key: str, msg: str):
+    raise ConfigError(f"{key}: {msg}")
+
+
+def _as_config_error(e: OmegaConfBaseException, prefix: str = "") -> ConfigError:
+    key = getattr(e, "full_key", None) or "config"
+    msg = str(getattr(e, "msg", None) or e).splitlines()[0]
+    return ConfigError(f"{prefix}{key}: {msg}")
+
+
+@contextlib.contextmanager
+def _keyed(prefix: str):
+    """Errors inside a list entry only know their key within the entry."""
+    try:
+        yield
+    except OmegaConfBaseException as e:
+        raise _as_config_error(e, prefix) from None
+
+
+def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> DictConfig:
+    """default.yaml <- job config file <- key=value overrides, then checked."""
+    try:
+        base = OmegaConf.load(DEFAULT_CONFIG)
+        # Each generator entry is completed from the first entry of default.yaml.
+        gen_default = base.generators[0]
+        layers = [base]
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config: no such file: {path}")
+            layers.append(OmegaConf.load(path))
+        merged = OmegaConf.merge(*layers)
+        for item in overrides:
+            key, sep, _ = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"{item}: overrides are key=value")
+            # from_dotlist parses the value as YAML; update() walks list indices (generators.0.k)
+            value = OmegaConf.from_dotlist([f"v={item[len(key) + 1:]}"])["v"]
+            OmegaConf.update(merged, key, value, merge=True)
+        generators = []
+        for i, g in enumerate(merged.generators):
+            with _keyed(f"generators[{i}]."):
+                generators.append(OmegaConf.merge(OmegaConf.structured(Generator), gen_default, g))
+        merged.generators = generators
+        typed = OmegaConf.merge(OmegaConf.structured(JobConfig), merged)
+    except OmegaConfBaseException as e:
+        raise _as_config_error(e) from None
+    check(typed)
+    return typed
+
+
+def check(cfg: DictConfig) -> None:
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        _fail(sorted(missing)[0], "is required and has no value")
+
+    def choice(key, value, rule=None):
+        allowed = CHOICES[rule or key]
+        if value not in allowed:
+            _fail(key, f"must be one of {', '.join(allowed)}; got {value!r}")
+
+    choice("input.format", cfg.input.format)
+    if cfg.input.rows_per_shard < 1:
+        _fail("input.rows_per_shard", "must be >= 1")
+    if cfg.input.image_root is not None and not Path(cfg.input.image_root).is_dir():
+        _fail("input.image_root", f"not a directory: {cfg.input.image_root}")
+
+    if not cfg.generators:
+        _fail("generators", "needs at least one generator")
+    names = set()
+    for i, g in enumerate(cfg.generators):
+        key = f"generators[{i}]"
+        choice(f"{key}.backend", g.backend, rule="generators[].backend")
+        if g.name in names:
+            _fail(f"{key}.name", f"duplicate generator name {g.name!r}")
+        names.add(g.name)
+        if g.k < 1:
+            _fail(f"{key}.k", "must be >= 1")
+        if g.template not in cfg.prompts:
+            _fail(f"{key}.template", f"no prompt named {g.template!r} under prompts ({', '.join(cfg.prompts)})")
+        if g.sampling.max_new_tokens < 1:
+            _fail(f"{key}.sampling.max_new_tokens", "must be >= 1")
+        _check_resources(f"{key}.resources", g.resources)
+        if g.backend == "precomputed" and not Path(str(g.options.get("path", ""))).is_file():
+            _fail(f"{key}.options.path", f"precomputed rationales file not found: {g.options.get('path')}")
+        if g.backend == "transformers":
+            _check_model_ref(f"{key}.model", g.model)
+
+    choice("embedder.backend", cfg.embedder.backend)
+    choice("embedder.pooling", cfg.embedder.pooling)
+    if cfg.embedder.backend != "vllm":
+        _check_model_ref("embedder.model", cfg.embedder.model)
+    _check_resources("embedder.resources", cfg.embedder.resources)
+    for side in ("query_instruction", "reasoned_query_instruction", "target_instruction"):
+        if "{text}" not in cfg.embedder[side]:
+            _fail(f"embedder.{side}", "must contain {text}")
+    if "{rationale}" not in cfg.embedder.reasoned_query_instruction:
+        _fail("embedder.reasoned_query_instruction", "must contain {rationale}")
+
+    choice("scoring.mode", cfg.scoring.mode)
+    if not cfg.scoring.temperature > 0:
+        _fail("scoring.temperature", "must be > 0")
+    if cfg.scoring.in_shard_negatives < 0:
+        _fail("scoring.in_shard_negatives", "must be >= 0")
+
+
+def _check_resources(key, r):
+    if r.num_cpus < 0 or r.num_gpus < 0:
+        _fail(key, "num_cpus and num_gpus must be >= 0")
+    if r.pool_size < 1:
+        _fail(f"{key}.pool_size", "must be >= 1")
+    if r.batch_size < 1:
+        _fail(f"{key}.batch_size", "must be >= 1")
+
+
+def _check_model_ref(key, ref):
+    """A model is a local folder or a hub id (org/name). A path-looking value that
+    does not exist is almost always a mistake (e.g. `make models` not run)."""
+    p = Path(ref)
+    looks_local = ref.startswith((".", "/", "~")) or p.exists() or ref.count("/") != 1
+    if looks_local and not p.is_dir():
+        _fail(key, f"model folder not found: {ref}")
+
+
+def resolve_paths(cfg: DictConfig) -> None:
+    """Make local paths absolute: Ray workers do not share the driver's working directory."""
+
+    def absolute(p):
+        return str(Path(p).expanduser().resolve())
+
+    cfg.output.dir = absolute(cfg.output.dir)
+    if cfg.input.image_root is not None:
+        cfg.input.image_root = absolute(cfg.input.image_root)
+    if not any(ch in cfg.input.path for ch in "*?[") or Path(cfg.input.path).exists():
+        cfg.input.path = absolute(cfg.input.path)
+    else:  # a glob: keep the pattern, anchor it
+        cfg.input.path = str(Path.cwd() / cfg.input.path) if not cfg.input.path.startswith("/") else cfg.input.path
+    for node in [*cfg.generators, cfg.embedder]:
+        if Path(node.model).expanduser().exists():
+            node.model = absolute(node.model)
+        if "path" in node.options and node.options.path:
+            node.options.path = absolute(node.options.path)
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def label_config(cfg: DictConfig) -> dict[str, Any]:
+    """The part of the config that decides the labels."""
+    d = to_dict(cfg)
+    out = {}
+    for key in LABEL_KEYS:
+        node = d
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    for g in out["generators"]:
+        g.pop("resources", None)
+    out["embedder"] = {k: v for k, v in out["embedder"].items() if k != "resources"}
+    return out
+
+
+def config_hash(cfg: DictConfig) -> str:
+    blob = json.dumps(label_config(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
