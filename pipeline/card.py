@@ -1,0 +1,125 @@
+"""The dataset card, OUT/README.md, written by the job once the manifest is final.
+
+Its YAML front matter makes OUT a Hugging Face dataset folder: `datasets.load_dataset(OUT)` reads
+data/*.parquet as the train split (and skips quarantine/ and the "_" bookkeeping folders). The body is
+built from the manifest alone, so the card says exactly what the job recorded.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import yaml
+
+from pipeline.export import format_docs
+
+FRONT_MATTER = {
+    "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}],
+    # The rows inherit the licenses of the input data and of the generator models' outputs.
+    "license": "other",
+    "license_name": "inherited-from-sources",
+    "task_categories": ["feature-extraction", "sentence-similarity"],
+    "tags": ["multimodal", "embedding", "retrieval", "rationale", "reasoning", "preference", "pairsel"],
+    "pretty_name": "pairsel: reasoning-selected multimodal embedding pairs",
+}
+
+
+def front_matter() -> str:
+    return "---\n" + yaml.safe_dump(FRONT_MATTER, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def _rate(x) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def _md(x) -> str:
+    return str(x).replace("|", "\\|")
+
+
+def body(manifest: dict) -> str:
+    counts = manifest.get("counts") or {}
+    subsets = manifest.get("subsets") or {}
+    generators = manifest.get("generators") or {}
+    embedder = manifest.get("embedder") or {}
+    scoring = (manifest.get("config") or {}).get("scoring") or {}
+    lines = [
+        "# pairsel output",
+        "",
+        "Multimodal (query, target) pairs for training embedding models, each with K candidate rationales from",
+        "one or more MLLM generators. Every rationale r_k is scored by how much appending it to the query moves",
+        "the query's embedding towards its target: delta_k = s(q + r_k, t+) - s(q, t+) (cosine mode) or the",
+        "change of log p(t+ | x) under a softmax over the target and negatives (pair_aware mode). The best",
+        "rationale is `chosen`; a pair `need_reasoning` when its best delta exceeds epsilon.",
+        "",
+        f"- status: **{manifest.get('status', 'unknown')}**, finished {manifest.get('finished_at', '?')}"
+        f" ({manifest.get('wall_seconds', '?')} s)",
+        f"- pairs written: **{counts.get('pairs_written', '?')}** of {counts.get('pairs_read', '?')} read;"
+        f" quarantined: {counts.get('pairs_quarantined', '?')}",
+        f"- need_reasoning: {counts.get('need_reasoning', '?')} ({_rate(counts.get('need_reasoning_rate'))})",
+        f"- candidates: {counts.get('candidates', '?')}; tokens generated: {counts.get('tokens_generated', '?')}",
+        f"- scoring: mode {scoring.get('mode', '?')}, epsilon {scoring.get('epsilon', '?')}",
+        f"- config hash: `{manifest.get('config_hash', '?')}`; pairsel {manifest.get('pairsel_version', '?')};"
+        f" schema version {manifest.get('schema_version', '?')}",
+        "",
+        "## Subsets",
+        "",
+        "| subset | pairs | need_reasoning | rate |",
+        "| --- | ---: | ---: | ---: |",
+        *(f"| {_md(name)} | {s.get('pairs', '?')} | {s.get('need_reasoning', '?')} | {_rate(s.get('need_reasoning_rate'))} |"
+          for name, s in sorted(subsets.items())),
+        "",
+        "## Models",
+        "",
+        f"- embedder: `{_md(embedder.get('model', '?'))}` ({embedder.get('backend', '?')})",
+        "",
+        "| generator | backend | model | candidates | valid | chosen | chosen share | tokens |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        *(f"| {_md(name)} | {g.get('backend', '?')} | `{_md(g.get('model', '?'))}` | {g.get('candidates', '?')} |"
+          f" {g.get('valid', '?')} | {g.get('chosen', '?')} | {_rate(g.get('chosen_share'))} | {g.get('tokens', '?')} |"
+          for name, g in generators.items()),
+        "",
+    ]
+    reasons = counts.get("quarantined_by_reason") or {}
+    if reasons:
+        lines += ["Quarantined rows by reason: " + ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())), ""]
+    lines += [
+        "## Files",
+        "",
+        "- `data/shard-NNNNNN.parquet`: one row per pair (schema `schemas/v1.py` OUTPUT_SCHEMA): the pair, its",
+        "  negatives, `candidates` (text, generator, tokens, finish_reason, s_k, delta, neg_delta, valid, ...),",
+        "  `s_direct`, `chosen`, `best_delta`, `need_reasoning`, `rejected`, `provenance`",
+        "- `quarantine/shard-NNNNNN.parquet`: rows that could not be processed, with a reason",
+        "- `manifest.json`: the full resolved config, counts and per-shard checksums",
+        "- image columns hold the paths the input gave (MMEB: relative to the job's `input.image_root`); images",
+        "  that came as bytes (hf, webdataset inputs) have no path here",
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "import polars as pl",
+        'pairs = pl.scan_parquet("OUT/data/*.parquet")          # lazy; filter before collecting',
+        'need = pairs.filter(pl.col("need_reasoning")).collect()',
+        "",
+        "from datasets import load_dataset",
+        'ds = load_dataset("parquet", data_files="OUT/data/*.parquet", split="train")',
+        'ds = load_dataset("OUT", split="train")               # uses this card\'s configs',
+        "```",
+        "",
+        "Exports for trainers: `pairsel export OUT --format {preference,contrastive,gate} --out DIR`.",
+        "",
+        "```text",
+        format_docs().rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_card(out_dir: str, manifest: dict) -> Path:
+    """Write OUT/README.md (atomically) and return its path."""
+    path = Path(out_dir) / "README.md"
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(front_matter() + "\n" + body(manifest), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

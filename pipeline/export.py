@@ -1,0 +1,327 @@
+"""`pairsel export OUT_DIR --format {preference,contrastive,gate} --out DIR`: training files for trainers.
+
+Each format is one lazy polars query over the output shards; input shards are grouped into parts of about
+`rows_per_part` pairs and each part is streamed to `DIR/part-NNNNN.parquet` (or `.jsonl` with jsonl=True)
+by polars' sink, so no export holds more than one part's rows in memory. Filters (all optional, combined
+with AND): subsets (subset is one of them), min_delta (best_delta >= min_delta; pairs without a valid
+candidate have no best_delta and are dropped by it), need_reasoning (equals the given value).
+Earlier part files in DIR are replaced; DIR/README.md says what was exported and how to load it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from pipeline.report import data_files, read_manifest
+
+FORMATS = ("preference", "contrastive", "gate")
+RATIONALE_MODES = ("append", "column")
+PREFERENCE_STYLES = ("conversational", "standard")
+IMAGE_MARKER = "<|image_1|>"  # MMEB's image placeholder (stages/backends/base.py); kept in contrastive/gate text
+# How a chosen rationale is appended to the query in contrastive exports (rationale_mode="append"): the same
+# shape as the embedder's default reasoned_query_instruction, "Query: {text}\nReasoning: {rationale}".
+RATIONALE_SEPARATOR = "\nReasoning: "
+DEFAULT_ROWS_PER_PART = 100_000
+
+PREFERENCE_DOC = """\
+preference: TRL preference data (DPOTrainer and friends), one row per (chosen, rejected) rationale pair.
+  Only pairs with a chosen rationale and at least one rejected one (a valid candidate with delta <= 0 and
+  a lower delta than the chosen one); a pair with R rejected rationales gives R rows.
+  columns: prompt, chosen, rejected, images (list of image paths, [] for text-only queries),
+           delta_chosen, delta_rejected, chosen_index, rejected_index, chosen_generator,
+           rejected_generator, pair_id, subset, need_reasoning
+  style="conversational" (default; TRL recommends it for vision-language models):
+      prompt   = [{"role": "user", "content": [{"type": "image", "text": null}, {"type": "text", "text": QUERY}]}]
+                 (the image item stands where the query had <|image_1|>, first if it had no marker)
+      chosen   = [{"role": "assistant", "content": [{"type": "text", "text": RATIONALE}]}], rejected alike
+  style="standard": prompt = query text, with <|image_1|> where the image goes (prepended when the
+      query had none); chosen and rejected are plain strings.
+
+    import os
+    from datasets import Image, List, load_dataset
+    ds = load_dataset("parquet", data_files="EXPORT_DIR/*.parquet", split="train")
+    # images hold the input's paths (MMEB: relative to input.image_root); TRL wants the images themselves
+    ds = ds.map(lambda r: {"images": [os.path.join(IMAGE_ROOT, p) for p in r["images"]]})
+    ds = ds.cast_column("images", List(Image()))
+    from trl import DPOConfig, DPOTrainer
+    trainer = DPOTrainer(model=model, args=DPOConfig(output_dir="dpo"), train_dataset=ds,
+                         processing_class=processor)
+"""
+
+CONTRASTIVE_DOC = f"""\
+contrastive: MMEB-train rows (VLM2Vec's TrainDataset reads them unchanged), one row per pair.
+  columns: qry, qry_image_path, pos_text, pos_image_path, neg_text, neg_image_path, pair_id, subset,
+           need_reasoning (+ rationale with rationale_mode="column")
+  Missing text or image is "" as in MMEB-train (VLM2Vec treats image path "" as no image). neg_* is the
+  first explicit negative of the input ("" without one); in-shard negatives are not exported, the trainer
+  draws in-batch negatives itself.
+  Where need_reasoning holds, the chosen rationale is attached:
+    rationale_mode="append": qry = query + {RATIONALE_SEPARATOR!r} + rationale
+    rationale_mode="column": qry is the query; rationale = the rationale (null where not needed)
+
+    from datasets import load_dataset
+    ds = load_dataset("parquet", data_files="EXPORT_DIR/*.parquet", split="train")
+    # VLM2Vec: point TrainDataset at this dataset instead of TIGER-Lab/MMEB-train (e.g. replace its
+    # load_dataset(name, subset, split=...) with the line above) and pass --image_dir IMAGE_ROOT
+"""
+
+GATE_DOC = """\
+gate: a reason / don't-reason policy's data, one row per pair.
+  columns: pair_id, subset, query_text, query_image_path, target_text, target_image_path,
+           need_reasoning (the label), best_delta (the utility gap of the best rationale; null without a
+           valid candidate), s_direct (how well the plain query already matches), scoring_mode
+
+    import polars as pl
+    df = pl.read_parquet("EXPORT_DIR/*.parquet")
+    y = df["need_reasoning"].cast(pl.Int8)      # or regress on best_delta
+"""
+
+DOCS = {"preference": PREFERENCE_DOC, "contrastive": CONTRASTIVE_DOC, "gate": GATE_DOC}
+
+
+def format_docs() -> str:
+    """What each export format holds and how a trainer loads it (for the README)."""
+    return "\n".join(DOCS[f] for f in FORMATS)
+
+
+# ----------------------------------------------------------------------------- expressions
+
+
+def _candidate(index: str) -> pl.Expr:
+    return pl.col("candidates").list.get(pl.col(index), null_on_oob=True)
+
+
+def _part(kind: str, text: pl.Expr) -> pl.Expr:
+    return pl.struct(pl.lit(kind).alias("type"), text.cast(pl.String).alias("text"))
+
+
+def _user_content() -> pl.Expr:
+    """The query as TRL vision content parts: text around an {"type": "image"} item placed at the marker."""
+    query = pl.col("query_text").fill_null("")
+    has_image = pl.col("query_image_path").is_not_null()
+    split = query.str.splitn(IMAGE_MARKER, 2)
+    before, after = split.struct.field("field_0"), split.struct.field("field_1")
+    image = _part("image", pl.lit(None, dtype=pl.String))
+    content = (
+        pl.when(has_image & after.is_not_null())
+        .then(pl.concat_list(_part("text", before.str.strip_chars()), image, _part("text", after.str.strip_chars())))
+        .when(has_image)
+        .then(pl.concat_list(image, _part("text", query.str.strip_chars())))
+        .otherwise(pl.concat_list(_part("text", query)))
+    )
+    keep = (pl.element().struct.field("type") == "image") | (pl.element().struct.field("text").str.len_chars() > 0)
+    return content.list.eval(pl.element().filter(keep))
+
+
+def _message(role: str, content: pl.Expr) -> pl.Expr:
+    return pl.concat_list(pl.struct(pl.lit(role).alias("role"), content.alias("content")))
+
+
+def _assistant(text: pl.Expr) -> pl.Expr:
+    return _message("assistant", pl.concat_list(_part("text", text)))
+
+
+def _filters(lf: pl.LazyFrame, subsets, min_delta, need_reasoning) -> pl.LazyFrame:
+    if subsets:
+        lf = lf.filter(pl.col("subset").is_in(list(subsets)))
+    if min_delta is not None:
+        lf = lf.filter(pl.col("best_delta") >= min_delta)
+    if need_reasoning is not None:
+        lf = lf.filter(pl.col("need_reasoning") == need_reasoning)
+    return lf
+
+
+def preference(lf: pl.LazyFrame, style: str = "conversational") -> pl.LazyFrame:
+    rows = (
+        lf.filter(pl.col("chosen").is_not_null() & (pl.col("rejected").list.len() > 0))
+        .with_columns(_candidate("chosen").alias("_chosen"))
+        .explode("rejected")
+        .with_columns(_candidate("rejected").alias("_rejected"))
+        .with_columns(
+            pl.col("_chosen").struct.field("text").alias("_chosen_text"),
+            pl.col("_rejected").struct.field("text").alias("_rejected_text"),
+            pl.col("_chosen").struct.field("delta").alias("delta_chosen"),
+            pl.col("_rejected").struct.field("delta").alias("delta_rejected"),
+        )
+        # select.py never lists the chosen one as rejected; a tie is no preference either
+        .filter((pl.col("rejected") != pl.col("chosen")) & (pl.col("delta_rejected") < pl.col("delta_chosen")))
+    )
+    has_image = pl.col("query_image_path").is_not_null()
+    if style == "conversational":
+        prompt = _message("user", _user_content())
+        chosen, rejected = _assistant(pl.col("_chosen_text")), _assistant(pl.col("_rejected_text"))
+    elif style == "standard":
+        query = pl.col("query_text").fill_null("")
+        prompt = (pl.when(has_image & ~query.str.contains(IMAGE_MARKER, literal=True))
+                  .then(pl.lit(IMAGE_MARKER + "\n") + query).otherwise(query))
+        chosen, rejected = pl.col("_chosen_text"), pl.col("_rejected_text")
+    else:
+        raise ValueError(f"preference style must be one of {PREFERENCE_STYLES}, not {style!r}")
+    images = pl.when(has_image).then(pl.concat_list(pl.col("query_image_path"))).otherwise(
+        pl.lit([], dtype=pl.List(pl.String)))
+    return rows.select(
+        prompt.alias("prompt"), chosen.alias("chosen"), rejected.alias("rejected"), images.alias("images"),
+        "delta_chosen", "delta_rejected",
+        pl.col("chosen").alias("chosen_index"), pl.col("rejected").alias("rejected_index"),
+        pl.col("_chosen").struct.field("generator").alias("chosen_generator"),
+        pl.col("_rejected").struct.field("generator").alias("rejected_generator"),
+        "pair_id", "subset", "need_reasoning",
+    )
+
+
+def contrastive(lf: pl.LazyFrame, rationale_mode: str = "append") -> pl.LazyFrame:
+    if rationale_mode not in RATIONALE_MODES:
+        raise ValueError(f"rationale_mode must be one of {RATIONALE_MODES}, not {rationale_mode!r}")
+    explicit = pl.col("negatives").list.filter(pl.element().struct.field("origin") == "explicit").list.first()
+    rationale = pl.when(pl.col("need_reasoning")).then(_candidate("chosen").struct.field("text"))
+    query = pl.col("query_text").fill_null("")
+    if rationale_mode == "append":
+        qry = pl.when(rationale.is_not_null()).then(query + RATIONALE_SEPARATOR + rationale).otherwise(query)
+    else:
+        qry = query
+    columns = [
+        qry.alias("qry"),
+        pl.col("query_image_path").fill_null("").alias("qry_image_path"),
+        pl.col("target_text").fill_null("").alias("pos_text"),
+        pl.col("target_image_path").fill_null("").alias("pos_image_path"),
+        explicit.struct.field("text").fill_null("").alias("neg_text"),
+        explicit.struct.field("image_path").fill_null("").alias("neg_image_path"),
+        "pair_id", "subset", "need_reasoning",
+    ]
+    if rationale_mode == "column":
+        columns.append(rationale.alias("rationale"))
+    return lf.select(columns)
+
+
+def gate(lf: pl.LazyFrame) -> pl.LazyFrame:
+    return lf.select("pair_id", "subset", "query_text", "query_image_path", "target_text", "target_image_path",
+                     "need_reasoning", "best_delta", "s_direct", "scoring_mode")
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _parts(files: list[Path], rows_per_part: int) -> list[list[Path]]:
+    """Consecutive shards grouped to about rows_per_part input rows (read from parquet footers)."""
+    groups, current, rows = [], [], 0
+    for f in files:
+        n = pq.read_metadata(f).num_rows
+        if current and rows + n > rows_per_part:
+            groups.append(current)
+            current, rows = [], 0
+        current.append(f)
+        rows += n
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _count(path: Path, jsonl: bool) -> int:
+    if jsonl:
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    return pq.read_metadata(path).num_rows
+
+
+def _query(fmt: str, lf: pl.LazyFrame, rationale_mode: str, preference_style: str) -> pl.LazyFrame:
+    if fmt == "preference":
+        return preference(lf, preference_style)
+    if fmt == "contrastive":
+        return contrastive(lf, rationale_mode)
+    if fmt == "gate":
+        return gate(lf)
+    raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
+
+
+def _readme(fmt: str, out_dir: str, filters: dict, result: dict) -> str:
+    manifest = read_manifest(out_dir) or {}
+    return (f"# pairsel export: {fmt}\n\nFrom `{out_dir}` (config_hash {manifest.get('config_hash', 'unknown')}), "
+            f"filters {json.dumps(filters)}: {result['rows']} rows from {result['pairs']} pairs in "
+            f"{len(result['files'])} file(s).\n\n```text\n{DOCS[fmt]}```\n")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `pairsel export`; their dests are run()'s keyword names (`--format` -> fmt,
+    `--subset` -> subsets)."""
+    parser.add_argument("out_dir", help="output folder of a pairsel job")
+    parser.add_argument("--format", dest="fmt", required=True, choices=FORMATS)
+    parser.add_argument("--out", dest="out", required=True, help="folder to write the export into")
+    parser.add_argument("--subset", dest="subsets", nargs="+", action="extend", metavar="S",
+                        help="keep only these subsets (repeatable)")
+    parser.add_argument("--min-delta", dest="min_delta", type=float, help="keep pairs with best_delta >= X")
+    parser.add_argument("--need-reasoning", dest="need_reasoning", type=_bool, metavar="{true,false}",
+                        help="keep pairs whose need_reasoning equals this")
+    parser.add_argument("--rationale-mode", dest="rationale_mode", choices=RATIONALE_MODES, default="append",
+                        help="contrastive: append the chosen rationale to qry, or put it in a `rationale` column")
+    parser.add_argument("--preference-style", dest="preference_style", choices=PREFERENCE_STYLES,
+                        default="conversational", help="preference: TRL conversational (vision) or standard rows")
+    parser.add_argument("--rows-per-part", dest="rows_per_part", type=int, default=DEFAULT_ROWS_PER_PART,
+                        help="about this many input pairs per output file")
+    parser.add_argument("--jsonl", action="store_true", help="write JSON lines instead of Parquet")
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+    return value == "true"
+
+
+def run(
+    out_dir: str,
+    fmt: str,
+    out: str,
+    subsets: Optional[Sequence[str]] = None,
+    min_delta: Optional[float] = None,
+    need_reasoning: Optional[bool] = None,
+    rationale_mode: str = "append",
+    jsonl: bool = False,
+    preference_style: str = "conversational",
+    rows_per_part: int = DEFAULT_ROWS_PER_PART,
+) -> dict:
+    """Write the export; return {"format", "out", "files", "rows", "pairs", "filters"}."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
+    files = data_files(out_dir)
+    if not files:
+        raise SystemExit(f"no output shards in {Path(out_dir) / 'data'}")
+    dest = Path(out)
+    dest.mkdir(parents=True, exist_ok=True)
+    ext = "jsonl" if jsonl else "parquet"
+    for old in list(dest.glob("part-*.parquet")) + list(dest.glob("part-*.jsonl")):
+        old.unlink()
+
+    written = []
+    for i, group in enumerate(_parts(files, rows_per_part)):
+        lf = _filters(pl.scan_parquet(group), subsets, min_delta, need_reasoning)
+        lf = _query(fmt, lf, rationale_mode, preference_style)
+        path = dest / f"part-{i:05d}.{ext}"
+        if jsonl:
+            lf.sink_ndjson(path)
+        else:
+            lf.sink_parquet(path)
+        written.append((path, _count(path, jsonl)))
+    # Empty parts only clutter the folder; one is kept when all are empty so the export still has a schema.
+    kept = [p for p, n in written if n] or [written[0][0]]
+    for p, n in written:
+        if p not in kept:
+            p.unlink()
+
+    scan = pl.scan_ndjson if jsonl else pl.scan_parquet
+    rows = sum(n for _, n in written)
+    pairs = scan(kept).select(pl.col("pair_id").n_unique()).collect().item() if rows else 0
+    filters = {"subsets": list(subsets) if subsets else None, "min_delta": min_delta, "need_reasoning": need_reasoning}
+    if fmt == "contrastive":
+        filters["rationale_mode"] = rationale_mode
+    if fmt == "preference":
+        filters["preference_style"] = preference_style
+    result = {"format": fmt, "out": str(dest), "files": [str(p) for p in kept], "rows": rows, "pairs": pairs,
+              "filters": filters}
+    (dest / "README.md").write_text(_readme(fmt, out_dir, filters, result))
+    print(f"{fmt}: {rows} rows from {pairs} pairs -> {dest} ({len(kept)} file(s))")
+    return result

@@ -1,0 +1,169 @@
+"""`pairsel show OUT_DIR PAIR_ID`: one pair, its rationales and why it was labelled the way it was.
+
+The pair is found with a lazy polars filter on pair_id, so only the row groups that may hold it are read
+(predicate pushdown on the parquet statistics). An unknown pair_id raises `PairNotFound`, a SystemExit:
+the CLI exits with status 1 and the message (which says whether the pair was quarantined, and why).
+"""
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from typing import Optional
+
+import polars as pl
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from pipeline.report import quarantine_files, scan_pairs
+
+MARK_CHOSEN = "★ chosen"
+MARK_REJECTED = "✗ rejected"
+MARK_INVALID = "⊘ invalid"
+
+
+class PairNotFound(SystemExit):
+    """No output row has this pair_id. A SystemExit (status 1, message on stderr), so the CLI needs no
+    handler; tests catch it by name."""
+
+
+def find_pair(out_dir: str, pair_id: str) -> dict:
+    """The output row of `pair_id` as a dict; PairNotFound if there is none."""
+    rows = scan_pairs(out_dir).filter(pl.col("pair_id") == pair_id).collect()
+    if rows.height:
+        return rows.row(0, named=True)
+    raise PairNotFound(_not_found_message(out_dir, pair_id))
+
+
+def _not_found_message(out_dir: str, pair_id: str) -> str:
+    files = quarantine_files(out_dir)
+    if files:
+        q = pl.scan_parquet(files).filter(pl.col("pair_id") == pair_id).select("reason", "detail").collect()
+        if q.height:
+            return f"pair {pair_id!r} was quarantined ({q['reason'][0]}: {q['detail'][0]}), so it has no output row"
+    similar = (scan_pairs(out_dir).select("pair_id").filter(pl.col("pair_id").str.contains(pair_id, literal=True))
+               .head(5).collect()["pair_id"].to_list())
+    hint = f"; pair ids containing it: {', '.join(similar)}" if similar else ""
+    return f"pair {pair_id!r} not found in {out_dir}/data{hint}"
+
+
+def _num(x: Optional[float]) -> str:
+    if x is None:
+        return "-"
+    return f"{x:+.4f}" if x == 0 or abs(x) >= 1e-3 else f"{x:+.2e}"
+
+
+def _epsilon(row: dict) -> float:
+    eps = (row.get("provenance") or {}).get("epsilon")
+    return 0.0 if eps is None else eps
+
+
+def decision(row: dict) -> str:
+    """One line: which rationale won and whether the pair needs reasoning."""
+    eps = _epsilon(row)
+    cands = row.get("candidates") or []
+    if row.get("chosen") is None:
+        reasons = Counter(c.get("finish_reason") or "?" for c in cands if not c.get("valid"))
+        detail = ", ".join(f"{r} x{n}" for r, n in reasons.most_common()) or "no candidates"
+        return f"no valid rationale among {len(cands)} candidates ({detail}) -> direct, no reasoning"
+    k, best = row["chosen"], row["best_delta"]
+    if row.get("need_reasoning"):
+        return f"chosen #{k} (delta {_num(best)} > epsilon {eps:g}) -> need_reasoning"
+    return f"no rationale beat epsilon: best delta {_num(best)} <= {eps:g} (#{k}) -> direct, no reasoning"
+
+
+def _marker(row: dict, k: int, cand: dict) -> Text:
+    if k == row.get("chosen"):
+        return Text(MARK_CHOSEN, style="bold green")
+    if k in (row.get("rejected") or []):
+        return Text(MARK_REJECTED, style="red")
+    if not cand.get("valid"):
+        return Text(MARK_INVALID, style="dim")
+    return Text("")
+
+
+def _side(label: str, text: Optional[str], image: Optional[str]) -> Text:
+    out = Text()
+    out.append(f"{label}: ", style="bold")
+    out.append(text if text is not None else "(no text)")
+    if image:
+        out.append("\n  image: ", style="bold")
+        out.append(image, style="cyan")
+    return out
+
+
+def _negatives(row: dict) -> Optional[Table]:
+    negatives = row.get("negatives") or []
+    if not negatives:
+        return None
+    scores = row.get("s_direct_neg") or []
+    hardest = max(range(len(scores)), key=lambda j: scores[j]) if scores and None not in scores else None
+    table = Table(title="negatives", title_justify="left", expand=True)
+    for col, kw in (("#", {"justify": "right"}), ("origin", {}), ("s_direct_neg", {"justify": "right"}),
+                    ("text", {"ratio": 3}), ("image", {"ratio": 1})):
+        table.add_column(col, **kw)
+    for j, neg in enumerate(negatives):
+        score = scores[j] if j < len(scores) else None
+        mark = " (hardest)" if j == hardest else ""
+        table.add_row(str(j), neg.get("origin") or "", f"{_num(score)}{mark}", Text(neg.get("text") or ""),
+                      Text(neg.get("image_path") or ""))
+    return table
+
+
+def _candidates(row: dict) -> Table:
+    pair_aware = row.get("scoring_mode") == "pair_aware"
+    table = Table(title="rationales", title_justify="left", expand=True)
+    columns = ["#", "generator", "tokens", "finish", "s_k", "delta", "neg_delta"] + (["lse"] if pair_aware else []) + ["mark"]
+    for col in columns:
+        table.add_column(col, justify="right" if col in ("#", "tokens", "s_k", "delta", "neg_delta", "lse") else "left")
+    for k, c in enumerate(row.get("candidates") or []):
+        cells = [str(k), Text(c.get("generator") or ""), str(c.get("tokens") if c.get("tokens") is not None else "-"),
+                 c.get("finish_reason") or "-", _num(c.get("s_k")), _num(c.get("delta")), _num(c.get("neg_delta"))]
+        if pair_aware:
+            cells.append(_num(c.get("lse")))
+        table.add_row(*cells, _marker(row, k, c))
+    return table
+
+
+def _rationale_texts(row: dict) -> Group:
+    parts = []
+    for k, c in enumerate(row.get("candidates") or []):
+        head = Text(f"#{k} {c.get('generator') or ''} ", style="bold")
+        head.append_text(_marker(row, k, c))
+        body = Text(c.get("text") or "(empty)", style=None if c.get("text") else "dim")
+        if c.get("error"):
+            body.append(f"\nerror: {c['error']}", style="red")
+        parts += [head, body, Text("")]
+    return Group(*parts)
+
+
+def render(row: dict, console: Console) -> None:
+    title = (f"{row['pair_id']}  subset {row.get('subset')}  "
+             f"(shard {row.get('shard_id')}, row {row.get('row_index')}, {row.get('source')})")
+    console.rule(Text(title, style="bold"))
+    console.print(_side("query", row.get("query_text"), row.get("query_image_path")))
+    console.print(_side("target", row.get("target_text"), row.get("target_image_path")))
+    negatives = _negatives(row)
+    if negatives is not None:
+        console.print(negatives)
+    scores = Text(f"scoring {row.get('scoring_mode')}   s_direct {_num(row.get('s_direct'))}")
+    if row.get("scoring_mode") == "pair_aware":
+        scores.append(f"   lse_direct {_num(row.get('lse_direct'))}   temperature {row.get('temperature')}")
+    scores.append(f"   epsilon {_epsilon(row):g}")
+    console.print(scores)
+    console.print(_candidates(row))
+    console.print(Panel(_rationale_texts(row), title="rationale texts", title_align="left"))
+    style = "bold green" if row.get("need_reasoning") else "bold yellow"
+    console.print(Text("decision: " + decision(row), style=style))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `pairsel show`; their dests are run()'s keyword names."""
+    parser.add_argument("out_dir", help="output folder of a pairsel job")
+    parser.add_argument("pair_id", help="the pair to show")
+
+
+def run(out_dir: str, pair_id: str, console: Optional[Console] = None) -> None:
+    """Print the pair; raises PairNotFound (a SystemExit, status 1) for an unknown pair_id."""
+    render(find_pair(out_dir, pair_id), console or Console())

@@ -1,0 +1,164 @@
+"""pairsel report: the numbers behind the figures equal values computed independently with pyarrow, and
+the html embeds every figure. Set PAIRSEL_TEST_OUTPUT=OUT to check a real output folder too."""
+import base64
+import io
+import re
+from collections import Counter
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline import report
+from tests.synthetic_output import make_output, output_under_test
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return output_under_test(tmp_path_factory.mktemp("out"))
+
+
+@pytest.fixture(scope="module")
+def numbers(out):
+    return report.run(str(out))
+
+
+def _rows(out):
+    return pq.read_table(report.data_files(out)).to_pylist()
+
+
+def test_pairs_and_need_reasoning_per_subset(out, numbers):
+    table = pq.read_table(report.data_files(out), columns=["subset", "need_reasoning"])
+    counts = table.group_by("subset").aggregate([("subset", "count"), ("need_reasoning", "sum")]).to_pylist()
+    expected_pairs = {r["subset"]: r["subset_count"] for r in counts}
+    expected_rate = {r["subset"]: r["need_reasoning_sum"] / r["subset_count"] for r in counts}
+    assert numbers["pairs_per_subset"] == expected_pairs
+    assert numbers["pairs"] == table.num_rows
+    assert numbers["need_reasoning_rate"] == pytest.approx(expected_rate)
+    assert numbers["need_reasoning_overall"] == pytest.approx(pc.sum(table["need_reasoning"]).as_py() / table.num_rows)
+
+
+def test_distributions_per_subset(out, numbers):
+    by_subset = {}
+    for r in _rows(out):
+        by_subset.setdefault(r["subset"], []).append(r)
+    for subset, rows in by_subset.items():
+        for key in ("best_delta", "s_direct"):
+            values = np.array([r[key] for r in rows if r[key] is not None])
+            stats = numbers[key][subset]
+            assert stats["n"] == len(values)
+            assert stats["null"] == len(rows) - len(values)
+            if len(values):
+                q1, med, q3 = np.quantile(values, [0.25, 0.5, 0.75])
+                assert (stats["q1"], stats["median"], stats["q3"]) == pytest.approx((q1, med, q3))
+                assert (stats["min"], stats["max"]) == pytest.approx((values.min(), values.max()))
+            else:
+                assert stats["median"] is None
+
+
+def test_generators_tokens_and_chosen_share(out, numbers):
+    rows = _rows(out)
+    tokens, candidates = Counter(), Counter()
+    for r in rows:
+        for c in r["candidates"]:
+            tokens[c["generator"]] += c["tokens"] or 0
+            candidates[c["generator"]] += 1
+    assert numbers["tokens_per_generator"] == dict(tokens)
+    assert {g: v["candidates"] for g, v in numbers["candidates_per_generator"].items()} == dict(candidates)
+    chosen = Counter(r["chosen_generator"] for r in rows if r["need_reasoning"])
+    assert numbers["chosen_count"] == dict(chosen)
+    assert numbers["chosen_share"] == pytest.approx({g: n / sum(chosen.values()) for g, n in chosen.items()})
+    assert sum(numbers["chosen_share"].values()) == pytest.approx(1.0)
+
+
+def test_quarantine_and_provenance(out, numbers):
+    files = report.quarantine_files(out)
+    reasons = Counter(pq.read_table(files, columns=["reason"])["reason"].to_pylist()) if files else Counter()
+    assert numbers["quarantine_by_reason"] == dict(reasons)
+    manifest = report.read_manifest(out)
+    prov = numbers["provenance"]
+    hashes = sorted(set(pc.struct_field(pq.read_table(report.data_files(out))["provenance"], "config_hash").to_pylist()))
+    assert prov["config_hashes_in_data"] == hashes
+    if manifest:
+        assert prov["config_hash"] == manifest["config_hash"]
+        assert set(prov["generators"]) == set(manifest["generators"])
+
+
+def test_delta_vs_length_uses_every_scored_candidate_below_the_cap(out, numbers):
+    scored = [c for r in _rows(out) for c in r["candidates"] if c["delta"] is not None]
+    d = numbers["delta_vs_length"]
+    assert d["n_scored"] == len(scored)
+    if len(scored) <= report.DEFAULT_MAX_POINTS:
+        assert d["n_sampled"] == len(scored)
+        assert sorted(d["delta"]) == pytest.approx(sorted(c["delta"] for c in scored))
+
+
+def test_delta_vs_length_sample_is_capped_and_seeded(out):
+    a = report.compute(str(out), max_points=40)["delta_vs_length"]
+    b = report.compute(str(out), max_points=40)["delta_vs_length"]
+    assert 0 < a["n_sampled"] <= 40
+    assert a["delta"] == b["delta"]  # same seed, same sample
+    scored = {c["delta"] for r in _rows(out) for c in r["candidates"] if c["delta"] is not None}
+    assert set(a["delta"]) <= scored
+
+
+def test_html_embeds_every_figure(out, numbers):
+    page = (out / "report.html").read_text()
+    assert numbers["html"] == str(out / "report.html")
+    uris = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(uris) == len(report.FIGURES) == len(numbers["figures"])
+    for uri in uris:
+        image = Image.open(io.BytesIO(base64.b64decode(uri)))
+        assert image.format == "PNG" and image.width >= 600 and image.height >= 200
+    assert not re.search(r'(src|href)="(?!data:)', page)  # stands alone: nothing to fetch
+    for subset in numbers["pairs_per_subset"]:
+        assert f"<td>{subset}</td>" in page
+
+
+def test_summary_is_printed(out, capsys):
+    n = report.run(str(out))
+    printed = capsys.readouterr().out
+    assert f"{n['pairs']:,} pairs" in printed and "report.html" in printed
+
+
+def test_subset_without_valid_candidates_has_no_best_delta(tmp_path):
+    make_output(tmp_path, n_pairs=12, no_valid_subset="captions")
+    n = report.run(str(tmp_path))
+    assert n["best_delta"]["captions"]["n"] == 0
+    assert n["best_delta"]["captions"]["null"] == n["pairs_per_subset"]["captions"] == 4
+    assert n["need_reasoning_rate"]["captions"] == 0.0
+
+
+def test_one_subset_no_quarantine_no_manifest(tmp_path, capsys):
+    make_output(tmp_path, n_pairs=10, subsets=("vqa",), n_quarantined=0, no_valid_subset=None)
+    (tmp_path / "manifest.json").unlink()
+    assert not (tmp_path / "quarantine").exists()
+    n = report.run(str(tmp_path))
+    assert n["pairs_per_subset"] == {"vqa": 10}
+    assert n["quarantine_by_reason"] == {}
+    assert n["provenance"]["manifest"] is False
+    assert "no manifest.json" in capsys.readouterr().out
+    assert (tmp_path / "report.html").read_text().count("data:image/png;base64,") == len(report.FIGURES)
+
+
+def test_nothing_chosen_anywhere(tmp_path):
+    make_output(tmp_path, n_pairs=6, subsets=("captions",), no_valid_subset="captions")
+    n = report.run(str(tmp_path))
+    assert n["chosen_share"] == {} and n["delta_vs_length"]["n_sampled"] == n["delta_vs_length"]["n_scored"]
+
+
+def test_missing_output_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no output shards"):
+        report.run(str(tmp_path))
+
+
+def test_add_arguments_match_run(tmp_path):
+    import argparse
+
+    make_output(tmp_path, n_pairs=6)
+    parser = argparse.ArgumentParser()
+    report.add_arguments(parser)
+    n = report.run(**vars(parser.parse_args([str(tmp_path), "--max-points", "5"])))
+    assert n["delta_vs_length"]["n_sampled"] <= 5
