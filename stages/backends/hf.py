@@ -1,0 +1,399 @@
+"""Transformers backends: a generator (any image-text-to-text or causal LM) and
+two embedders (a transformers model with last-token or mean pooling, and
+sentence-transformers for text-only encoders).
+
+Both transformers backends turn (text, image) into model tensors with one
+helper, ModelInputs. It uses the model's processor where that loads; where it
+does not (Qwen-VL processors need torchvision for their video half), it builds
+the same tensors from the tokenizer and the image processor, expanding the
+image placeholder token to one token per merged image patch.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import replace
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+from stages.backends.base import IMAGE_MARKER, EmbedInput, Generation, GenRequest, l2_normalise
+
+log = logging.getLogger(__name__)
+
+# Keys of processor output that hold one value per token (padded when rows are
+# stacked); every other tensor holds per-image values and is concatenated.
+_PER_TOKEN_PAD = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
+
+
+def _device(device: Optional[str]) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype(dtype: Optional[str], device: str):
+    import torch
+
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def _error_text(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"[:500]
+
+
+class ModelInputs:
+    """Prompt text and model tensors for one model folder, shared by the
+    generator (chat-templated prompts) and the embedder (raw text)."""
+
+    def __init__(self, model: str, trust_remote_code: bool = False):
+        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, ProcessorMixin
+
+        self.processor = None
+        try:
+            processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+            if isinstance(processor, ProcessorMixin):  # text models give back their tokenizer
+                self.processor = processor
+        except Exception as e:  # e.g. ImportError: a Qwen-VL video processor without torchvision
+            log.info("no full processor for %s (%s); using tokenizer + image processor", model, e)
+        if self.processor is not None:
+            self.tokenizer = self.processor.tokenizer
+            self.image_processor = getattr(self.processor, "image_processor", None)
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+            try:
+                self.image_processor = AutoImageProcessor.from_pretrained(
+                    model, trust_remote_code=trust_remote_code)
+            except Exception:
+                self.image_processor = None  # a text-only model
+
+        vocab = self.tokenizer.get_vocab()
+        self.image_token = getattr(self.processor, "image_token", None) or "<|image_pad|>"
+        self.image_token_id = vocab.get(self.image_token)
+        # The text form of one image: Qwen wraps its pad token in vision start/end.
+        if "<|vision_start|>" in vocab and "<|vision_end|>" in vocab:
+            self.image_placeholder = f"<|vision_start|>{self.image_token}<|vision_end|>"
+        else:
+            self.image_placeholder = self.image_token
+        # placeholder tokens typed into user text would claim image features that don't exist
+        self.reserved_tokens = [t for t in (self.image_token, "<|video_pad|>") if t in vocab]
+        self.chat_template_owner = next(
+            (o for o in (self.processor, self.tokenizer) if o is not None and getattr(o, "chat_template", None)),
+            None)
+        self.pad_token_id = self.tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = self.tokenizer.eos_token_id or 0
+
+    @property
+    def takes_images(self) -> bool:
+        return self.image_processor is not None and self.image_token_id is not None
+
+    # --- text -------------------------------------------------------------
+
+    def _user_text(self, text: str) -> str:
+        for token in self.reserved_tokens:
+            text = text.replace(token, "")
+        return text
+
+    def chat_prompt(self, prompt: str, image: Optional[Image.Image]) -> str:
+        """The generation prompt: one user turn, the image where IMAGE_MARKER is
+        (first when there is no marker), and the assistant turn opened."""
+        prompt = self._user_text(prompt)
+        if self.chat_template_owner is None:
+            return self.raw_text(prompt, image)
+        if image is None:
+            content = prompt.replace(IMAGE_MARKER, "")
+        else:
+            before, marker, after = prompt.partition(IMAGE_MARKER)
+            if not marker:
+                before, after = "", prompt
+            parts = [{"type": "text", "text": before}, {"type": "image"},
+                     {"type": "text", "text": after.replace(IMAGE_MARKER, "")}]
+            content = [p for p in parts if p["type"] == "image" or p["text"]]
+        return self.chat_template_owner.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+
+    def raw_text(self, text: str, image: Optional[Image.Image]) -> str:
+        """Text as an embedder reads it (no chat turn): the image placeholder
+        where IMAGE_MARKER is, first when there is no marker."""
+        text = self._user_text(text)
+        if image is None:
+            return text.replace(IMAGE_MARKER, "")
+        before, marker, after = text.partition(IMAGE_MARKER)
+        if not marker:  # VLM2Vec style: the image, then the text on its own line
+            before, after = "", ("\n" + text if text else "")
+        return before + self.image_placeholder + after.replace(IMAGE_MARKER, "")
+
+    # --- tensors ------------------------------------------------------------
+
+    def encode(self, text: str, image: Optional[Image.Image], add_special_tokens: bool,
+               max_length: Optional[int] = None) -> dict:
+        """Tensors for one row (batch dimension 1). max_length caps the text
+        tokens; image tokens are never cut (the model needs all of them)."""
+        if image is not None and not isinstance(image, Image.Image):
+            raise TypeError(f"image must be a PIL image, got {type(image).__name__}")
+        if image is not None and not self.takes_images:
+            raise ValueError("this model takes no images (no image processor or image token)")
+        if image is not None and self.image_placeholder not in text and self.image_token not in text:
+            raise ValueError("text has no image placeholder for its image")
+        if self.processor is not None:
+            row = dict(self.processor(text=[text], images=[image] if image is not None else None,
+                                      add_special_tokens=add_special_tokens, return_tensors="pt"))
+        else:
+            row = self._encode_without_processor(text, image, add_special_tokens)
+        if max_length is not None:
+            row = self._truncate(row, max_length)
+        return row
+
+    def _encode_without_processor(self, text: str, image: Optional[Image.Image], add_special_tokens: bool) -> dict:
+        import torch
+
+        encoded = self.tokenizer(text, add_special_tokens=add_special_tokens)
+        ids = list(encoded["input_ids"])
+        row = {}
+        if image is not None:
+            vision = self.image_processor(images=[image], return_tensors="pt")
+            grid = vision.get("image_grid_thw")
+            merge = getattr(self.image_processor, "merge_size", None)
+            if grid is None or merge is None:
+                raise ValueError("cannot expand image tokens for this model without its processor")
+            n_tokens = int(grid[0].prod()) // merge**2
+            at = ids.index(self.image_token_id)
+            ids = ids[:at] + [self.image_token_id] * n_tokens + ids[at + 1:]
+            row.update(vision)
+            row["mm_token_type_ids"] = torch.tensor([[int(t == self.image_token_id) for t in ids]])
+        row["input_ids"] = torch.tensor([ids])
+        row["attention_mask"] = torch.ones_like(row["input_ids"])
+        if "token_type_ids" in encoded:
+            row["token_type_ids"] = torch.tensor([encoded["token_type_ids"]])
+        return row
+
+    def _truncate(self, row: dict, max_length: int) -> dict:
+        ids = row["input_ids"][0]
+        is_image = ids == self.image_token_id if self.image_token_id is not None else ids != ids
+        text_rank = (~is_image).cumsum(0)  # 1-based rank of each text token
+        keep = is_image | (text_rank <= max_length)
+        if bool(keep.all()):
+            return row
+        length = ids.shape[0]
+        return {k: v[:, keep] if k in _PER_TOKEN_PAD and v.shape[-1] == length else v for k, v in row.items()}
+
+    def collate(self, rows: list[dict], padding_side: str) -> dict:
+        """Stack rows into one batch: pad per-token tensors to the longest row,
+        concatenate per-image tensors in row order."""
+        import torch
+
+        length = max(r["input_ids"].shape[1] for r in rows)
+        batch = {}
+        keys = {k for r in rows for k in r}
+        for key in keys:
+            if key in _PER_TOKEN_PAD:
+                fill = self.pad_token_id if key == "input_ids" else _PER_TOKEN_PAD[key]
+                padded = []
+                for r in rows:
+                    n = r["input_ids"].shape[1]
+                    value = r.get(key)
+                    if value is None:  # e.g. mm_token_type_ids on a row without an image
+                        value = torch.zeros(1, n, dtype=torch.long)
+                    pad = torch.full((1, length - n), fill, dtype=value.dtype)
+                    padded.append(torch.cat([pad, value] if padding_side == "left" else [value, pad], dim=1))
+                batch[key] = torch.cat(padded)
+            else:
+                values = [r[key] for r in rows if key in r]
+                batch[key] = torch.cat(values) if isinstance(values[0], torch.Tensor) else values
+        return batch
+
+
+def _load_model(model: str, auto_classes: list, trust_remote_code: bool, device: str, dtype):
+    """The first auto class that knows this model's config, moved to device."""
+    errors = []
+    for auto_class in auto_classes:
+        try:
+            loaded = auto_class.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
+            return loaded.to(device).eval()
+        except (ValueError, KeyError) as e:  # config not mapped to this auto class
+            errors.append(f"{auto_class.__name__}: {e}")
+    raise ValueError(f"cannot load {model}: " + "; ".join(errors))
+
+
+class _SeededSampler:
+    """A logits processor that samples row i with its own generator, seeded by
+    seeds[i], and hands greedy search a one-hot choice. So sample i depends on
+    its seed and its own tokens only, not on its neighbours in the batch.
+    Sampling runs on the CPU: the same seeds give the same draws on any device."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        import torch
+
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        probs = torch.softmax(scores.float().cpu() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > self.top_p  # the top token always stays
+            sorted_probs[outside] = 0.0
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        chosen = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        one_hot = torch.full_like(scores, float("-inf"))
+        return one_hot.scatter(-1, chosen.to(scores.device), 0.0)
+
+
+class TransformersGenerator:
+    """Rationale generator on transformers. One request is generated as a batch
+    of its seeds (identical prompts, so no padding); requests run one by one,
+    which keeps each result independent of the rest of the batch."""
+
+    def __init__(self, model: str, trust_remote_code: bool = False, device: Optional[str] = None,
+                 dtype: Optional[str] = None, **options):
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
+
+        self.model_id = model
+        self.device = _device(device)
+        self.inputs = ModelInputs(model, trust_remote_code)
+        self.model = _load_model(model, [AutoModelForImageTextToText, AutoModelForCausalLM],
+                                 trust_remote_code, self.device, _dtype(dtype, self.device))
+        self.stop_ids = self._stop_ids()
+        # Sampling settings come from the request alone: drop the model's
+        # defaults (top_k, repetition_penalty, ...) that generate() would merge in.
+        self.model.generation_config = GenerationConfig(
+            eos_token_id=self.stop_ids, pad_token_id=self.inputs.pad_token_id,
+            bos_token_id=self.model.generation_config.bos_token_id)
+
+    def _stop_ids(self) -> list[int]:
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        ids = set(configured if isinstance(configured, list) else [configured])
+        tokenizer = self.inputs.tokenizer
+        ids.add(tokenizer.eos_token_id)
+        ids.add(tokenizer.get_vocab().get("<|im_end|>"))
+        return sorted(i for i in ids if i is not None)
+
+    def generate(self, requests: list[GenRequest]) -> list[list[Generation]]:
+        results = []
+        for request in requests:
+            try:
+                results.append(self._generate_one(request))
+            except Exception as e:  # one bad request must not sink the batch
+                log.warning("generation failed for %r: %s", request.pair_id, _error_text(e))
+                results.append([Generation(text="", tokens=0, finish_reason="error", error=_error_text(e))
+                                for _ in request.seeds])
+        return results
+
+    def _generate_one(self, request: GenRequest) -> list[Generation]:
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        if not request.seeds:
+            return []
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        greedy = request.temperature <= 0
+        text = self.inputs.chat_prompt(request.prompt, request.image)
+        row = self.inputs.encode(text, request.image, add_special_tokens=False)
+        n_rows = 1 if greedy else len(request.seeds)  # greedy samples are all the same
+        batch = {k: v.to(self.device) for k, v in self.inputs.collate([row] * n_rows, "left").items()}
+        config = GenerationConfig(max_new_tokens=request.max_new_tokens, do_sample=False,
+                                  eos_token_id=self.stop_ids, pad_token_id=self.inputs.pad_token_id)
+        processors = LogitsProcessorList(
+            [] if greedy else [_SeededSampler(request.seeds, request.temperature, request.top_p)])
+        with torch.inference_mode():
+            output = self.model.generate(**batch, generation_config=config, logits_processor=processors)
+        new_tokens = output[:, batch["input_ids"].shape[1]:].cpu().tolist()
+        generations = [self._generation(tokens) for tokens in new_tokens]
+        if greedy:
+            return [replace(generations[0]) for _ in request.seeds]
+        return generations
+
+    def _generation(self, tokens: list[int]) -> Generation:
+        stop_at = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
+        if stop_at is not None:
+            tokens, reason = tokens[: stop_at + 1], "stop"
+        else:
+            reason = "length"
+        text = self.inputs.tokenizer.decode(tokens, skip_special_tokens=True)
+        return Generation(text=text.strip(), tokens=len(tokens), finish_reason=reason)
+
+
+class TransformersEmbedder:
+    """Embeddings from a transformers model's last hidden states: the last real
+    token's state (VLM2Vec style, pooling="last") or the masked mean ("mean").
+    Rows are right-padded, so a row's positions do not depend on its batch."""
+
+    def __init__(self, model: str, pooling: str = "last", max_length: int = 512, trust_remote_code: bool = False,
+                 device: Optional[str] = None, dtype: Optional[str] = None, **options):
+        from transformers import AutoModel
+
+        if pooling not in ("last", "mean"):
+            raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+        self.model_id = model
+        self.pooling = pooling
+        self.max_length = max_length
+        self.batch_size = int(options.get("batch_size", 16))
+        self.device = _device(device)
+        self.inputs = ModelInputs(model, trust_remote_code)
+        self.model = _load_model(model, [AutoModel], trust_remote_code, self.device, _dtype(dtype, self.device))
+        # decoders would build a KV cache nobody reads; encoders take no such argument
+        takes_use_cache = "use_cache" in inspect.signature(self.model.forward).parameters
+        self.forward_options = {"use_cache": False} if takes_use_cache else {}
+
+    def embed(self, inputs: list[EmbedInput]) -> np.ndarray:
+        import torch
+
+        rows = [self.inputs.encode(self.inputs.raw_text(x.text, x.image), x.image, add_special_tokens=True,
+                                   max_length=self.max_length) for x in inputs]
+        # longest first, so each batch pads little and the biggest batch comes first
+        order = sorted(range(len(rows)), key=lambda i: -rows[i]["input_ids"].shape[1])
+        vectors: list = [None] * len(rows)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                     for k, v in self.inputs.collate([rows[i] for i in chunk], "right").items()}
+            with torch.inference_mode():
+                hidden = self.model(**batch, **self.forward_options).last_hidden_state.float()
+            pooled = self._pool(hidden, batch["attention_mask"]).cpu().numpy()
+            for i, vector in zip(chunk, pooled):
+                vectors[i] = vector
+        if not vectors:
+            return np.zeros((0, self._dim()), dtype=np.float32)
+        return l2_normalise(np.stack(vectors))
+
+    def _pool(self, hidden, mask):
+        if self.pooling == "last":
+            last = mask.sum(dim=1) - 1  # right padding: the last real token
+            return hidden[range(hidden.shape[0]), last]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+    def _dim(self) -> int:
+        config = self.model.config
+        text_config = getattr(config, "text_config", None) or config
+        return int(text_config.hidden_size)
+
+
+class SentenceTransformersEmbedder:
+    """A text-only sentence-transformers model; its own modules decide the
+    pooling, so `pooling` is accepted for interface symmetry only."""
+
+    def __init__(self, model: str, pooling: Optional[str] = None, max_length: int = 512,
+                 trust_remote_code: bool = False, device: Optional[str] = None, **options):
+        from sentence_transformers import SentenceTransformer
+
+        self.model_id = model
+        self.batch_size = int(options.get("batch_size", 16))
+        self.model = SentenceTransformer(model, device=_device(device), trust_remote_code=trust_remote_code)
+        self.model.max_seq_length = max_length
+
+    def embed(self, inputs: list[EmbedInput]) -> np.ndarray:
+        if any(x.image is not None for x in inputs):
+            raise ValueError(f"{self.model_id} is a text-only sentence-transformers model; it cannot embed images")
+        texts = [x.text.replace(IMAGE_MARKER, "") for x in inputs]
+        vectors = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+                                    normalize_embeddings=True, show_progress_bar=False)
+        return l2_normalise(np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1))
