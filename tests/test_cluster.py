@@ -1,0 +1,78 @@
+"""`ray job submit --working-dir . -- python -m pipeline run ...` against a real `ray start --head` on 127.0.0.1,
+with Ray's token authentication on (the default since Ray 2.60), as a user would run it."""
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from schemas import OUTPUT_SCHEMA
+
+REPO = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).with_name("ray"))
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ray-head")
+    token = tmp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = _free_port(), _free_port()
+    start = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+             f"--temp-dir={tmp / 'ray'}", "--disable-usage-stats"]
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 60
+        while subprocess.run([RAY, "job", "list", "--address", address], env=env,
+                             capture_output=True).returncode != 0:
+            assert time.time() < deadline, "the dashboard's job API never came up"
+            time.sleep(2)
+        yield {"address": address, "env": env}
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_job_submitted_to_a_local_head_runs(head, tiny_models, demo_data, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [RAY, "job", "submit", "--address", head["address"], "--working-dir", ".", "--",
+         "python", "-m", "pipeline", "run", "configs/demo.yaml",
+         f"input.path={demo_data['path']}", f"input.image_root={demo_data['root']}",
+         f"generators.0.model={tiny_models['generator']}", f"embedder.model={tiny_models['embedder']}",
+         f"output.dir={out}"],
+        cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["counts"]["pairs_written"] == demo_data["valid_rows"]
+    table = pq.read_table(out / "data")
+    assert table.num_rows == demo_data["valid_rows"]
+    assert table.schema.remove_metadata().equals(OUTPUT_SCHEMA.remove_metadata())
+
+
+def test_submit_without_the_token_is_refused(head, tmp_path):
+    env = {k: v for k, v in head["env"].items() if k != "RAY_AUTH_TOKEN_PATH"}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
+    proc = subprocess.run([RAY, "job", "list", "--address", head["address"]], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
