@@ -93,7 +93,7 @@ def init_ray(address: str | None) -> None:
     if address:
         # Inside `ray job submit` the working dir is already shipped; from a plain driver, ship this repo.
         runtime_env = None
-        if not os.environ.get("RAY_JOB_ID") and not os.environ.get("RAY_JOB_SUBMISSION_ID"):
+        if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # set by Ray for a submitted job's driver
             runtime_env = {"working_dir": str(REPO_ROOT),
                            "excludes": [".venv/", ".git/", "out/", "models/", "data/", "**/__pycache__/"]}
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)

@@ -3,9 +3,11 @@ with Ray's token authentication on (the default since Ray 2.60), as a user would
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,15 +30,19 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ray-head")
+    # Ray's socket paths live under --temp-dir and must stay short (AF_UNIX paths are <= 107 bytes).
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     token = tmp / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     env.pop("RAY_ADDRESS", None)
+    # as in an activated venv: the job's `python` is the one Ray runs on
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     gcs, dash = _free_port(), _free_port()
     start = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-             f"--temp-dir={tmp / 'ray'}", "--disable-usage-stats"]
+             f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
     address = f"http://127.0.0.1:{dash}"
     try:
@@ -48,6 +54,7 @@ def head(tmp_path_factory):
         yield {"address": address, "env": env}
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_job_submitted_to_a_local_head_runs(head, tiny_models, demo_data, tmp_path):
