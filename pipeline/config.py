@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -48,6 +48,7 @@ class Generator:
     model: str = MISSING
     k: int = MISSING
     template: str = MISSING
+    rationale: str = MISSING
     seed: int = MISSING
     trust_remote_code: bool = MISSING
     sampling: Sampling = MISSING
@@ -87,6 +88,7 @@ class Scoring:
     in_shard_negatives: int = MISSING
     seed: int = MISSING
     epsilon: float = MISSING
+    valid_finish_reasons: List[str] = MISSING
 
 
 @dataclass
@@ -115,7 +117,8 @@ class JobConfig:
 
 CHOICES = {
     "input.format": ("mmeb", "hf", "webdataset"),
-    "generators[].backend": ("transformers", "vllm", "precomputed"),
+    "generators[].backend": ("transformers", "vllm", "openai", "precomputed"),
+    "generators[].rationale": ("thinking", "answer", "both"),
     "embedder.backend": ("transformers", "sentence_transformers", "vllm"),
     "embedder.pooling": ("last", "mean"),
     "scoring.mode": ("cosine", "pair_aware"),
@@ -197,6 +200,7 @@ def check(cfg: DictConfig) -> None:
     for i, g in enumerate(cfg.generators):
         key = f"generators[{i}]"
         choice(f"{key}.backend", g.backend, rule="generators[].backend")
+        choice(f"{key}.rationale", g.rationale, rule="generators[].rationale")
         if g.name in names:
             _fail(f"{key}.name", f"duplicate generator name {g.name!r}")
         names.add(g.name)

@@ -1,5 +1,5 @@
-"""Build the Ray Data plan and drive it: read -> generate (one stage per generator) -> embed -> score ->
-select -> write parts; the driver commits each shard once all its rows are written.
+"""Run a job: prepare the output dir (resume or overwrite), start Ray, drive the plan of pipeline/plan.py,
+commit each shard once all its rows are written, and write the manifest.
 
 Only small per-part records reach the driver, never rows, so its memory does not grow with the input.
 """
@@ -10,21 +10,16 @@ import logging
 import os
 import shutil
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import ray
 from omegaconf import DictConfig
 
-from pipeline import card, manifest, version
+from pipeline import card, manifest
 from pipeline.config import REPO_ROOT, ConfigError, config_hash, label_config, to_dict
-from schemas import SCHEMA_VERSION
-from stages.embed import Embed
-from stages.generate import Generate
-from stages.read import plan_shards, read_shards_batch
-from stages.score import Score
-from stages.select import Select
-from stages.write import WriteParts, atomic_write_json, commit_shard
+from pipeline.plan import build_dataset
+from stages.read import plan_shards
+from stages.write import atomic_write_json, commit_shard
 
 log = logging.getLogger("pairsel")
 
@@ -99,56 +94,6 @@ def init_ray(address: str | None) -> None:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
-
-
-def _actor_args(resources) -> dict:
-    return {
-        "compute": ray.data.ActorPoolStrategy(size=resources.pool_size),
-        "num_cpus": resources.num_cpus,
-        "num_gpus": resources.num_gpus,
-        "batch_size": resources.batch_size,
-        "batch_format": "pyarrow",
-    }
-
-
-def provenance(cfg: DictConfig) -> dict:
-    return {
-        "config_hash": config_hash(cfg),
-        "pairsel_version": version(),
-        "schema_version": SCHEMA_VERSION,
-        "embedder": cfg.embedder.model,
-        "generators": [f"{g.name}={g.model}" for g in cfg.generators],
-        "epsilon": float(cfg.scoring.epsilon),
-    }
-
-
-def build_dataset(cfg: DictConfig, specs: list[dict]) -> ray.data.Dataset:
-    c = to_dict(cfg)
-    task = {"batch_format": "pyarrow", "num_cpus": cfg.ray.write_num_cpus}
-    ds = ray.data.from_items(specs, override_num_blocks=max(1, len(specs)))
-    ds = ds.map_batches(
-        read_shards_batch,
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=cfg.ray.read_num_cpus,
-        fn_kwargs={"input_cfg": c["input"], "in_shard_negatives": cfg.scoring.in_shard_negatives, "seed": cfg.scoring.seed},
-    )
-    for g, g_cfg in zip(c["generators"], cfg.generators):
-        ds = ds.map_batches(
-            Generate,
-            fn_constructor_kwargs={"generator": g, "template": c["prompts"][g["template"]],
-                                   "max_image_pixels": cfg.input.max_image_pixels},
-            **_actor_args(g_cfg.resources),
-        )
-    ds = ds.map_batches(
-        Embed,
-        fn_constructor_kwargs={"embedder": c["embedder"], "max_image_pixels": cfg.input.max_image_pixels},
-        **_actor_args(cfg.embedder.resources),
-    )
-    ds = ds.map_batches(Score(cfg.scoring.mode, cfg.scoring.temperature), **task)
-    ds = ds.map_batches(Select(cfg.scoring.epsilon), **task)
-    ds = ds.map_batches(WriteParts(cfg.output.dir, provenance(cfg), cfg.output.compression), **task)
-    return ds
 
 
 def drive(ds: ray.data.Dataset, cfg: DictConfig, specs: list[dict]) -> int:

@@ -13,6 +13,7 @@ import pyarrow as pa
 from schemas import WORK_SCHEMA, conform
 from stages.backends import generator_class
 from stages.backends.base import IMAGE_MARKER, GenRequest
+from stages.backends.parsing import classify, select_rationale
 from stages.images import ImageError, decode_image
 
 INPUTS = ("pair_id", "query_text", "query_image", "target_text", "target_image_path", "candidates")
@@ -36,23 +37,6 @@ def render_prompt(template: str, row: dict) -> str:
     if row.get("query_image") is not None and IMAGE_MARKER not in query:
         query = f"{IMAGE_MARKER}\n{query}"
     return template.replace("{query}", query).replace("{target}", target)
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.replace(IMAGE_MARKER, " ").split()).lower()
-
-
-def finish_reason(text: str, backend_reason: str, prompt: str) -> str:
-    """stop | length | error from the backend, sharpened: an empty output, or one that only echoes the
-    prompt, is not a rationale."""
-    if backend_reason == "error":
-        return "error"
-    if not text.strip():
-        return "empty"
-    norm = _normalise(text)
-    if norm and norm in _normalise(prompt):
-        return "echo"
-    return backend_reason
 
 
 class Generate:
@@ -97,16 +81,18 @@ class Generate:
         for row, request, generations in zip(owners, requests, results):
             pool = list(row.get("candidates") or [])
             for seed, g in zip(request.seeds, generations):
+                # thinking models: keep the part the config names; cut-off, empty or echoed output is marked
+                rationale = select_rationale(g.text, self.cfg["rationale"])
                 pool.append(
                     {
-                        "text": g.text,
+                        "text": rationale,
                         "generator": self.cfg["name"],
                         "model": self.backend.model_id,
                         "template": self.cfg["template"],
                         "seed": seed,
                         "sampling": self.sampling_json,
                         "tokens": g.tokens,
-                        "finish_reason": finish_reason(g.text, g.finish_reason, request.prompt),
+                        "finish_reason": classify(rationale, g.finish_reason, request.prompt),
                         "error": g.error,
                     }
                 )

@@ -23,9 +23,9 @@ INPUTS = ("s_direct", "s_direct_neg", "candidates.s_k", "candidates.s_neg", "can
 OUTPUTS = ("lse_direct", "scoring_mode", "temperature", "candidates.lse", "candidates.delta",
            "candidates.neg_delta", "candidates.valid")
 
-# Only a candidate that finished normally is a rationale; cut-off, empty, echoed or failed ones are kept for
-# auditing but never chosen.
-VALID_FINISH = frozenset({"stop"})
+# By default only a candidate that finished normally is a rationale; cut-off, empty, echoed or failed ones are
+# kept for auditing but never chosen (scoring.valid_finish_reasons).
+VALID_FINISH = ("stop",)
 
 
 def logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -77,7 +77,7 @@ def _none_if_nan(x: float):
     return None if x is None or not np.isfinite(x) else float(x)
 
 
-def score_rows(rows: list[dict], mode: str, temperature: float) -> list[dict]:
+def score_rows(rows: list[dict], mode: str, temperature: float, valid_finish=VALID_FINISH) -> list[dict]:
     for row in rows:
         if row.get("quarantine_reason") or row.get("s_direct") is None:
             continue
@@ -98,16 +98,17 @@ def score_rows(rows: list[dict], mode: str, temperature: float) -> list[dict]:
             c["lse"] = _none_if_nan(scores["lse"][k])
             c["delta"] = _none_if_nan(scores["delta"][k])
             c["neg_delta"] = _none_if_nan(scores["neg_delta"][k])
-            c["valid"] = c.get("finish_reason") in VALID_FINISH and c["delta"] is not None
+            c["valid"] = c.get("finish_reason") in valid_finish and c["delta"] is not None
     return rows
 
 
 class Score:
     """Ray Data stage (a plain function would do; a class keeps the config in one place)."""
 
-    def __init__(self, mode: str, temperature: float):
+    def __init__(self, mode: str, temperature: float, valid_finish_reasons=VALID_FINISH):
         self.mode = mode
         self.temperature = temperature
+        self.valid_finish = tuple(valid_finish_reasons)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return conform(score_rows(batch.to_pylist(), self.mode, self.temperature), WORK_SCHEMA)
+        return conform(score_rows(batch.to_pylist(), self.mode, self.temperature, self.valid_finish), WORK_SCHEMA)

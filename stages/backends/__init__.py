@@ -8,6 +8,7 @@ from stages.backends.base import EmbedderBackend, GeneratorBackend  # noqa: F401
 _GENERATORS = {
     "transformers": "stages.backends.hf:TransformersGenerator",
     "vllm": "stages.backends.vllm:VLLMGenerator",
+    "openai": "stages.backends.openai_http:OpenAIGenerator",
     "precomputed": "stages.backends.precomputed:PrecomputedGenerator",
 }
 _EMBEDDERS = {

@@ -8,7 +8,7 @@ image tokens, and puts the image first where the text has no marker.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import numpy as np
