@@ -30,5 +30,13 @@ demo: models demo-data
 test: venv
 	$(PY) -m pytest -q tests
 
+# Fault-injection tests (kill -9 at each stage, lost actors and nodes): slow, so not part of `make test`.
+faults: venv
+	$(PY) -m pytest -q -m faults tests
+
+# Throughput and memory benchmark: prints a table (see BENCHMARKS.md).
+bench: venv
+	$(PY) bench/bench.py
+
 clean:
 	rm -rf out models data/demo
