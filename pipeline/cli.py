@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 
@@ -34,6 +35,12 @@ def _run(args) -> int:
     return 0 if result["status"] == "complete" else 1
 
 
+def _output_tool(module, args) -> int:
+    """report / show / export: their add_arguments() names every flag after run()'s keywords."""
+    module.run(**{k: v for k, v in vars(args).items() if k not in ("func", "command")})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pairsel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,8 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         module = __import__(f"pipeline.{name}", fromlist=["run"])
         p = sub.add_parser(name, help=help_text)
         module.add_arguments(p)
-        p.set_defaults(func=lambda args, m=module: m.run(**{k: v for k, v in vars(args).items()
-                                                            if k not in ("func", "command")}) and 0)
+        p.set_defaults(func=functools.partial(_output_tool, module))
     return parser
 
 
