@@ -31,3 +31,27 @@ def demo_data(tmp_path_factory) -> dict:
     path = make(root, n_pairs=40, seed=0)
     rows = sum(1 for line in Path(path).read_text().splitlines() if line.strip())
     return {"path": str(path), "root": str(root), "valid_rows": rows}
+
+
+@pytest.fixture(scope="session")
+def demo_output(tiny_models, demo_data, tmp_path_factory) -> Path:
+    """A real job's output folder: the demo config through the CLI on the demo data, two rows of it broken
+    so that the quarantine is not empty."""
+    import json
+    import subprocess
+
+    root = tmp_path_factory.mktemp("demo-job")
+    lines = Path(demo_data["path"]).read_text().splitlines()
+    lines.insert(2, "{not json")
+    lines.insert(5, json.dumps({"qry": "<|image_1|>\nwhat is this?", "qry_image_path": "images/nope.png", "pos_text": "x"}))
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("\n".join(lines) + "\n")
+    out = root / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "configs/demo.yaml", f"input.path={pairs}",
+         f"input.image_root={demo_data['root']}", f"generators.0.model={tiny_models['generator']}",
+         f"embedder.model={tiny_models['embedder']}", f"output.dir={out}", "input.rows_per_shard=16"],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out

@@ -78,6 +78,14 @@ def _candidates(pair_id: str, all_invalid: bool, k: int, s_direct: float, s_dire
     return cands
 
 
+def output_for(request, tmp_path_factory) -> Path:
+    """For a fixture parametrized with ("synthetic", "demo_job"): a synthetic output with known numbers, or a
+    real demo job's output (the `demo_output` fixture), so each check runs on both."""
+    if request.param == "demo_job":
+        return request.getfixturevalue("demo_output")
+    return output_under_test(tmp_path_factory.mktemp("out"))
+
+
 def output_under_test(base_dir) -> Path:
     """The output folder the shared tests check: $PAIRSEL_TEST_OUTPUT (e.g. a real demo run) when set,
     otherwise a fresh synthetic one under base_dir."""

@@ -7,12 +7,12 @@ import yaml
 
 from pipeline import card
 from pipeline.report import data_files, read_manifest
-from tests.synthetic_output import output_under_test
+from tests.synthetic_output import output_for
 
 
-@pytest.fixture(scope="module")
-def out(tmp_path_factory):
-    return output_under_test(tmp_path_factory.mktemp("out"))
+@pytest.fixture(scope="module", params=["synthetic", "demo_job"])
+def out(request, tmp_path_factory):
+    return output_for(request, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

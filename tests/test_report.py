@@ -12,12 +12,12 @@ import pytest
 from PIL import Image
 
 from pipeline import report
-from tests.synthetic_output import make_output, output_under_test
+from tests.synthetic_output import make_output, output_for
 
 
-@pytest.fixture(scope="module")
-def out(tmp_path_factory):
-    return output_under_test(tmp_path_factory.mktemp("out"))
+@pytest.fixture(scope="module", params=["synthetic", "demo_job"])
+def out(request, tmp_path_factory):
+    return output_for(request, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
