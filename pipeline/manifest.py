@@ -73,35 +73,59 @@ def _stats(out_dir: Path, records: list[dict]) -> dict:
     counts["need_reasoning"] = int(subsets["need_reasoning"].sum())
     counts["need_reasoning_rate"] = _rate(counts["need_reasoning"], written)
 
-    cands = pairs.select(pl.col("candidates").explode()).unnest("candidates")
+    cands = (pairs.select(pl.col("candidates").explode()).unnest("candidates")
+             .filter(pl.col("generator").is_not_null()))  # a pair without candidates explodes to one null
+    stats["generators"] = generator_stats(pairs, cands)
+    counts["candidates"] = sum(g["candidates"] for g in stats["generators"].values())
+    counts["tokens_generated"] = sum(g["tokens"] for g in stats["generators"].values())
+    invalid = cands.filter(~pl.col("valid").fill_null(False)).group_by("finish_reason").len().collect()
+    counts["candidates_invalid_by_reason"] = dict(sorted(zip(invalid["finish_reason"], invalid["len"])))
+    return stats
+
+
+def generator_stats(pairs: pl.LazyFrame, cands: pl.LazyFrame) -> dict:
+    """Per generator: its candidates (valid, and invalid by finish_reason), how often its rationale is the
+    one a pair keeps (chosen: need_reasoning pairs whose chosen_generator it is; chosen_share: of all such
+    pairs), its mean delta over valid candidates, the mean best_delta where it was chosen, and tokens.
+    Each figure is one polars query over the output columns, so users can reproduce it."""
     per_gen = (
         cands.group_by("generator")
         .agg(
             pl.len().alias("candidates"),
-            pl.col("valid").sum().alias("valid"),
-            pl.col("delta").filter(pl.col("valid")).mean().alias("mean_delta"),
+            pl.col("valid").fill_null(False).sum().alias("valid"),
+            pl.col("delta").filter(pl.col("valid").fill_null(False)).mean().alias("mean_delta"),
             pl.col("tokens").sum().alias("tokens"),
             pl.col("model").first().alias("model"),
         )
+        .sort("generator")
         .collect()
     )
-    chosen = pairs.filter(pl.col("need_reasoning")).group_by("chosen_generator").len().collect()
-    chosen = dict(zip(chosen["chosen_generator"], chosen["len"]))
-    total_chosen = sum(chosen.values())
-    for g in per_gen.sort("generator").iter_rows(named=True):
-        if g["generator"] is None:
-            continue
-        stats["generators"][g["generator"]] = {
+    invalid = (cands.filter(~pl.col("valid").fill_null(False))
+               .group_by("generator", "finish_reason").len().sort("generator", "finish_reason").collect())
+    chosen = (
+        pairs.filter(pl.col("need_reasoning"))
+        .group_by("chosen_generator")
+        .agg(pl.len().alias("chosen"), pl.col("best_delta").mean().alias("mean_chosen_delta"))
+        .collect()
+    )
+    chosen = {r["chosen_generator"]: r for r in chosen.iter_rows(named=True)}
+    total_chosen = sum(r["chosen"] for r in chosen.values())
+    out = {}
+    for g in per_gen.iter_rows(named=True):
+        name = g["generator"]
+        mine = chosen.get(name, {"chosen": 0, "mean_chosen_delta": None})
+        out[name] = {
             "model": g["model"], "candidates": g["candidates"], "valid": g["valid"],
-            "chosen": chosen.get(g["generator"], 0),
-            "chosen_share": _rate(chosen.get(g["generator"], 0), total_chosen),
-            "mean_delta": g["mean_delta"], "tokens": g["tokens"],
+            "invalid_by_reason": {r["finish_reason"]: r["len"]
+                                  for r in invalid.filter(pl.col("generator") == name).iter_rows(named=True)},
+            "chosen": mine["chosen"], "chosen_share": _rate(mine["chosen"], total_chosen),
+            "mean_delta": g["mean_delta"], "mean_chosen_delta": mine["mean_chosen_delta"], "tokens": g["tokens"],
         }
-    counts["candidates"] = int(per_gen["candidates"].sum())
-    counts["tokens_generated"] = int(per_gen["tokens"].sum())
-    invalid = cands.filter(~pl.col("valid").fill_null(False)).group_by("finish_reason").len().collect()
-    counts["candidates_invalid_by_reason"] = dict(sorted(zip(invalid["finish_reason"], invalid["len"])))
-    return stats
+    return out
+
+
+EMPTY_GENERATOR = {"candidates": 0, "valid": 0, "invalid_by_reason": {}, "chosen": 0, "chosen_share": None,
+                   "mean_delta": None, "mean_chosen_delta": None, "tokens": 0}
 
 
 def build(out_dir: str | Path, cfg, started_at: str, wall_seconds: float, planned_shards: int) -> dict:
@@ -109,8 +133,11 @@ def build(out_dir: str | Path, cfg, started_at: str, wall_seconds: float, planne
     records = commit_records(out_dir)
     stats = _stats(out_dir, records)
     generator_info = {g.name: {"backend": g.backend, "model": g.model} for g in cfg.generators}
-    for name, info in generator_info.items():
-        stats["generators"].setdefault(name, {}).update(info)
+    # in config order; a generator without output gets zeros, one only in the output (a forced resume) stays
+    found = stats["generators"]
+    stats["generators"] = {name: {**EMPTY_GENERATOR, **found.pop(name, {}), **info}
+                           for name, info in generator_info.items()}
+    stats["generators"].update(found)
     return {
         "pairsel_version": version(),
         "schema_version": SCHEMA_VERSION,

@@ -2,8 +2,9 @@
 
 Everything is made here, offline and deterministically: a byte-level BPE
 tokenizer trained on a generated English corpus, a Qwen-style chat template, a
-Qwen2-VL image processor with a small pixel budget, and two models of the same
-class with different seeds (a generator and a VLM2Vec-style embedder).
+Qwen2-VL image processor with a small pixel budget, and three models of the same
+class with different seeds: a generator, a second generator (variant "-b", so a
+job can pool candidates from two generators) and a VLM2Vec-style embedder.
 
     python scripts/build_tiny_models.py [--out models] [--preset tiny|small]
 
@@ -88,6 +89,9 @@ PRESETS = {
 
 GENERATOR_SEED = 1234
 EMBEDDER_SEED = 5678
+# The second generator: same architecture and tokenizer, other weights. Its marker
+# hash adds this seed to the spec, so the existing folders' markers stay valid.
+GENERATOR_B_SEED = 2468
 # Random weights at the usual 0.02 scale make every layer a near no-op and every
 # next-token distribution near uniform, so outputs ignore the prompt and image.
 # Unit-gain weights (std 1/sqrt(width)) and logits of this std fix that.
@@ -109,12 +113,17 @@ def spec_hash(preset: str) -> str:
     return hashlib.sha256(json.dumps(spec(preset), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def is_complete(folder: Path, preset: str) -> bool:
+def variant_hash(preset: str, seed: int) -> str:
+    """The marker hash of an extra model built from the same spec with its own seed."""
+    return hashlib.sha256(f"{spec_hash(preset)}|{seed}".encode()).hexdigest()[:16]
+
+
+def is_complete(folder: Path, preset: str, marker_hash: str | None = None) -> bool:
     try:
         marker = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return marker.get("hash") == spec_hash(preset)
+    return marker.get("hash") == (marker_hash or spec_hash(preset))
 
 
 # --- corpus and tokenizer -------------------------------------------------
@@ -328,7 +337,9 @@ def save_processor(folder: Path, tokenizer, img_proc) -> None:
         pass
 
 
-def build_folder(final: Path, preset: str, tokenizer, img_proc, seed: int, role: str) -> None:
+def build_folder(final: Path, preset: str, tokenizer, img_proc, seed: int, role: str,
+                 marker_hash: str | None = None) -> None:
+    marker_hash = marker_hash or spec_hash(preset)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
@@ -336,30 +347,32 @@ def build_folder(final: Path, preset: str, tokenizer, img_proc, seed: int, role:
         model.save_pretrained(tmp)
         save_processor(tmp, tokenizer, img_proc)
         # the marker goes last: its presence means the rest is there
-        (tmp / MARKER).write_text(json.dumps({"hash": spec_hash(preset), "role": role, "seed": seed,
+        (tmp / MARKER).write_text(json.dumps({"hash": marker_hash, "role": role, "seed": seed,
                                               **spec(preset)}, indent=1))
         tmp.chmod(0o755)
         if final.exists():
-            if is_complete(final, preset):  # a concurrent build finished first
+            if is_complete(final, preset, marker_hash):  # a concurrent build finished first
                 return
             shutil.rmtree(final, ignore_errors=True)  # stale or half-built
         try:
             os.rename(tmp, final)
         except OSError:
-            if not is_complete(final, preset):  # not a concurrent build that won the race
+            if not is_complete(final, preset, marker_hash):  # not a concurrent build that won the race
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build(out_dir: Path, preset: str = "tiny") -> dict:
-    """Build (or find already built) the generator and embedder of `preset`
-    under out_dir; returns {"generator": Path, "embedder": Path}."""
+    """Build (or find already built) the models of `preset` under out_dir; returns
+    {"generator": Path, "embedder": Path, "generator_b": Path}."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
     out_dir = Path(out_dir)
-    paths = {"generator": out_dir / f"{preset}-qwen2vl", "embedder": out_dir / f"{preset}-embedder"}
-    todo = {role: p for role, p in paths.items() if not is_complete(p, preset)}
+    paths = {"generator": out_dir / f"{preset}-qwen2vl", "embedder": out_dir / f"{preset}-embedder",
+             "generator_b": out_dir / f"{preset}-qwen2vl-b"}
+    hashes = {"generator_b": variant_hash(preset, GENERATOR_B_SEED)}
+    todo = {role: p for role, p in paths.items() if not is_complete(p, preset, hashes.get(role))}
     if not todo:
         return paths
 
@@ -377,6 +390,9 @@ def build(out_dir: Path, preset: str = "tiny") -> dict:
             build_folder(todo["generator"], preset, tokenizer, img_proc, GENERATOR_SEED, "generator")
         if "embedder" in todo:
             build_folder(todo["embedder"], preset, tokenizer, img_proc, EMBEDDER_SEED, "embedder")
+        if "generator_b" in todo:
+            build_folder(todo["generator_b"], preset, tokenizer, img_proc, GENERATOR_B_SEED, "generator",
+                         marker_hash=hashes["generator_b"])
     finally:
         torch.set_num_threads(threads)
     return paths
