@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test models demo-data venv clean faults bench
+.PHONY: demo test models demo-data venv clean faults bench pool-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: models demo-data
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# Three generators pooled: two tiny local models and the tiny model served over HTTP (scripts/serve_openai.py).
+pool-demo: models demo-data
+	$(PY) scripts/pool_demo.py
 
 # Fault-injection tests (kill -9 at each stage, lost actors and nodes): slow, so not part of `make test`.
 faults: venv

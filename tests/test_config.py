@@ -83,3 +83,11 @@ def test_cli_fails_fast_with_exit_2_and_the_key(job):
     assert proc.returncode == 2
     assert "scoring.mode" in proc.stderr
     assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+
+
+def test_cli_takes_overrides_after_flags(job):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", str(job), "--overwrite", "scoring.mode=bogus"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2 and "scoring.mode" in proc.stderr  # the override was read
