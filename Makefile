@@ -27,8 +27,9 @@ demo: models demo-data
 	$(PY) -m pipeline run configs/demo.yaml --overwrite
 	@echo "Shards: $(CURDIR)/out/demo/data/   (manifest: out/demo/manifest.json, card: out/demo/README.md)"
 
+# The fault-injection tests take 4-9 minutes on 2 cores: they run under `make faults`, not here.
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not faults" tests
 
 # Three generators pooled: two tiny local models and the tiny model served over HTTP (scripts/serve_openai.py).
 pool-demo: models demo-data

@@ -35,8 +35,10 @@ relative to the folder holding the input file. Each image is decoded once, by
 Bad rows are never dropped: they come back with `quarantine_reason` (one of
 REASONS), `quarantine_detail`, `raw` (the record as text, truncated) and the
 identity fields that could be recovered. A bad negative quarantines its row.
-Among valid rows of a shard the first of a pair_id wins; later ones are
-quarantined as duplicate_pair_id.
+The first row of a pair_id in input order (by shard_id, then row_index) keeps
+it, whichever shard it is in; later ones are quarantined as duplicate_pair_id.
+A row claims its pair_id once its record passes every check but the image
+ones (see "duplicates across shards" below).
 
 pair_id, when the record has none, is a sha256 over the normalized query, target
 and explicit negatives (texts, and image paths or, for path-less inline images,
@@ -50,6 +52,7 @@ import glob
 import gzip
 import hashlib
 import json
+import os
 import re
 import stat
 import tarfile
@@ -63,6 +66,7 @@ import pyarrow as pa
 
 from schemas import v1 as schemas
 from stages.backends.base import IMAGE_MARKER
+from stages.faults import fault_point
 from stages.images import ImageError, decode_image
 
 REASONS = (
@@ -268,37 +272,123 @@ def read_shards_batch(batch: pa.Table, input_cfg: dict, in_shard_negatives: int,
     best: a shard is one task's work)."""
     rows = []
     for spec in batch.to_pylist():
-        rows.extend(read_shard(spec, input_cfg, in_shard_negatives, seed))
+        shard = read_shard(spec, input_cfg, in_shard_negatives, seed)
+        fault_point("read", len(shard))
+        rows.extend(shard)
     return schemas.conform(rows, schemas.WORK_SCHEMA)
 
 
 def read_shard(spec: dict, input_cfg, in_shard_negatives: int, seed: int) -> list[dict]:
     """One dict per input row of the shard (stop - start of them), with the pair
-    columns of WORK_SCHEMA."""
+    columns of WORK_SCHEMA. A spec may name, under "duplicates", the file written
+    by `find_duplicates`: its rows for this shard are quarantined as duplicates of
+    a pair_id that an earlier shard holds."""
     max_pixels = int(input_cfg.get("max_image_pixels") or 40_000_000)
     max_query_chars = int(input_cfg.get("max_query_chars") or 20_000)
     store = _ImageStore(Path(spec["image_root"]), max_pixels)
-    rows, raws = [], []
+    earlier = _earlier_owners(spec)
+    rows, first_in_shard = [], {}
     for row_index, record in enumerate(_records(spec, store.max_bytes)):
         row = _blank_row(spec, row_index)
         try:
             if record.error is not None:
                 raise record.error
-            _fill_row(row, record.fields, store, max_query_chars)
+            images = _parse_row(row, record.fields, max_query_chars)
+            owner = earlier.get(row_index)
+            if owner is None:
+                first = first_in_shard.setdefault(row["pair_id"], row_index)
+                owner = None if first == row_index else f"row {first} of this shard"
+            if owner is not None:
+                raise Bad("duplicate_pair_id", f"same pair_id as {owner}")
+            _load_images(row, images, store)
         except Bad as bad:
             _quarantine(row, bad, record.raw)
         rows.append(row)
-        raws.append(record.raw)
-    seen = {}
-    for row, raw in zip(rows, raws):
-        if row["quarantine_reason"] is None:
-            first = seen.setdefault(row["pair_id"], row["row_index"])
-            if first != row["row_index"]:
-                _quarantine(row, Bad("duplicate_pair_id", f"same pair_id as row {first} of this shard"), raw)
     _add_in_shard_negatives(rows, in_shard_negatives, seed, int(spec["shard_id"]))
     for row in rows:
         row["shard_size"] = len(rows)  # the writer commits a shard once it holds this many rows
     return rows
+
+
+# --------------------------------------------------------------------------- duplicates across shards
+# The first row of a pair_id in input order (shard_id, row_index) owns it; a row
+# owns its pair_id once its record passes every check but the image ones, so the
+# owner is known without opening an image. Within a shard, read_shard sees that
+# itself. Across shards, a pass over the whole input before the job writes each
+# shard's owned ids to a small file (`index_pair_ids_batch`), and one task finds
+# the rows whose pair_id an earlier shard owns (`find_duplicates`). The driver
+# only passes file names around, so its memory does not grow with the input.
+
+PAIR_KEYS = pa.schema([pa.field("pair_id", pa.string()), pa.field("shard_id", pa.int64()),
+                       pa.field("row_index", pa.int64())])
+DUPLICATES = pa.schema([pa.field("shard_id", pa.int64()), pa.field("row_index", pa.int64()),
+                        pa.field("pair_id", pa.string()), pa.field("first_shard_id", pa.int64()),
+                        pa.field("first_row_index", pa.int64())])
+
+
+def pair_keys(spec: dict, input_cfg) -> pa.Table:
+    """The pair_id of every row of the shard that owns it within the shard (PAIR_KEYS)."""
+    max_query_chars = int(input_cfg.get("max_query_chars") or 20_000)
+    store = _ImageStore(Path(spec["image_root"]), int(input_cfg.get("max_image_pixels") or 40_000_000))
+    owned: dict[str, int] = {}
+    for row_index, record in enumerate(_records(spec, store.max_bytes)):  # the store opens no image here
+        if record.error is not None:
+            continue
+        row = _blank_row(spec, row_index)
+        try:
+            _parse_row(row, record.fields, max_query_chars)
+        except Bad:
+            continue
+        owned.setdefault(row["pair_id"], row_index)
+    shard_id = int(spec["shard_id"])
+    return pa.table({"pair_id": list(owned), "shard_id": [shard_id] * len(owned), "row_index": list(owned.values())},
+                    schema=PAIR_KEYS)
+
+
+def index_pair_ids_batch(batch: pa.Table, input_cfg: dict, index_dir: str) -> pa.Table:
+    """`map_batches` body over shard specs: writes INDEX_DIR/shard-XXXXXX.parquet for each."""
+    import pyarrow.parquet as pq
+
+    done = []
+    for spec in batch.to_pylist():
+        path = Path(index_dir) / f"shard-{int(spec['shard_id']):06d}.parquet"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        pq.write_table(pair_keys(spec, input_cfg), tmp)
+        os.replace(tmp, path)
+        done.append(int(spec["shard_id"]))
+    return pa.table({"shard_id": pa.array(done, pa.int64())})
+
+
+def find_duplicates(index_dir: str, dest: str) -> int:
+    """Rows whose pair_id a lower shard owns, from the files of `index_pair_ids_batch`, into `dest`
+    (DUPLICATES, sorted by shard), returning their number. Holds one hash table of pair_ids (tens of bytes
+    per pair): run it as a task, not in the driver."""
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    keys = pl.scan_parquet(f"{index_dir}/shard-*.parquet", schema=pl.Schema(PAIR_KEYS))
+    owners = keys.group_by("pair_id").agg(
+        pl.col("shard_id").min().alias("first_shard_id"),
+        pl.col("row_index").sort_by("shard_id").first().alias("first_row_index"))
+    dups = (keys.join(owners, on="pair_id")
+            .filter(pl.col("shard_id") != pl.col("first_shard_id"))
+            .select(DUPLICATES.names)
+            .sort("shard_id", "row_index")
+            .collect())
+    tmp = f"{dest}.{os.getpid()}.tmp"
+    pq.write_table(dups.to_arrow().cast(DUPLICATES), tmp, row_group_size=4096)
+    os.replace(tmp, dest)
+    return dups.height
+
+
+def _earlier_owners(spec: dict) -> dict[int, str]:
+    path = spec.get("duplicates")
+    if not path:
+        return {}
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, filters=[("shard_id", "=", int(spec["shard_id"]))])
+    return {r["row_index"]: f"row {r['first_row_index']} of shard {r['first_shard_id']}" for r in table.to_pylist()}
 
 
 def _blank_row(spec: dict, row_index: int) -> dict:
@@ -525,9 +615,10 @@ class _ImageRef:
 _NO_IMAGE = _ImageRef(None, None)
 
 
-def _fill_row(row: dict, rec: dict, store: "_ImageStore", max_query_chars: int) -> None:
-    """Parse and check one record into `row`; raises Bad at the first problem,
-    after filling the identity fields it could."""
+def _parse_row(row: dict, rec: dict, max_query_chars: int) -> tuple:
+    """Parse and check one record into `row`, all but its images; raises Bad at
+    the first problem, after filling the identity fields it could. Returns the
+    image references for `_load_images`."""
     subset = _identity(rec, ("subset", "dataset"))
     if subset:
         row["subset"] = subset
@@ -552,6 +643,11 @@ def _fill_row(row: dict, rec: dict, store: "_ImageStore", max_query_chars: int) 
     for side, text, img in [("qry", q_text, q_img), ("pos", t_text, t_img)] + [("neg", t, i) for t, i in negs]:
         if text is not None and IMAGE_MARKER in text and not img.present:
             raise Bad("image_marker_without_image", f"{side} text has {IMAGE_MARKER} but no image")
+    return q_img, t_img, negs
+
+
+def _load_images(row: dict, images: tuple, store: "_ImageStore") -> None:
+    q_img, t_img, negs = images
     row["query_image"] = store.load(q_img, "query")
     row["target_image"] = store.load(t_img, "target")
     row["negatives"] = [

@@ -10,20 +10,26 @@ Ray may batch rows of one input shard into several batches, and several shards i
 
 A shard counts as done only once its commit record exists. After a crash, a rerun skips the shards that have
 one and redoes the others from scratch: nothing is lost and nothing is written twice.
+
+Only the parts the driver names are merged, and a commit deletes only those: a part left by a task that died, or
+by a retried task whose first attempt also wrote, is never read, so it cannot add a row twice. A commit checks
+that its rows are exactly row_index 0..shard_size-1, and a commit that runs again (Ray retries a task whose
+worker died) finds its record and returns it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas import OUTPUT_SCHEMA, QUARANTINE_SCHEMA, conform
+from stages.faults import fault_point
 
 INPUTS = ("*",)  # every WORK_SCHEMA column
 OUTPUTS = ("shard_id", "shard_size", "part", "rows", "quarantine_part", "quarantine_rows")
@@ -44,16 +50,32 @@ def shard_name(shard_id: int) -> str:
     return f"shard-{shard_id:06d}"
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_durably(tmp: Path, path: Path) -> None:
+    """Rename into place, with the file's bytes and then the rename on disk: a machine that dies right after
+    still has a whole file or none (a preempted VM loses what was only in its page cache)."""
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
 def atomic_write_table(table: pa.Table, path: Path, compression: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     pq.write_table(table, tmp, compression=compression)
-    os.replace(tmp, path)
+    _replace_durably(tmp, path)
 
 
 def atomic_write_json(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    _replace_durably(tmp, path)
 
 
 def to_output_row(row: dict, provenance: dict) -> dict:
@@ -103,6 +125,7 @@ class WriteParts:
                     "quarantine_rows": len(bad),
                 }
             )
+            fault_point("write", len(rows))
         return pa.Table.from_pylist(meta, schema=PART_META)
 
 
@@ -114,31 +137,57 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _merge(parts: list[str], schema: pa.Schema, dest: Path, compression: str) -> int:
-    """Parts -> one file, rows in input order, so a shard's bytes do not depend on how Ray batched it."""
+def _merge(parts: list[str], schema: pa.Schema, dest: Path, compression: str) -> pa.ChunkedArray:
+    """Parts -> one file, rows in input order, so a shard's bytes do not depend on how Ray batched it.
+    Returns the row_index column."""
     tables = [pq.read_table(p, schema=schema) for p in parts]
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     table = table.sort_by([("row_index", "ascending")])
     dest.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_table(table.replace_schema_metadata(schema.metadata), dest, compression)
-    return table.num_rows
+    return table["row_index"]
 
 
-def commit_shard(out_dir: str, shard_id: int, parts: list[str], quarantine_parts: list[str], compression: str) -> dict:
+def _check_rows(shard_id: int, size: int, *row_indices: pa.ChunkedArray) -> None:
+    counts = Counter(i for column in row_indices for i in column.to_pylist())
+    if set(counts) != set(range(size)) or any(n > 1 for n in counts.values()):
+        twice = sorted(i for i, n in counts.items() if n > 1)[:10]
+        missing = sorted(set(range(size)) - set(counts))[:10]
+        raise RuntimeError(f"shard {shard_id}: parts hold {sum(counts.values())} rows for {size}; "
+                           f"row_index twice: {twice}, missing: {missing}; not committed, rerun to redo it")
+
+
+def commit_shard(out_dir: str, shard_id: int, parts: list[str], quarantine_parts: list[str], compression: str,
+                 size: int | None = None) -> dict:
     out = Path(out_dir)
     name = shard_name(shard_id)
+    commit_path = out / "_commits" / f"{name}.json"
+    if commit_path.is_file():  # a retry of a commit that got as far as its record
+        return json.loads(commit_path.read_text())
     record = {"shard_id": shard_id, "path": None, "rows": 0, "sha256": None,
               "quarantine_path": None, "quarantine_rows": 0}
+    data_dest, quarantine_dest = out / "data" / f"{name}.parquet", out / "quarantine" / f"{name}.parquet"
+    good = _merge(parts, OUTPUT_SCHEMA, data_dest, compression) if parts else pa.chunked_array([], pa.int64())
+    bad = (_merge(quarantine_parts, QUARANTINE_SCHEMA, quarantine_dest, compression) if quarantine_parts
+           else pa.chunked_array([], pa.int64()))
+    if size is not None:
+        try:
+            _check_rows(shard_id, size, good, bad)
+        except RuntimeError:
+            data_dest.unlink(missing_ok=True)
+            quarantine_dest.unlink(missing_ok=True)
+            raise
     if parts:
-        dest = out / "data" / f"{name}.parquet"
-        record.update(path=f"data/{name}.parquet", rows=_merge(parts, OUTPUT_SCHEMA, dest, compression),
-                      sha256=_sha256(dest))
+        record.update(path=f"data/{name}.parquet", rows=len(good), sha256=_sha256(data_dest))
     if quarantine_parts:
-        dest = out / "quarantine" / f"{name}.parquet"
-        record.update(quarantine_path=f"quarantine/{name}.parquet",
-                      quarantine_rows=_merge(quarantine_parts, QUARANTINE_SCHEMA, dest, compression))
-    commits = out / "_commits"
-    commits.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(record, commits / f"{name}.json")  # the commit point
-    shutil.rmtree(out / "_staging" / name, ignore_errors=True)
+        record.update(quarantine_path=f"quarantine/{name}.parquet", quarantine_rows=len(bad))
+    fault_point("commit")  # the shard's files are in place, its record is not: a crash here must redo it
+    commit_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(record, commit_path)  # the commit point
+    for part in parts + quarantine_parts:  # only our own parts: a rerun's may sit beside them
+        Path(part).unlink(missing_ok=True)
+    try:
+        (out / "_staging" / name).rmdir()
+    except OSError:  # not empty (a dead task's part) or already gone: the next run's cleanup takes it
+        pass
     return record

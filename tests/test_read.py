@@ -329,6 +329,32 @@ def test_each_reason_code_quarantines_only_its_row(tmp_path, image_root):
     assert long_row["quarantine_reason"] == "query_too_long" and len(long_row["raw"]) < 10_100
 
 
+def test_a_pair_id_is_kept_once_across_shards(tmp_path, image_root):
+    from stages.read import find_duplicates, index_pair_ids_batch
+
+    a = {"qry": "the same pair", "pos_text": "t"}
+    records = [
+        a, {"qry": "<|image_1|>", "qry_image_path": "images/gone.png", "pos_text": "t", "id": "x"},  # shard 0
+        {"qry": "valid, but x is taken", "pos_text": "t", "id": "x"}, {"qry": "d", "pos_text": "t"},  # shard 1
+        "{broken", a,  # shard 2: a broken line holds no pair_id
+    ]
+    cfg = input_cfg(write_jsonl(tmp_path / "p.jsonl", records), root=image_root, rows_per_shard=2)
+    specs = plan_shards(cfg)
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    index_pair_ids_batch(pa.Table.from_pylist(specs), cfg, str(keys))
+    assert find_duplicates(str(keys), str(tmp_path / "dups.parquet")) == 2
+    rows = [r for spec in specs for r in read_shard({**spec, "duplicates": str(tmp_path / "dups.parquet")}, cfg, 0, 0)]
+    # the first row of a pair_id keeps it, even one quarantined for its image: image checks don't decide owners
+    assert [r["quarantine_reason"] for r in rows] == [
+        None, "image_missing", "duplicate_pair_id", None, "malformed_record", "duplicate_pair_id"]
+    assert rows[2]["quarantine_detail"] == "same pair_id as row 1 of shard 0"
+    assert rows[5]["quarantine_detail"] == "same pair_id as row 0 of shard 0"
+    assert rows[5]["pair_id"] == rows[0]["pair_id"]
+    # a shard read on its own sees only its own rows: the index is what finds the others
+    assert [r["quarantine_reason"] for r in read_shard(specs[2], cfg, 0, 0)] == ["malformed_record", None]
+
+
 def test_columnar_wrong_types_are_quarantined(tmp_path, image_root):
     table = pa.table({"qry": [1, 2], "pos_text": ["a", "b"]})
     pq.write_table(table, tmp_path / "ints.parquet")

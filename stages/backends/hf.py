@@ -10,6 +10,7 @@ image placeholder token to one token per merged image patch.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 from dataclasses import replace
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from stages.backends.base import IMAGE_MARKER, EmbedInput, Generation, GenRequest, l2_normalise
+from stages.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -181,12 +183,12 @@ class ModelInputs:
         length = ids.shape[0]
         return {k: v[:, keep] if k in _PER_TOKEN_PAD and v.shape[-1] == length else v for k, v in row.items()}
 
-    def collate(self, rows: list[dict], padding_side: str) -> dict:
-        """Stack rows into one batch: pad per-token tensors to the longest row,
-        concatenate per-image tensors in row order."""
+    def collate(self, rows: list[dict], padding_side: str, length: Optional[int] = None) -> dict:
+        """Stack rows into one batch: pad per-token tensors to `length` (default:
+        the longest row), concatenate per-image tensors in row order."""
         import torch
 
-        length = max(r["input_ids"].shape[1] for r in rows)
+        length = length or max(r["input_ids"].shape[1] for r in rows)
         batch = {}
         keys = {k for r in rows for k in r}
         for key in keys:
@@ -284,6 +286,7 @@ class TransformersGenerator:
                 log.warning("generation failed for %r: %s", request.pair_id, _error_text(e))
                 results.append([Generation(text="", tokens=0, finish_reason="error", error=_error_text(e))
                                 for _ in request.seeds])
+            fault_point("generate")
         return results
 
     def _generate_one(self, request: GenRequest) -> list[Generation]:
@@ -324,7 +327,20 @@ class TransformersGenerator:
 class TransformersEmbedder:
     """Embeddings from a transformers model's last hidden states: the last real
     token's state (VLM2Vec style, pooling="last") or the masked mean ("mean").
-    Rows are right-padded, so a row's positions do not depend on its batch."""
+
+    Batch-invariant: an input's vector is the same, bit for bit, whatever else
+    the call embeds, so a resumed or retried shard reproduces every score. Float
+    kernels give results that depend on the shapes they run on (blocking,
+    reduction order, kernel choice), so every forward pass has a shape that its
+    rows alone decide: each row is right-padded to its own length rounded up to
+    a multiple of `length_bucket` (always at least one pad token, so every row
+    takes the masked-attention path), and rows of one length run `batch_size` at
+    a time, a short micro-batch filled up with copies. With causal attention and
+    right padding a real token never sees a pad, and every other op is row-wise.
+    Images go through the vision tower one at a time (each distinct image once
+    per call) and reach the language model as precomputed features
+    (`mm_encoder_outputs`); a model that cannot take those embeds each row that
+    has an image on its own."""
 
     def __init__(self, model: str, pooling: str = "last", max_length: int = 512, trust_remote_code: bool = False,
                  device: Optional[str] = None, dtype: Optional[str] = None, **options):
@@ -336,33 +352,84 @@ class TransformersEmbedder:
         self.pooling = pooling
         self.max_length = max_length
         self.batch_size = int(options.get("batch_size", 16))
+        self.length_bucket = int(options.get("length_bucket", 32))
         self.device = _device(device)
         self.inputs = ModelInputs(model, trust_remote_code)
         self.model = _load_model(model, [AutoModel], trust_remote_code, self.device, _dtype(dtype, self.device))
+        params = inspect.signature(self.model.forward).parameters
         # decoders would build a KV cache nobody reads; encoders take no such argument
-        takes_use_cache = "use_cache" in inspect.signature(self.model.forward).parameters
-        self.forward_options = {"use_cache": False} if takes_use_cache else {}
+        self.forward_options = {"use_cache": False} if "use_cache" in params else {}
+        self.takes_image_features = "mm_encoder_outputs" in params and hasattr(self.model, "get_image_features")
 
     def embed(self, inputs: list[EmbedInput]) -> np.ndarray:
-        import torch
-
         rows = [self.inputs.encode(self.inputs.raw_text(x.text, x.image), x.image, add_special_tokens=True,
                                    max_length=self.max_length) for x in inputs]
-        # longest first, so each batch pads little and the biggest batch comes first
-        order = sorted(range(len(rows)), key=lambda i: -rows[i]["input_ids"].shape[1])
-        vectors: list = [None] * len(rows)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
-                     for k, v in self.inputs.collate([rows[i] for i in chunk], "right").items()}
-            with torch.inference_mode():
-                hidden = self.model(**batch, **self.forward_options).last_hidden_state.float()
-            pooled = self._pool(hidden, batch["attention_mask"]).cpu().numpy()
-            for i, vector in zip(chunk, pooled):
-                vectors[i] = vector
-        if not vectors:
+        if not rows:
             return np.zeros((0, self._dim()), dtype=np.float32)
+        features = self._image_features(rows)
+        by_length: dict[tuple[int, bool], list[int]] = {}
+        for i, row in enumerate(rows):
+            alone = "pixel_values" in row and features[i] is None
+            by_length.setdefault((self._padded_length(row), alone), []).append(i)
+        vectors: list = [None] * len(rows)
+        for (length, alone), members in sorted(by_length.items(), reverse=True):
+            size = 1 if alone else self.batch_size
+            for start in range(0, len(members), size):
+                chunk = members[start:start + size]
+                pooled = self._forward([rows[i] for i in chunk], [features[i] for i in chunk], length, size)
+                for i, vector in zip(chunk, pooled):
+                    vectors[i] = vector
+        fault_point("embed", len(rows))
         return l2_normalise(np.stack(vectors))
+
+    def _padded_length(self, row: dict) -> int:
+        n = row["input_ids"].shape[1]
+        return (n // self.length_bucket + 1) * self.length_bucket  # > n: at least one pad token
+
+    def _image_features(self, rows: list[dict]) -> list:
+        """Per row, the vision tower's output for its image alone (None: no
+        image, or the model takes pixels only), each distinct image computed once."""
+        import torch
+
+        out, seen = [], {}
+        for row in rows:
+            grid = row.get("image_grid_thw")
+            if "pixel_values" not in row or grid is None or not self.takes_image_features:
+                out.append(None)
+                continue
+            pixels = row["pixel_values"]
+            key = hashlib.sha256(pixels.numpy().tobytes() + grid.numpy().tobytes()).digest()
+            if key not in seen:
+                with torch.inference_mode():
+                    seen[key] = self.model.get_image_features(pixels.to(self.device), grid.to(self.device),
+                                                              return_dict=True)
+            out.append(seen[key])
+        return out
+
+    @staticmethod
+    def _join(per_image: list):
+        """One vision output for several images, as get_image_features would give for them together: the
+        per-image tuples end to end (pooler_output, and per layer deepstack_features for Qwen3-VL)."""
+        first = per_image[0]
+        joined = {"pooler_output": tuple(t for o in per_image for t in o.pooler_output)}
+        if getattr(first, "deepstack_features", None) is not None:
+            joined["deepstack_features"] = [tuple(t for o in per_image for t in o.deepstack_features[layer])
+                                            for layer in range(len(first.deepstack_features))]
+        return type(first)(**joined)
+
+    def _forward(self, rows: list[dict], features: list, length: int, size: int):
+        import torch
+
+        n_real = len(rows)
+        rows, features = rows + [rows[0]] * (size - n_real), features + [features[0]] * (size - n_real)
+        batch = self.inputs.collate(rows, "right", length=length)
+        if any(f is not None for f in features):
+            batch.pop("pixel_values", None)
+            batch["mm_encoder_outputs"] = {"image": self._join([f for f in features if f is not None])}
+        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with torch.inference_mode():
+            hidden = self.model(**batch, **self.forward_options).last_hidden_state.float()
+        return self._pool(hidden, batch["attention_mask"]).cpu().numpy()[:n_real]
 
     def _pool(self, hidden, mask):
         if self.pooling == "last":
