@@ -78,6 +78,7 @@ class Embedder:
     query_instruction: str = MISSING
     reasoned_query_instruction: str = MISSING
     target_instruction: str = MISSING
+    cache_dir: Optional[str] = MISSING
     resources: Resources = MISSING
 
 
@@ -89,6 +90,13 @@ class Scoring:
     seed: int = MISSING
     epsilon: float = MISSING
     valid_finish_reasons: List[str] = MISSING
+
+
+@dataclass
+class Rounds:
+    k0: Optional[int] = MISSING
+    step: int = MISSING
+    margin: float = MISSING
 
 
 @dataclass
@@ -110,6 +118,7 @@ class JobConfig:
     generators: List[Generator] = MISSING
     prompts: Dict[str, str] = MISSING
     embedder: Embedder = MISSING
+    rounds: Rounds = MISSING
     scoring: Scoring = MISSING
     output: Output = MISSING
     ray: RayOpts = MISSING
@@ -125,7 +134,9 @@ CHOICES = {
 }
 
 # The keys whose values decide the labels; a resume refuses if these changed.
-LABEL_KEYS = ("input.rows_per_shard", "generators", "prompts", "embedder", "scoring")
+LABEL_KEYS = ("input.rows_per_shard", "generators", "prompts", "embedder", "rounds", "scoring")
+# Keys under those that change where or how fast work runs, not the labels.
+_NOT_LABELS = ("resources", "cache_dir")
 
 
 def _fail(key: str, msg: str):
@@ -227,6 +238,13 @@ def check(cfg: DictConfig) -> None:
     if "{rationale}" not in cfg.embedder.reasoned_query_instruction:
         _fail("embedder.reasoned_query_instruction", "must contain {rationale}")
 
+    if cfg.rounds.k0 is not None and cfg.rounds.k0 < 1:
+        _fail("rounds.k0", "must be >= 1, or null for no rounds")
+    if cfg.rounds.step < 1:
+        _fail("rounds.step", "must be >= 1")
+    if not cfg.rounds.margin >= 0:  # a negative margin would stop pairs below epsilon and change need_reasoning
+        _fail("rounds.margin", "must be >= 0")
+
     choice("scoring.mode", cfg.scoring.mode)
     if not cfg.scoring.temperature > 0:
         _fail("scoring.temperature", "must be > 0")
@@ -259,6 +277,8 @@ def resolve_paths(cfg: DictConfig) -> None:
         return str(Path(p).expanduser().resolve())
 
     cfg.output.dir = absolute(cfg.output.dir)
+    if cfg.embedder.cache_dir is not None:  # after output.dir: the default is a folder under it
+        cfg.embedder.cache_dir = absolute(cfg.embedder.cache_dir)
     if cfg.input.image_root is not None:
         cfg.input.image_root = absolute(cfg.input.image_root)
     if not any(ch in cfg.input.path for ch in "*?[") or Path(cfg.input.path).exists():
@@ -285,9 +305,10 @@ def label_config(cfg: DictConfig) -> dict[str, Any]:
         for part in key.split("."):
             node = node[part]
         out[key] = node
-    for g in out["generators"]:
-        g.pop("resources", None)
-    out["embedder"] = {k: v for k, v in out["embedder"].items() if k != "resources"}
+    out["generators"] = [{k: v for k, v in g.items() if k not in _NOT_LABELS} for g in out["generators"]]
+    out["embedder"] = {k: v for k, v in out["embedder"].items() if k not in _NOT_LABELS}
+    if out["rounds"]["k0"] is None:  # no rounds: the labels, and so the hash, of a plain run
+        del out["rounds"]
     return out
 
 

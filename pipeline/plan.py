@@ -2,23 +2,46 @@
 
 read (tasks) -> generate (one actor pool per generator) -> embed (actor pool) -> score -> select -> write parts
 
+Generation in rounds (config `rounds`): generate -> embed -> score repeats once per round (`round_schedule`).
+A later round samples the next candidates only for the pairs that no rationale satisfies yet, and embeds
+only those new candidates: the targets and negatives come back from the embedding cache.
+
 Model stages are callable classes in actor pools: the model loads once per actor and serves many batches.
-Resources per stage come from the config.
+Resources per stage come from the config; each round has its own pools, with the same resources.
+
+`steps` lists the steps between read and write once, for both `build_dataset` (Ray) and `run_local` (the
+same stages in a plain loop in this process, for debugging and for the benchmark's model-only time).
 """
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import ray
 from omegaconf import DictConfig
 
 from pipeline import version
 from pipeline.config import config_hash, to_dict
-from schemas import SCHEMA_VERSION
+from schemas import SCHEMA_VERSION, WORK_SCHEMA, conform
 from stages.embed import Embed
 from stages.generate import Generate
-from stages.read import read_shards_batch
+from stages.read import read_shard, read_shards_batch
 from stages.score import Score
 from stages.select import Select
 from stages.write import WriteParts
+
+log = logging.getLogger("pairsel")
+
+
+@dataclass
+class Step:
+    """One map_batches step: a stage class and its constructor arguments. With `resources` it runs in an
+    actor pool (a model stage); without, as tasks."""
+
+    stage: type
+    kwargs: dict
+    resources: Optional[DictConfig] = None
 
 
 def _actor_args(resources) -> dict:
@@ -42,30 +65,105 @@ def provenance(cfg: DictConfig) -> dict:
     }
 
 
+def round_schedule(cfg: DictConfig) -> list[dict[str, int]]:
+    """For each round, how many candidates each generator holds for a pair still unsatisfied after it.
+    No rounds (rounds.k0 null): one round, every generator's k. Otherwise round 1 reaches k0 and each later
+    round `step` more, each generator capped at its k (K_max), until every generator has reached its k."""
+    ks = {g.name: g.k for g in cfg.generators}
+    if cfg.rounds.k0 is None:
+        return [ks]
+    schedule, reach = [], cfg.rounds.k0
+    while True:
+        schedule.append({name: min(reach, k) for name, k in ks.items()})
+        if reach >= max(ks.values()):
+            return schedule
+        reach += cfg.rounds.step
+
+
+def steps(cfg: DictConfig) -> list[Step]:
+    """The steps between read and write: per round, one generate step per generator that still has
+    candidates to add, embed and score; then select."""
+    c = to_dict(cfg)
+    stats_dir = f"{cfg.output.dir}/_stats"
+    order = [g.name for g in cfg.generators]
+    # a pair is satisfied, and gets no more candidates, once it holds a valid rationale above this
+    threshold = cfg.scoring.epsilon + cfg.rounds.margin
+    score = Step(Score, {"mode": cfg.scoring.mode, "temperature": cfg.scoring.temperature,
+                         "valid_finish_reasons": list(cfg.scoring.valid_finish_reasons)})
+    out, held = [], {name: 0 for name in order}
+    for r, reach in enumerate(round_schedule(cfg)):
+        for g, g_cfg in zip(c["generators"], cfg.generators):
+            if reach[g["name"]] > held[g["name"]]:
+                out.append(Step(Generate, {
+                    "generator": g, "template": c["prompts"][g["template"]],
+                    "max_image_pixels": cfg.input.max_image_pixels, "k_stop": reach[g["name"]],
+                    "satisfied_above": threshold if r else None, "generator_order": order,
+                    "stats_dir": stats_dir, "round_index": r}, g_cfg.resources))
+        held = reach
+        out.append(Step(Embed, {"embedder": c["embedder"], "max_image_pixels": cfg.input.max_image_pixels,
+                                "cache_dir": c["embedder"]["cache_dir"], "stats_dir": stats_dir,
+                                "round_index": r}, cfg.embedder.resources))
+        out.append(score)
+    out.append(Step(Select, {"epsilon": cfg.scoring.epsilon}))
+    return out
+
+
+def _warn_if_pools_do_not_fit(cfg: DictConfig, plan: list[Step]) -> None:
+    """Every actor pool must be up at once, or Ray Data waits forever for the ones that cannot start: say so
+    (an autoscaling cluster may still grow, so this only warns)."""
+    pools = [s.resources for s in plan if s.resources is not None]
+    need = {"CPU": sum(r.num_cpus * r.pool_size for r in pools) + cfg.ray.read_num_cpus + cfg.ray.write_num_cpus,
+            "GPU": sum(r.num_gpus * r.pool_size for r in pools)}
+    have = ray.cluster_resources()
+    short = [f"{need[k]:g} {k} (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0) + 1e-9]
+    if short:
+        log.warning("%d model actor pools (%d rounds) with reads and writes need %s; Ray Data waits until they "
+                    "all fit: lower num_cpus/num_gpus/pool_size, or use fewer rounds", len(pools),
+                    len(round_schedule(cfg)), ", ".join(short))
+
+
 def build_dataset(cfg: DictConfig, specs: list[dict]) -> ray.data.Dataset:
     c = to_dict(cfg)
     task = {"batch_format": "pyarrow", "num_cpus": cfg.ray.write_num_cpus}
+    plan = steps(cfg)
+    _warn_if_pools_do_not_fit(cfg, plan)
     ds = ray.data.from_items(specs, override_num_blocks=max(1, len(specs)))
     ds = ds.map_batches(
         read_shards_batch,
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=cfg.ray.read_num_cpus,
+        # Reads stay tasks of their own, one shard each. Ray Data fuses a task step into the next actor step
+        # when their remote args are equal (read_num_cpus == the generator's num_cpus), and the fused step
+        # then bundles `batch_size` of *its* input rows, shard specs here, into one task: a single task would
+        # read eight shards and pass nothing on until it had generated them all. Ray Data's own task default,
+        # written out, is a remote arg the actors do not have, which keeps the steps apart.
+        max_retries=-1,
         fn_kwargs={"input_cfg": c["input"], "in_shard_negatives": cfg.scoring.in_shard_negatives, "seed": cfg.scoring.seed},
     )
-    for g, g_cfg in zip(c["generators"], cfg.generators):
-        ds = ds.map_batches(
-            Generate,
-            fn_constructor_kwargs={"generator": g, "template": c["prompts"][g["template"]],
-                                   "max_image_pixels": cfg.input.max_image_pixels},
-            **_actor_args(g_cfg.resources),
-        )
-    ds = ds.map_batches(
-        Embed,
-        fn_constructor_kwargs={"embedder": c["embedder"], "max_image_pixels": cfg.input.max_image_pixels},
-        **_actor_args(cfg.embedder.resources),
-    )
-    ds = ds.map_batches(Score(cfg.scoring.mode, cfg.scoring.temperature, cfg.scoring.valid_finish_reasons), **task)
-    ds = ds.map_batches(Select(cfg.scoring.epsilon), **task)
+    for step in plan:
+        if step.resources is None:
+            ds = ds.map_batches(step.stage(**step.kwargs), **task)
+        else:
+            ds = ds.map_batches(step.stage, fn_constructor_kwargs=step.kwargs, **_actor_args(step.resources))
     ds = ds.map_batches(WriteParts(cfg.output.dir, provenance(cfg), cfg.output.compression), **task)
     return ds
+
+
+def run_local(cfg: DictConfig, specs: list[dict], instrument: Optional[Callable[[object], None]] = None) -> list[dict]:
+    """The steps of the plan in a plain loop in this process, without Ray: each shard read whole, each step
+    fed the shard's rows in batches of the step's batch_size. Returns the labelled rows (nothing is written
+    but the embedding cache and stage counters). `instrument(stage)` sees every stage once it is built."""
+    c = to_dict(cfg)
+    shards = [read_shard(spec, c["input"], cfg.scoring.in_shard_negatives, cfg.scoring.seed) for spec in specs]
+    for step in steps(cfg):
+        stage = step.stage(**step.kwargs)
+        if instrument is not None:
+            instrument(stage)
+        size = step.resources.batch_size if step.resources is not None else None
+        for i, rows in enumerate(shards):
+            size_i = size or max(1, len(rows))
+            shards[i] = [row for start in range(0, len(rows), size_i)
+                         for row in stage(conform(rows[start:start + size_i], WORK_SCHEMA)).to_pylist()]
+        del stage  # one model in memory at a time
+    return [row for rows in shards for row in rows]

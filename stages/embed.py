@@ -4,13 +4,24 @@ Per pair: E(q) without reasoning, E(q ⊕ r_k) for each candidate, E(t+), E(t-_j
 Vectors are L2-normalised, so cos is a dot product. Only similarities leave this stage: a pair's
 vectors would be (K + 2 + J) x dim floats, its similarities are (K + 1) x (J + 1).
 
-Identical inputs (same instruction-filled text and image bytes) within a batch are embedded once;
-each distinct image is decoded once.
+The least model work: every input is keyed by its content (embedder identity, instruction-filled text, image
+bytes; stages/embed_cache.py) and looked up in the embedding cache before anything runs. With the disk cache
+on, the cache is shared by every Embed actor of the job and by later jobs, so each distinct input is embedded
+once per job (a label shared by a whole subset, an image shared by many pairs, a target that is another pair's
+negative), not once per pair or batch. Within a batch, identical inputs are looked up once, and only the
+inputs that miss are decoded (each distinct image once) and sent to the model.
+
+Generation in rounds (stages/generate.py) calls this stage once per round: a row whose similarities are
+already set only gets its new candidates embedded; its target and negatives come back from the cache.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -18,10 +29,12 @@ import pyarrow as pa
 from schemas import WORK_SCHEMA, conform
 from stages.backends import embedder_class
 from stages.backends.base import EmbedInput
+from stages.embed_cache import EmbeddingCache, embedder_identity, image_digest
 from stages.images import ImageError, decode_image
+from stages.write import atomic_write_json
 
-INPUTS = ("query_text", "query_image", "target_text", "target_image", "negatives", "candidates.text",
-          "candidates.finish_reason")
+INPUTS = ("query_text", "query_image", "target_text", "target_image", "negatives", "s_direct", "candidates.text",
+          "candidates.finish_reason", "candidates.s_k")
 OUTPUTS = ("s_direct", "s_direct_neg", "candidates.s_k", "candidates.s_neg")
 
 log = logging.getLogger(__name__)
@@ -36,36 +49,42 @@ def _fill(template: str, text: str | None, rationale: str | None = None) -> str:
     return out if rationale is None else out.replace("{rationale}", rationale)
 
 
+def embeddable(cand: dict) -> bool:
+    return cand.get("finish_reason") not in NOT_EMBEDDED and bool(cand.get("text"))
+
+
+def needs_embedding(cand: dict) -> bool:
+    """A candidate this stage has not embedded yet (an earlier round's candidates already carry s_k)."""
+    return embeddable(cand) and cand.get("s_k") is None
+
+
 class _Inputs:
-    """Distinct embedder inputs of a batch, keyed by content."""
+    """The distinct embedder inputs of a batch, by cache key."""
 
-    def __init__(self, max_image_pixels: int):
-        self.max_image_pixels = max_image_pixels
-        self.items: list[EmbedInput] = []
-        self.index: dict[tuple, int] = {}
-        self.images: dict[bytes, object] = {}
+    def __init__(self, cache: EmbeddingCache):
+        self.cache = cache
+        self.keys: list[str] = []
+        self.index: dict[str, int] = {}
+        self.sources: list[tuple[str, Optional[bytes], Optional[bytes]]] = []  # text, image bytes, digest
 
-    def _image(self, data: bytes | None):
-        if data is None:
-            return None, None
-        digest = hashlib.sha256(data).digest()
-        if digest not in self.images:
-            self.images[digest] = decode_image(data, self.max_image_pixels)
-        return digest, self.images[digest]
-
-    def add(self, text: str, image_bytes: bytes | None) -> int:
-        digest, image = self._image(image_bytes)
-        key = (text, digest)
+    def add(self, text: str, image: Optional[bytes], digest: Optional[bytes]) -> int:
+        key = self.cache.key(text, digest)
         if key not in self.index:
-            self.index[key] = len(self.items)
-            self.items.append(EmbedInput(text=text, image=image))
+            self.index[key] = len(self.keys)
+            self.keys.append(key)
+            self.sources.append((text, image, digest))
         return self.index[key]
 
 
 class Embed:
-    """Ray Data actor: loads the embedder once, serves batches."""
+    """Ray Data actor: loads the embedder once, serves batches.
 
-    def __init__(self, embedder: dict, max_image_pixels: int):
+    cache_dir: the disk cache shared by every actor and job (None: this actor's memory only).
+    stats_dir: where this actor keeps its counters (lookups, hits, forwards, model seconds) as one small
+    JSON file, rewritten after each batch; None: nowhere."""
+
+    def __init__(self, embedder: dict, max_image_pixels: int, cache_dir: Optional[str] = None,
+                 stats_dir: Optional[str] = None, round_index: int = 0):
         self.cfg = embedder
         self.max_image_pixels = max_image_pixels
         backend_cls = embedder_class(embedder["backend"])
@@ -76,41 +95,78 @@ class Embed:
             trust_remote_code=embedder["trust_remote_code"],
             **embedder.get("options", {}),
         )
+        self.cache = EmbeddingCache(cache_dir, embedder_identity(embedder))
+        self.stats_path = None if stats_dir is None else Path(stats_dir) / f"embed-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+        self.stats = {"stage": "embed", "round": round_index, "batches": 0, "rows": 0, "lookups": 0,
+                      "forwards": 0, "model_seconds": 0.0}
 
-    def _plan(self, row: dict, inputs: _Inputs) -> dict:
+    # ------------------------------------------------------------ one batch
+    def _plan(self, row: dict, inputs: _Inputs) -> Optional[dict]:
+        """Which inputs a row needs, or None if it needs nothing (all its similarities are set)."""
         c = self.cfg
+        cands = row.get("candidates") or []
+        fresh = row.get("s_direct") is None
+        new = [k for k, cand in enumerate(cands) if needs_embedding(cand)]
+        if not fresh and not new:
+            return None
         q_text = row.get("query_text") or ""
+        q_image = row.get("query_image")
+        q_digest = image_digest(q_image)
         plan = {
-            "q": inputs.add(_fill(c["query_instruction"], q_text), row.get("query_image")),
-            "t": inputs.add(_fill(c["target_instruction"], row.get("target_text")), row.get("target_image")),
-            "negs": [inputs.add(_fill(c["target_instruction"], n.get("text")), n.get("image"))
+            "q": inputs.add(_fill(c["query_instruction"], q_text), q_image, q_digest) if fresh else None,
+            "t": inputs.add(_fill(c["target_instruction"], row.get("target_text")), row.get("target_image"),
+                            image_digest(row.get("target_image"))),
+            "negs": [inputs.add(_fill(c["target_instruction"], n.get("text")), n.get("image"), image_digest(n.get("image")))
                      for n in row.get("negatives") or []],
-            "cands": [],
+            "cands": {k: inputs.add(_fill(c["reasoned_query_instruction"], q_text, cands[k]["text"]), q_image, q_digest)
+                      for k in new},
         }
-        for cand in row.get("candidates") or []:
-            if cand.get("finish_reason") in NOT_EMBEDDED or not cand.get("text"):
-                plan["cands"].append(None)
-            else:
-                text = _fill(c["reasoned_query_instruction"], q_text, cand["text"])
-                plan["cands"].append(inputs.add(text, row.get("query_image")))
         return plan
 
+    def _vectors(self, inputs: _Inputs) -> list[np.ndarray]:
+        """Each input's vector: from the cache, else from the model (then cached)."""
+        vectors = self.cache.get_many(inputs.keys)
+        missing = [i for i, v in enumerate(vectors) if v is None]
+        self.stats["lookups"] += len(inputs.keys)
+        if missing:
+            images: dict[bytes, object] = {}  # each distinct image decoded once, and only when it is needed
+            batch = []
+            for i in missing:
+                text, data, digest = inputs.sources[i]
+                if data is not None and digest not in images:
+                    images[digest] = decode_image(data, self.max_image_pixels)
+                batch.append(EmbedInput(text=text, image=None if data is None else images[digest]))
+            t0 = time.perf_counter()
+            computed = self.backend.embed(batch)
+            self.stats["model_seconds"] += time.perf_counter() - t0
+            self.stats["forwards"] += len(batch)
+            self.cache.put_many([inputs.keys[i] for i in missing], computed)
+            for i, vector in zip(missing, computed):
+                vectors[i] = vector
+        return vectors
+
     def _embed_rows(self, rows: list[dict]) -> None:
-        inputs = _Inputs(self.max_image_pixels)
+        inputs = _Inputs(self.cache)
         plans = [self._plan(row, inputs) for row in rows]
-        vecs = self.backend.embed(inputs.items) if inputs.items else np.zeros((0, 0), np.float32)
+        if not inputs.keys:
+            return
+        vecs = self._vectors(inputs)
         for row, p in zip(rows, plans):
-            t, negs = vecs[p["t"]], vecs[p["negs"]] if p["negs"] else np.zeros((0, vecs.shape[1]), np.float32)
-            q = vecs[p["q"]]
-            row["s_direct"] = float(q @ t)
-            row["s_direct_neg"] = [float(x) for x in negs @ q]
-            for cand, idx in zip(row.get("candidates") or [], p["cands"]):
-                if idx is None:
-                    cand["s_k"], cand["s_neg"] = None, None
-                else:
-                    r = vecs[idx]
+            if p is None:
+                continue
+            t = vecs[p["t"]]
+            negs = np.stack([vecs[j] for j in p["negs"]]) if p["negs"] else np.zeros((0, len(t)), np.float32)
+            if p["q"] is not None:
+                q = vecs[p["q"]]
+                row["s_direct"] = float(q @ t)
+                row["s_direct_neg"] = [float(x) for x in negs @ q]
+            for k, cand in enumerate(row.get("candidates") or []):
+                if k in p["cands"]:
+                    r = vecs[p["cands"][k]]
                     cand["s_k"] = float(r @ t)
                     cand["s_neg"] = [float(x) for x in negs @ r]
+                elif not embeddable(cand):
+                    cand["s_k"], cand["s_neg"] = None, None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -126,4 +182,15 @@ class Embed:
                     row["quarantine_reason"], row["quarantine_detail"] = ie.reason, ie.detail
                 except Exception as re:
                     row["quarantine_reason"], row["quarantine_detail"] = "embed_failed", f"{type(re).__name__}: {re}"
+        self._save_stats(len(todo))
         return conform(rows, WORK_SCHEMA)
+
+    def _save_stats(self, rows: int) -> None:
+        self.stats["batches"] += 1
+        self.stats["rows"] += rows
+        if self.stats_path is not None:
+            try:  # counters only: never worth a batch
+                self.stats_path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_json({**self.stats, **self.cache.stats}, self.stats_path)
+            except OSError as e:
+                log.warning("cannot write stage counters to %s: %s", self.stats_path, e)

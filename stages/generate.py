@@ -1,12 +1,27 @@
-"""Sample K rationales per pair from one generator; its candidates are appended to the pair's pool.
+"""Sample rationales per pair from one generator; its candidates are appended to the pair's pool.
 
 A job with several generators runs one Generate stage per generator, one after the other, each in its own
-actor pool: every candidate keeps its generator's name, and selection runs over the pooled list.
+actor pool: every candidate keeps its generator's name, and selection runs over the pooled list, which is kept
+in generator order (the order of `generators:`), then candidate index.
+
+Generation in rounds (adaptive sampling, config `rounds`): round 1 samples the first k0 candidates of each
+pair; each later round runs this stage again with a higher `k_stop` and a `satisfied_above` threshold, and
+samples the next candidates only for pairs that have no valid candidate with delta > epsilon + margin yet
+(pipeline/plan.py chains generate -> embed -> score once per round). Candidate k always gets
+candidate_seed(seed, generator, pair_id, k), so a pair that runs to the last round has exactly the candidates
+of a run without rounds, and a pair stops early only once it has a rationale above epsilon: need_reasoning
+is the same either way.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
 
 import pyarrow as pa
 
@@ -15,8 +30,17 @@ from stages.backends import generator_class
 from stages.backends.base import IMAGE_MARKER, GenRequest
 from stages.backends.parsing import classify, select_rationale
 from stages.images import ImageError, decode_image
+from stages.write import atomic_write_json
 
-INPUTS = ("pair_id", "query_text", "query_image", "target_text", "target_image_path", "candidates")
+log = logging.getLogger(__name__)
+
+# Backends whose k-th answer is the pair's k-th stored rationale whatever the seed (precomputed): a later round
+# asks them for candidates 0..k_stop and keeps the new ones. (A GenRequest field for the first candidate index
+# would spare that; base.py has none yet.)
+ANSWER_BY_POSITION = frozenset({"precomputed"})
+
+INPUTS = ("pair_id", "query_text", "query_image", "target_text", "target_image_path", "candidates",
+          "candidates.valid", "candidates.delta")
 OUTPUTS = ("candidates",)
 
 
@@ -39,10 +63,23 @@ def render_prompt(template: str, row: dict) -> str:
     return template.replace("{query}", query).replace("{target}", target)
 
 
-class Generate:
-    """Ray Data actor: loads one generator in __init__, serves batches in __call__."""
+def satisfied(row: dict, threshold: float) -> bool:
+    """Whether a pair already has a valid, scored candidate with delta > threshold (stages/score.py)."""
+    return any(c.get("valid") and c.get("delta") is not None and c["delta"] > threshold
+               for c in row.get("candidates") or [])
 
-    def __init__(self, generator: dict, template: str, max_image_pixels: int):
+
+class Generate:
+    """Ray Data actor: loads one generator in __init__, serves batches in __call__.
+
+    k_stop: sample candidates up to this index (default: the generator's k); a row that already holds some
+    of this generator's candidates continues from there. satisfied_above: skip rows that are satisfied(row,
+    satisfied_above) (later rounds; None in round 1). generator_order: the job's generator names, to keep
+    pooled candidates in generator order across rounds. stats_dir: where this actor keeps its counters."""
+
+    def __init__(self, generator: dict, template: str, max_image_pixels: int, k_stop: Optional[int] = None,
+                 satisfied_above: Optional[float] = None, generator_order: Optional[list[str]] = None,
+                 stats_dir: Optional[str] = None, round_index: int = 0):
         self.cfg = generator
         self.template = template
         self.max_image_pixels = max_image_pixels
@@ -52,6 +89,15 @@ class Generate:
         )
         self.sampling = dict(generator["sampling"])
         self.sampling_json = json.dumps(self.sampling, sort_keys=True)
+        # rounds
+        self.k_stop = generator["k"] if k_stop is None else min(k_stop, generator["k"])
+        self.satisfied_above = satisfied_above
+        self.rank = {name: i for i, name in enumerate(generator_order or [generator["name"]])}
+        self.stats_path = None if stats_dir is None else (
+            Path(stats_dir) / f"generate-{generator['name']}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
+        self.stats = {"stage": "generate", "generator": generator["name"], "round": round_index, "batches": 0,
+                      "rows": 0, "rows_satisfied": 0, "requests": 0, "samples": 0, "tokens": 0,
+                      "model_seconds": 0.0}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -59,12 +105,20 @@ class Generate:
         for row in rows:
             if row.get("quarantine_reason"):
                 continue
+            self.stats["rows"] += 1
+            if self.satisfied_above is not None and satisfied(row, self.satisfied_above):
+                self.stats["rows_satisfied"] += 1
+                continue
+            have = sum(1 for c in row.get("candidates") or [] if c.get("generator") == self.cfg["name"])
+            if have >= self.k_stop:
+                continue
             try:
                 image = None if row["query_image"] is None else decode_image(row["query_image"], self.max_image_pixels)
             except ImageError as e:  # the reader validated it; only a changed file gets here
                 row["quarantine_reason"], row["quarantine_detail"] = e.reason, e.detail
                 continue
-            seeds = [candidate_seed(self.cfg["seed"], self.cfg["name"], row["pair_id"], k) for k in range(self.cfg["k"])]
+            first = 0 if self.cfg["backend"] in ANSWER_BY_POSITION else have
+            seeds = [candidate_seed(self.cfg["seed"], self.cfg["name"], row["pair_id"], k) for k in range(first, self.k_stop)]
             requests.append(
                 GenRequest(
                     prompt=render_prompt(self.template, row),
@@ -76,11 +130,13 @@ class Generate:
                     pair_id=row["pair_id"],
                 )
             )
-            owners.append(row)
+            owners.append((row, have - first))
+        t0 = time.perf_counter()
         results = self.backend.generate(requests) if requests else []
-        for row, request, generations in zip(owners, requests, results):
+        self.stats["model_seconds"] += time.perf_counter() - t0
+        for (row, skip), request, generations in zip(owners, requests, results):
             pool = list(row.get("candidates") or [])
-            for seed, g in zip(request.seeds, generations):
+            for seed, g in zip(request.seeds[skip:], generations[skip:]):
                 # thinking models: keep the part the config names; cut-off, empty or echoed output is marked
                 rationale = select_rationale(g.text, self.cfg["rationale"])
                 pool.append(
@@ -96,5 +152,19 @@ class Generate:
                         "error": g.error,
                     }
                 )
-            row["candidates"] = pool
+            # generator order, then candidate index (a stable sort keeps each generator's own order)
+            row["candidates"] = sorted(pool, key=lambda c: self.rank.get(c["generator"], len(self.rank)))
+            self.stats["requests"] += 1
+            self.stats["samples"] += len(request.seeds) - skip
+            self.stats["tokens"] += sum(g.tokens or 0 for g in generations[skip:])
+        self._save_stats()
         return conform(rows, WORK_SCHEMA)
+
+    def _save_stats(self) -> None:
+        self.stats["batches"] += 1
+        if self.stats_path is not None:
+            try:  # counters only: never worth a batch
+                self.stats_path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(self.stats, self.stats_path)
+            except OSError as e:
+                log.warning("cannot write stage counters to %s: %s", self.stats_path, e)

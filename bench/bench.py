@@ -1,0 +1,397 @@
+"""pairsel's throughput and memory benchmark: prints a table (see BENCHMARKS.md).
+
+    python bench/bench.py [--pairs 40] [--out out/bench] [--loop-threads 1]     (or: make bench)
+
+Builds the "small" random-weight models (~32M parameters each) and the demo mix at 1x and 4x, then measures:
+
+1. the job (bench/bench.yaml: K_max = 8 in rounds of 2, 5, 8) through the real CLI at 1x and 4x: wall time,
+   pairs/s, embedder forward inputs (the Embed actors' counters) against the minimum the method needs (the
+   distinct inputs of the written pairs), and the peak memory of the driver and of the whole job (every
+   process of its session, sampled);
+2. right after each job, the model-only time: pipeline/plan.py:run_local runs the same stages on the same
+   shards with the same batch sizes in a plain loop in this process, without Ray, one model call at a time
+   with 1 torch thread (as each model actor has), and only the time inside the backends' generate() and
+   embed() calls counts;
+3. the same job at 1x with every candidate at once (no rounds): generated tokens per pair against rounds,
+   need_reasoning agreement, and how much chosen delta the rounds give up.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pyarrow.parquet as pq  # noqa: E402
+
+CONFIG = REPO / "bench" / "bench.yaml"
+SCALES = (1, 4)
+MIB = 1 << 20
+
+
+# ------------------------------------------------------------------ the job through the CLI, with its memory
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    pids.append(int(entry))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pids
+
+
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (every process, every core), from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of a process in bytes, from /proc; (0, 0) once it is gone."""
+    values = {}
+    try:
+        for name, field in (("status", "VmRSS:"), ("smaps_rollup", "Pss:")):
+            with open(f"/proc/{pid}/{name}") as f:
+                for line in f:
+                    if line.startswith(field):
+                        values[field] = int(line.split()[1]) * 1024
+                        break
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    rss = values.get("VmRSS:", 0)
+    return rss, values.get("Pss:", rss)
+
+
+class Sampler(threading.Thread):
+    """Every process of the job's session (driver, Ray's GCS, raylet, agents and workers), sampled: peak RSS
+    of the driver, peak sum of RSS and of PSS (shared pages, e.g. the object store, counted once) over the
+    session, and the CPU seconds each process had used when last seen."""
+
+    def __init__(self, pid: int, every: float = 0.25):
+        super().__init__(daemon=True)
+        self.pid, self.every = pid, every
+        self.peak = {"driver_rss": 0, "job_rss": 0, "job_pss": 0, "processes": 0}
+        self.cpu: dict[int, float] = {}
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            pids = _session_pids(self.pid)
+            for pid in pids:
+                self.cpu[pid] = max(self.cpu.get(pid, 0.0), _cpu_seconds(pid))
+            sizes = {pid: _memory(pid) for pid in pids}
+            self.peak["driver_rss"] = max(self.peak["driver_rss"], sizes.get(self.pid, (0, 0))[0])
+            self.peak["job_rss"] = max(self.peak["job_rss"], sum(rss for rss, _ in sizes.values()))
+            self.peak["job_pss"] = max(self.peak["job_pss"], sum(pss for _, pss in sizes.values()))
+            self.peak["processes"] = max(self.peak["processes"], len(pids))
+            self.done.wait(self.every)
+
+
+def run_job(data: Path, out: Path, *overrides: str) -> dict:
+    cmd = [sys.executable, "-m", "pipeline", "run", str(CONFIG), f"input.path={data / 'pairs.jsonl'}",
+           f"input.image_root={data}", f"output.dir={out}", *overrides, "--overwrite"]
+    log = out.with_suffix(".log")
+    busy0, t0 = _busy_seconds(), time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        sampler = Sampler(proc.pid)
+        sampler.start()
+        rc = proc.wait()
+    wall = time.perf_counter() - t0
+    sampler.done.set()
+    sampler.join()
+    cpu = sum(sampler.cpu.values())
+    others = max(0.0, _busy_seconds() - busy0 - cpu) / wall  # cores other processes kept busy meanwhile
+    for pid in _session_pids(proc.pid):  # whatever of its Ray outlived the driver (in its own session)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if rc != 0:
+        raise SystemExit(f"the job failed (exit {rc}); see {log}")
+    stats = [json.loads(p.read_text()) for p in sorted((out / "_stats").glob("*.json"))]
+    return {"wall": wall, "memory": sampler.peak, "cpu": cpu, "others": others, "stats": stats,
+            "rows": {r["pair_id"]: r for r in pq.read_table(out / "data").to_pylist()},
+            "manifest": json.loads((out / "manifest.json").read_text())}
+
+
+# ------------------------------------------------------------------ model-only time: the stages in a plain loop
+class Timed:
+    """A backend whose generate() and embed() calls are timed."""
+
+    def __init__(self, backend, clock: dict):
+        self._backend, self._clock = backend, clock
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def _timed(self, method, items):
+        t0 = time.perf_counter()
+        try:
+            return method(items)
+        finally:
+            self._clock["seconds"] += time.perf_counter() - t0
+
+    def generate(self, requests):
+        return self._timed(self._backend.generate, requests)
+
+    def embed(self, inputs):
+        return self._timed(self._backend.embed, inputs)
+
+
+def model_only(data: Path, threads: int, overrides: list[str]) -> dict:
+    import torch
+
+    from pipeline import config
+    from pipeline.plan import run_local
+    from stages.read import plan_shards
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory(prefix="pairsel-bench-loop-") as tmp:
+        cfg = config.load(CONFIG, [f"input.path={data / 'pairs.jsonl'}", f"input.image_root={data}",
+                                   f"output.dir={tmp}", *overrides])
+        config.resolve_paths(cfg)
+        clock, stages, rows_run = {"seconds": 0.0}, [], {"rows": 0}
+
+        def count_rows(module, args, kwargs, output):
+            ids = kwargs.get("input_ids")
+            rows_run["rows"] += int(ids.shape[0]) if ids is not None else 0
+
+        def instrument(stage):
+            if hasattr(stage, "backend"):
+                if hasattr(stage, "cache") and hasattr(stage.backend, "model"):  # an embedder on torch
+                    stage.backend.model.register_forward_hook(count_rows, with_kwargs=True)
+                stage.backend = Timed(stage.backend, clock)
+                stages.append(stage)
+
+        busy0, cpu0, t0 = _busy_seconds(), time.process_time(), time.perf_counter()
+        rows = run_local(cfg, plan_shards(config.to_dict(cfg)["input"]), instrument)
+        wall = time.perf_counter() - t0
+        others = max(0.0, _busy_seconds() - busy0 - (time.process_time() - cpu0)) / wall
+        forwards = sum(s.stats.get("forwards", 0) for s in stages)
+        return {"model_seconds": clock["seconds"], "loop_wall": wall, "others": others, "forwards": forwards,
+                "embedder_rows": rows_run["rows"],
+                "pairs": len(rows)}
+
+
+# ------------------------------------------------------------------ the figures
+def minimum_inputs(rows: dict, embedder: dict, image_root: Path) -> int:
+    """The distinct embedder inputs the written pairs need: plain queries, rationale-augmented queries of the
+    candidates that were embedded, targets and negatives (a target that is another pair's negative once)."""
+    digests: dict[str, str] = {}
+
+    def image(rel):
+        if rel is None:
+            return None
+        if rel not in digests:
+            digests[rel] = hashlib.sha256((image_root / rel).read_bytes()).hexdigest()
+        return digests[rel]
+
+    q_ins, t_ins, r_ins = (embedder[k] for k in ("query_instruction", "target_instruction", "reasoned_query_instruction"))
+    need = set()
+    for r in rows.values():
+        q, q_img = r["query_text"] or "", image(r["query_image_path"])
+        need.add((q_ins.replace("{text}", q), q_img))
+        need.add((t_ins.replace("{text}", r["target_text"] or ""), image(r["target_image_path"])))
+        need.update((t_ins.replace("{text}", n["text"] or ""), image(n["image_path"])) for n in r["negatives"])
+        need.update((r_ins.replace("{text}", q).replace("{rationale}", c["text"]), q_img)
+                    for c in r["candidates"] if c["s_k"] is not None)
+    return len(need)
+
+
+def tokens(rows: dict) -> int:
+    return sum(c["tokens"] or 0 for r in rows.values() for c in r["candidates"])
+
+
+def compare_labels(rounds: dict, full: dict) -> dict:
+    agree = sum(rounds[p]["need_reasoning"] == full[p]["need_reasoning"] for p in full)
+    losses = [full[p]["best_delta"] - rounds[p]["best_delta"] for p in full
+              if full[p]["best_delta"] is not None and rounds[p]["best_delta"] is not None]
+    return {"agree": agree, "pairs": len(full), "mean_loss": sum(losses) / max(1, len(losses)),
+            "chosen_differs": sum(rounds[p]["chosen"] != full[p]["chosen"] for p in full)}
+
+
+def replay(full: dict, schedule: list[int], epsilon: float, margin: float, valid: tuple) -> dict:
+    """What rounds would give, replayed on a full-K run's candidates (candidate k is the same candidate in
+    both, so this is exact up to the embedder's batch invariance; the measured row checks it): token saving,
+    need_reasoning agreement and mean loss in chosen delta, for any margin and set of valid finish reasons."""
+    spent, agree, losses = 0, 0, []
+    for r in full.values():
+        cands = r["candidates"]
+        ok = [c["finish_reason"] in valid and c["delta"] is not None for c in cands]
+        for reach in schedule:
+            n = min(reach, len(cands))
+            if n == len(cands) or any(o and c["delta"] > epsilon + margin for c, o in zip(cands[:n], ok)):
+                break
+        spent += sum(c["tokens"] for c in cands[:n])
+        best_full = max((c["delta"] for c, o in zip(cands, ok) if o), default=None)
+        best = max((c["delta"] for c, o in zip(cands[:n], ok) if o), default=None)
+        if best_full is not None:
+            losses.append(best_full - best)
+        agree += (best_full is not None and best_full > epsilon) == (best is not None and best > epsilon)
+    return {"saving": 1 - spent / max(1, tokens(full)), "agree": agree, "pairs": len(full),
+            "mean_loss": sum(losses) / max(1, len(losses))}
+
+
+def per_round_rates(stats: list[dict]) -> tuple[str, str]:
+    """Generated tokens and embedder inputs per model-second of the job's actors, round by round."""
+    def rates(stage, count):
+        rounds = sorted({st["round"] for st in stats if st["stage"] == stage})
+        out = []
+        for r in rounds:
+            sel = [st for st in stats if st["stage"] == stage and st["round"] == r]
+            out.append(sum(st[count] for st in sel) / max(1e-9, sum(st["model_seconds"] for st in sel)))
+        return " / ".join(f"{x:.0f}" for x in out)
+    return rates("generate", "tokens"), rates("embed", "forwards")
+
+
+def table(res: dict, n: int) -> str:
+    one, four = res["rounds"][1], res["rounds"][4]
+    loop1, loop4 = res["loop"][1], res["loop"][4]
+    cmp = res["labels"]
+
+    def row(name, a, b, target=""):
+        return f"| {name} | {a} | {b} | {target} |"
+
+    mem = lambda run, key: f"{run['memory'][key] / MIB:,.0f}"  # noqa: E731
+    lines = [
+        f"| metric | 1x ({n} pairs) | 4x ({4 * n} pairs) | target |",
+        "|---|---|---|---|",
+        row("pipeline wall time, s", f"{one['wall']:.1f}", f"{four['wall']:.1f}"),
+        row("pairs/s", f"{n / one['wall']:.3f}", f"{4 * n / four['wall']:.3f}",
+            f"linear: 4x/1x wall = {four['wall'] / one['wall']:.2f}; each added pair "
+            f"{(four['wall'] - one['wall']) / (3 * n):.2f} s"),
+        row("model-only time (plain loop, backend calls), s", f"{loop1['model_seconds']:.1f}",
+            f"{loop4['model_seconds']:.1f}"),
+        row("**pipeline wall / model-only**", f"**{one['wall'] / loop1['model_seconds']:.2f}**",
+            f"**{four['wall'] / loop4['model_seconds']:.2f}**", "≤ 1.20 (aim 1.10)"),
+        row("other processes' CPU meanwhile, cores (job / loop)", f"{one['others']:.2f} / {loop1['others']:.2f}",
+            f"{four['others']:.2f} / {loop4['others']:.2f}", "0: a quiet machine"),
+        row("model seconds inside the job (sum over its actors)", f"{one['model_seconds']:.1f}",
+            f"{four['model_seconds']:.1f}"),
+        row("cores kept busy with model work (job's model seconds / wall)",
+            f"{one['model_seconds'] / one['wall']:.2f}", f"{four['model_seconds'] / four['wall']:.2f}",
+            f"of {os.cpu_count()}"),
+        row("embedder forward inputs (job / plain loop)", f"{one['forwards']} / {loop1['forwards']}",
+            f"{four['forwards']} / {loop4['forwards']}"),
+        row("minimum inputs (distinct q + rationales + targets ∪ negatives)", one["minimum"], four["minimum"]),
+        row("rows the embedder model ran per input (padding copies included; loop)",
+            f"{loop1['embedder_rows'] / max(1, loop1['forwards']):.2f}",
+            f"{loop4['embedder_rows'] / max(1, loop4['forwards']):.2f}", "see note"),
+        row("**embedder inputs per pair over the minimum**", f"**{one['forwards'] / one['minimum']:.2f}**",
+            f"**{four['forwards'] / four['minimum']:.2f}**", "1.00"),
+        row("generated tokens per pair, rounds", f"{tokens(one['rows']) / n:.1f}", f"{tokens(four['rows']) / (4 * n):.1f}"),
+        row("generated tokens per pair, full K", f"{tokens(res['full']['rows']) / n:.1f}", "–"),
+        row("**token saving of rounds (margin 0)**", f"**{1 - tokens(one['rows']) / tokens(res['full']['rows']):.1%}**",
+            "–", "≥ 30%"),
+        row("**need_reasoning agreement with full K**", f"**{cmp['agree']}/{cmp['pairs']}**", "–", "identical"),
+        row("mean loss in chosen delta (full K − rounds)", f"{cmp['mean_loss']:.4f}", "–"),
+        row("job wall time, rounds / full K", f"{one['wall']:.1f} / {res['full']['wall']:.1f}", "–"),
+        row("generated tokens per model-second, by round / full K",
+            f"{per_round_rates(one['stats'])[0]} / {per_round_rates(res['full']['stats'])[0]}", "–"),
+        row("embedder inputs per model-second, by round / full K",
+            f"{per_round_rates(one['stats'])[1]} / {per_round_rates(res['full']['stats'])[1]}", "–"),
+        row("pairs whose chosen candidate differs", f"{cmp['chosen_differs']}/{cmp['pairs']}", "–"),
+        row("peak RSS, driver, MiB", mem(one, "driver_rss"), mem(four, "driver_rss")),
+        row("peak memory, whole job (sum of PSS), MiB", mem(one, "job_pss"), mem(four, "job_pss")),
+        row("peak memory, whole job (sum of RSS), MiB", mem(one, "job_rss"), mem(four, "job_rss")),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=40, help="pairs at 1x (default 40, 8 per subset; 4x is four times that)")
+    parser.add_argument("--out", type=Path, default=REPO / "out" / "bench")
+    parser.add_argument("--loop-threads", type=int, default=1,
+                        help="torch threads of the model-only loop (default 1, as each model actor of the job has)")
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    load = os.getloadavg()
+
+    from scripts.build_tiny_models import build
+    from scripts.make_demo_data import make
+
+    print("building the small models and the demo mix ...", flush=True)
+    models = build(REPO / "models", "small")
+    model_args = [f"generators.0.model={models['generator']}", f"embedder.model={models['embedder']}"]
+    data = {s: make(out / f"data-{s}x", n_pairs=args.pairs, scale=s).parent for s in SCALES}
+
+    res = {"rounds": {}, "loop": {}}
+
+    def save():  # what is measured so far, for a bench that is stopped or fails part way
+        slim = {k: {s: {m: v for m, v in run.items() if m not in ("rows", "manifest")} for s, run in d.items()}
+                for k, d in res.items() if k in ("rounds", "loop")}
+        (out / "results.json").write_text(json.dumps(slim, indent=1, default=str))
+
+    for s in SCALES:  # each job right before its loop, so that both meet the same machine
+        print(f"job with rounds at {s}x ({s * args.pairs} pairs) ...", flush=True)
+        run = run_job(data[s], out / f"rounds-{s}x", *model_args)
+        embed = [st for st in run["stats"] if st["stage"] == "embed"]
+        run["forwards"] = sum(st["forwards"] for st in embed)
+        run["model_seconds"] = sum(st["model_seconds"] for st in run["stats"])
+        run["minimum"] = minimum_inputs(run["rows"], run["manifest"]["config"]["embedder"], data[s])
+        res["rounds"][s] = run
+        print(f"model-only loop at {s}x ...", flush=True)
+        res["loop"][s] = model_only(data[s], args.loop_threads, model_args)
+        save()
+    print("job with every candidate at once (full K) at 1x ...", flush=True)
+    res["full"] = run_job(data[1], out / "full-1x", *model_args, "rounds.k0=null")
+    res["labels"] = compare_labels(res["rounds"][1]["rows"], res["full"]["rows"])
+
+    cfg = res["rounds"][1]["manifest"]["config"]
+    k_max, eps, margin = cfg["generators"][0]["k"], cfg["scoring"]["epsilon"], cfg["rounds"]["margin"]
+    schedule = list(range(cfg["rounds"]["k0"], k_max, cfg["rounds"]["step"])) + [k_max]
+    valid = tuple(cfg["scoring"]["valid_finish_reasons"])
+    text = table(res, args.pairs)
+    replays = ["| margin | valid finish reasons | token saving | need_reasoning agreement | mean loss in chosen delta |",
+               "|---|---|---|---|---|"]
+    for m, v in [(margin, valid), (0.5, valid), (1.0, valid), (2.0, valid), (margin, ("stop",))]:
+        r = replay(res["full"]["rows"], schedule, eps, m, v)
+        replays.append(f"| {m:g} | {', '.join(v)} | {r['saving']:.1%} | {r['agree']}/{r['pairs']} | {r['mean_loss']:.4f} |")
+    text += (f"\n\nRounds {schedule} of K_max = {k_max}, margin {margin:g}, valid finish reasons {list(valid)}. "
+             f"The same rounds replayed on the full-K run at 1x:\n\n" + "\n".join(replays))
+    print()
+    print(text)
+    print()
+    print(f"Model-only loop: {args.loop_threads} torch thread(s), one model call at a time; the job's model actors "
+          f"run 1 thread each, several at a time. "
+          f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}; "
+          f"load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end. "
+          f"Bench total {time.perf_counter() - started:.0f} s.")
+    (out / "table.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Generation in rounds: with margin 0 the need_reasoning labels are those of a full-K run, with fewer tokens;
+candidate k is the same candidate in both; several generators keep their order; Ray runs the rounds as the
+in-process loop does."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline import config
+from pipeline.plan import round_schedule, run_local, steps
+from schemas import WORK_SCHEMA, conform
+from scripts.make_demo_data import make
+from stages.generate import Generate, satisfied
+from stages.read import plan_shards
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rounds-data")
+    return {"path": str(make(root, n_pairs=20, seed=3)), "root": str(root)}
+
+
+def load(tmp_path, tiny_models, data, *overrides, generators=None):
+    """The demo config over `data` with the tiny models; `generators` (name -> k) replaces its generator."""
+    job = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    if generators:
+        models = [tiny_models["generator"], tiny_models["generator_b"]]
+        job["generators"] = [{**job["generators"][0], "name": name, "k": k, "model": str(models[i % 2])}
+                             for i, (name, k) in enumerate(generators.items())]
+    path = tmp_path / f"job-{len(list(tmp_path.glob('job-*')))}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    cfg = config.load(path, [f"input.path={data['path']}", f"input.image_root={data['root']}",
+                             f"generators.0.model={tiny_models['generator']}", f"embedder.model={tiny_models['embedder']}",
+                             f"output.dir={tmp_path / 'out'}", "input.rows_per_shard=10", *overrides])
+    config.resolve_paths(cfg)
+    return cfg
+
+
+def run(cfg):
+    return {r["pair_id"]: r for r in run_local(cfg, plan_shards(config.to_dict(cfg)["input"]))}
+
+
+def tokens(rows):
+    return sum(c["tokens"] for r in rows.values() for c in r["candidates"])
+
+
+def same_candidate(a, b):
+    assert (a["generator"], a["seed"], a["text"], a["tokens"], a["finish_reason"]) == \
+           (b["generator"], b["seed"], b["text"], b["tokens"], b["finish_reason"])
+    assert (a["s_k"] is None) == (b["s_k"] is None)
+    if a["s_k"] is not None:
+        np.testing.assert_allclose([a["s_k"], a["delta"]], [b["s_k"], b["delta"]], rtol=0, atol=1e-6)
+
+
+def check_against_full(rounds, full, threshold):
+    """Labels equal; each pair's candidates are the full run's, cut short only once one is above threshold."""
+    assert rounds.keys() == full.keys()
+    for pid, r in rounds.items():
+        f = full[pid]
+        assert r["need_reasoning"] == f["need_reasoning"], pid
+        by_gen = {}
+        for c in f["candidates"]:
+            by_gen.setdefault(c["generator"], []).append(c)
+        seen = {}
+        for c in r["candidates"]:  # per generator, a prefix of the full run's candidates, in generator order
+            k = seen.get(c["generator"], 0)
+            same_candidate(c, by_gen[c["generator"]][k])
+            seen[c["generator"]] = k + 1
+        assert [c["generator"] for c in r["candidates"]] == sorted(
+            [c["generator"] for c in r["candidates"]], key=list(by_gen).index)
+        if len(r["candidates"]) < len(f["candidates"]):
+            assert satisfied(r, threshold)
+        else:
+            assert r["chosen"] == f["chosen"] and r["best_delta"] == pytest.approx(f["best_delta"], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def full(tiny_models, data, tmp_path_factory):
+    cfg = load(tmp_path_factory.mktemp("full"), tiny_models, data, "generators.0.k=4", "embedder.cache_dir=null")
+    return run(cfg)
+
+
+def test_round_schedule_and_steps(tiny_models, data, tmp_path):
+    gens = {"a": 8, "b": 3}
+    cfg = load(tmp_path, tiny_models, data, "rounds.k0=2", "rounds.step=3", generators=gens)
+    assert round_schedule(cfg) == [{"a": 2, "b": 2}, {"a": 5, "b": 3}, {"a": 8, "b": 3}]
+    plan = [(s.stage.__name__, s.kwargs.get("generator", {}).get("name"), s.kwargs.get("k_stop"),
+             s.kwargs.get("satisfied_above")) for s in steps(cfg)]
+    assert plan == [("Generate", "a", 2, None), ("Generate", "b", 2, None), ("Embed", None, None, None), ("Score", None, None, None),
+                    ("Generate", "a", 5, 0.0), ("Generate", "b", 3, 0.0), ("Embed", None, None, None), ("Score", None, None, None),
+                    ("Generate", "a", 8, 0.0), ("Embed", None, None, None), ("Score", None, None, None),
+                    ("Select", None, None, None)]
+    assert round_schedule(load(tmp_path, tiny_models, data, generators=gens)) == [gens]
+    assert round_schedule(load(tmp_path, tiny_models, data, "rounds.k0=9", generators=gens)) == [gens]
+    for bad, key in (("rounds.margin=-0.1", "rounds.margin"), ("rounds.k0=0", "rounds.k0"),
+                     ("rounds.step=0", "rounds.step"), ("rounds.k_zero=2", "rounds.k_zero")):
+        with pytest.raises(config.ConfigError, match=key):
+            load(tmp_path, tiny_models, data, bad)
+
+
+def test_rounds_decide_labels_and_the_cache_folder_does_not(tiny_models, data, tmp_path):
+    plain = load(tmp_path, tiny_models, data)
+    assert "rounds" not in config.label_config(plain)  # no rounds: the hash of a run made before rounds existed
+    assert config.config_hash(load(tmp_path, tiny_models, data, "embedder.cache_dir=/elsewhere")) == config.config_hash(plain)
+    assert config.config_hash(load(tmp_path, tiny_models, data, "rounds.k0=2")) != config.config_hash(plain)
+    assert plain.embedder.cache_dir == str(tmp_path / "out" / "_cache" / "embeddings")
+
+
+def test_margin_zero_keeps_need_reasoning_with_fewer_tokens(full, tiny_models, data, tmp_path):
+    cfg = load(tmp_path, tiny_models, data, "generators.0.k=4", "rounds.k0=1", "rounds.step=1")
+    rounds = run(cfg)
+    check_against_full(rounds, full, threshold=0.0)
+    assert tokens(rounds) < tokens(full)
+    assert any(len(r["candidates"]) < 4 for r in rounds.values())  # some pairs stopped early...
+    assert any(len(r["candidates"]) == 4 for r in rounds.values())  # ...and some ran every round
+
+
+def test_a_margin_no_pair_reaches_samples_like_a_full_run(full, tiny_models, data, tmp_path):
+    rounds = run(load(tmp_path, tiny_models, data, "generators.0.k=4", "rounds.k0=2", "rounds.step=1",
+                      "rounds.margin=1000"))
+    check_against_full(rounds, full, threshold=1000.0)
+    assert tokens(rounds) == tokens(full)
+
+
+def test_several_generators_in_rounds(tiny_models, data, tmp_path):
+    gens = {"a": 3, "b": 2}
+    full = run(load(tmp_path, tiny_models, data, "embedder.cache_dir=null", generators=gens))
+    rounds = run(load(tmp_path, tiny_models, data, "rounds.k0=1", "rounds.step=1", generators=gens))
+    check_against_full(rounds, full, threshold=0.0)
+    assert tokens(rounds) < tokens(full)
+
+
+def test_a_satisfied_pair_gets_nothing_more(tiny_models, data, tmp_path):
+    cfg = load(tmp_path, tiny_models, data, "generators.0.k=3")
+    g = config.to_dict(cfg)["generators"][0]
+    stage = Generate(g, "Query: {query}", 10**7, k_stop=3, satisfied_above=0.0)
+    row = {"pair_id": "p", "query_text": "a query", "query_image": None, "target_text": "t",
+           "candidates": [{"generator": g["name"], "text": "r", "valid": True, "delta": 0.5, "finish_reason": "stop"}]}
+    assert len(stage(conform([row], WORK_SCHEMA)).to_pylist()[0]["candidates"]) == 1
+    row["candidates"][0]["delta"] = -0.5  # not above epsilon: samples candidates 1 and 2
+    out = stage(conform([row], WORK_SCHEMA)).to_pylist()[0]["candidates"]
+    assert len(out) == 3 and stage.stats["rows_satisfied"] == 1 and stage.stats["samples"] == 2
+
+
+@pytest.mark.slow
+def test_rounds_through_ray_match_the_local_loop(full, tiny_models, data, tmp_path):
+    overrides = ["generators.0.k=4", "rounds.k0=2", "rounds.step=2"]
+    local = run(load(tmp_path, tiny_models, data, *overrides))
+    out = tmp_path / "ray-out"
+    # 2 rounds x (generator + embedder) pools, plus reads and writes, on 2 cores
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "configs/demo.yaml", f"input.path={data['path']}",
+         f"input.image_root={data['root']}", f"generators.0.model={tiny_models['generator']}",
+         f"embedder.model={tiny_models['embedder']}", f"output.dir={out}", "input.rows_per_shard=10", *overrides,
+         "generators.0.resources.num_cpus=0.25", "embedder.resources.num_cpus=0.25", "--overwrite"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ray_rows = {r["pair_id"]: r for r in pq.read_table(out / "data").to_pylist()}
+    check_against_full(ray_rows, full, threshold=0.0)
+    for pid, r in ray_rows.items():
+        assert len(r["candidates"]) == len(local[pid]["candidates"])
+        for a, b in zip(r["candidates"], local[pid]["candidates"]):
+            same_candidate(a, b)
+    assert tokens(ray_rows) == tokens(local) < tokens(full)
+    assert (out / "_cache" / "embeddings").is_dir() and list((out / "_stats").glob("generate-*.json"))
+
+
+def test_precomputed_rationales_continue_where_the_last_round_stopped(tmp_path):
+    path = tmp_path / "rationales.jsonl"
+    path.write_text('{"pair_id": "p", "rationales": ["first", "second", "third"]}\n')
+    g = {"name": "pre", "backend": "precomputed", "model": "precomputed", "k": 3, "template": "query_only",
+         "rationale": "both", "seed": 0, "trust_remote_code": False, "options": {"path": str(path)},
+         "sampling": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8}}
+    row = {"pair_id": "p", "query_text": "a query", "query_image": None, "target_text": "t"}
+    row = Generate(g, "{query}", 10**7, k_stop=1)(conform([row], WORK_SCHEMA)).to_pylist()[0]
+    row["candidates"][0].update(valid=True, delta=-1.0)
+    later = Generate(g, "{query}", 10**7, k_stop=3, satisfied_above=0.0)(conform([row], WORK_SCHEMA)).to_pylist()[0]
+    assert [c["text"] for c in later["candidates"]] == ["first", "second", "third"]
