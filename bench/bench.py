@@ -4,7 +4,7 @@
 
 Builds the "small" random-weight models (~32M parameters each) and the demo mix at 1x and 4x, then measures:
 
-1. the job (bench/bench.yaml: K_max = 8 in rounds of 2, 5, 8) through the real CLI at 1x and 4x: wall time,
+1. the job (bench/bench.yaml: K_max = 8 in two rounds: 2 candidates, then up to 8) through the real CLI at 1x and 4x: wall time,
    pairs/s, embedder forward inputs (the Embed actors' counters) against the minimum the method needs (the
    distinct inputs of the written pairs), and the peak memory of the driver and of the whole job (every
    process of its session, sampled);
@@ -12,8 +12,8 @@ Builds the "small" random-weight models (~32M parameters each) and the demo mix 
    shards with the same batch sizes in a plain loop in this process, without Ray, one model call at a time
    with 1 torch thread (as each model actor has), and only the time inside the backends' generate() and
    embed() calls counts;
-3. the same job at 1x with every candidate at once (no rounds): generated tokens per pair against rounds,
-   need_reasoning agreement, and how much chosen delta the rounds give up.
+3. the same job at 1x with every candidate at once (no rounds), and its model-only loop: generated tokens
+   per pair against rounds, need_reasoning agreement, how much chosen delta the rounds give up, and time.
 """
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def run_job(data: Path, out: Path, *overrides: str) -> dict:
     cmd = [sys.executable, "-m", "pipeline", "run", str(CONFIG), f"input.path={data / 'pairs.jsonl'}",
            f"input.image_root={data}", f"output.dir={out}", *overrides, "--overwrite"]
     log = out.with_suffix(".log")
-    busy0, t0 = _busy_seconds(), time.perf_counter()
+    busy0, t0, started = _busy_seconds(), time.perf_counter(), time.time()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         sampler = Sampler(proc.pid)
@@ -138,7 +138,11 @@ def run_job(data: Path, out: Path, *overrides: str) -> dict:
     if rc != 0:
         raise SystemExit(f"the job failed (exit {rc}); see {log}")
     stats = [json.loads(p.read_text()) for p in sorted((out / "_stats").glob("*.json"))]
-    return {"wall": wall, "memory": sampler.peak, "cpu": cpu, "others": others, "stats": stats,
+    # the job's timeline from its model actors' counters (stages/counters.py), in seconds since it started
+    timeline = {"ready": max(st["t_ready"] for st in stats) - started,
+                "first": min(st["t_first"] for st in stats if st["t_first"]) - started,
+                "last": max(st["t_last"] for st in stats if st["t_last"]) - started}
+    return {"wall": wall, "timeline": timeline, "memory": sampler.peak, "cpu": cpu, "others": others, "stats": stats,
             "rows": {r["pair_id"]: r for r in pq.read_table(out / "data").to_pylist()},
             "manifest": json.loads((out / "manifest.json").read_text())}
 
@@ -281,6 +285,7 @@ def table(res: dict, n: int) -> str:
     def row(name, a, b, target=""):
         return f"| {name} | {a} | {b} | {target} |"
 
+    span = lambda run: run["timeline"]["last"] - run["timeline"]["first"]  # noqa: E731
     mem = lambda run, key: f"{run['memory'][key] / MIB:,.0f}"  # noqa: E731
     lines = [
         f"| metric | 1x ({n} pairs) | 4x ({4 * n} pairs) | target |",
@@ -291,8 +296,17 @@ def table(res: dict, n: int) -> str:
             f"{(four['wall'] - one['wall']) / (3 * n):.2f} s"),
         row("model-only time (plain loop, backend calls), s", f"{loop1['model_seconds']:.1f}",
             f"{loop4['model_seconds']:.1f}"),
+        row("plain loop wall time (model loads, stage code, cache and backend calls), s",
+            f"{loop1['loop_wall']:.1f}", f"{loop4['loop_wall']:.1f}"),
         row("**pipeline wall / model-only**", f"**{one['wall'] / loop1['model_seconds']:.2f}**",
             f"**{four['wall'] / loop4['model_seconds']:.2f}**", "≤ 1.20 (aim 1.10)"),
+        row("start-up: job start to its first model batch (Ray, duplicate index, actors, model loads), s",
+            f"{one['timeline']['first']:.1f}", f"{four['timeline']['first']:.1f}"),
+        row("model-work span: first to last model batch, s", f"{span(one):.1f}", f"{span(four):.1f}"),
+        row("**model-work span / model-only** (the pipeline once started)",
+            f"**{span(one) / loop1['model_seconds']:.2f}**", f"**{span(four) / loop4['model_seconds']:.2f}**"),
+        row("after the last model batch (score, write, commit, manifest, Ray shutdown), s",
+            f"{one['wall'] - one['timeline']['last']:.1f}", f"{four['wall'] - four['timeline']['last']:.1f}"),
         row("other processes' CPU meanwhile, cores (job / loop)", f"{one['others']:.2f} / {loop1['others']:.2f}",
             f"{four['others']:.2f} / {loop4['others']:.2f}", "0: a quiet machine"),
         row("model seconds inside the job (sum over its actors)", f"{one['model_seconds']:.1f}",
@@ -303,23 +317,26 @@ def table(res: dict, n: int) -> str:
         row("embedder forward inputs (job / plain loop)", f"{one['forwards']} / {loop1['forwards']}",
             f"{four['forwards']} / {loop4['forwards']}"),
         row("minimum inputs (distinct q + rationales + targets ∪ negatives)", one["minimum"], four["minimum"]),
-        row("rows the embedder model ran per input (padding copies included; loop)",
-            f"{loop1['embedder_rows'] / max(1, loop1['forwards']):.2f}",
-            f"{loop4['embedder_rows'] / max(1, loop4['forwards']):.2f}", "see note"),
         row("**embedder inputs per pair over the minimum**", f"**{one['forwards'] / one['minimum']:.2f}**",
             f"**{four['forwards'] / four['minimum']:.2f}**", "1.00"),
+        row("rows the embedder model ran per input (padding copies included; loop)",
+            f"{loop1['embedder_rows'] / max(1, loop1['forwards']):.2f}",
+            f"{loop4['embedder_rows'] / max(1, loop4['forwards']):.2f}"),
         row("generated tokens per pair, rounds", f"{tokens(one['rows']) / n:.1f}", f"{tokens(four['rows']) / (4 * n):.1f}"),
         row("generated tokens per pair, full K", f"{tokens(res['full']['rows']) / n:.1f}", "–"),
         row("**token saving of rounds (margin 0)**", f"**{1 - tokens(one['rows']) / tokens(res['full']['rows']):.1%}**",
             "–", "≥ 30%"),
         row("**need_reasoning agreement with full K**", f"**{cmp['agree']}/{cmp['pairs']}**", "–", "identical"),
         row("mean loss in chosen delta (full K − rounds)", f"{cmp['mean_loss']:.4f}", "–"),
-        row("job wall time, rounds / full K", f"{one['wall']:.1f} / {res['full']['wall']:.1f}", "–"),
-        row("generated tokens per model-second, by round / full K",
-            f"{per_round_rates(one['stats'])[0]} / {per_round_rates(res['full']['stats'])[0]}", "–"),
-        row("embedder inputs per model-second, by round / full K",
-            f"{per_round_rates(one['stats'])[1]} / {per_round_rates(res['full']['stats'])[1]}", "–"),
         row("pairs whose chosen candidate differs", f"{cmp['chosen_differs']}/{cmp['pairs']}", "–"),
+        row("model-only time, rounds / full K, s",
+            f"{loop1['model_seconds']:.1f} / {res['loop']['full']['model_seconds']:.1f}", "–"),
+        row("job wall time, rounds / full K, s (other processes' CPU, cores)",
+            f"{one['wall']:.1f} / {res['full']['wall']:.1f} ({one['others']:.2f} / {res['full']['others']:.2f})", "–"),
+        row("generated tokens per model-second, round 1 / round 2 / full K",
+            f"{per_round_rates(one['stats'])[0]} / {per_round_rates(res['full']['stats'])[0]}", "–"),
+        row("embedder inputs per model-second, round 1 / round 2 / full K",
+            f"{per_round_rates(one['stats'])[1]} / {per_round_rates(res['full']['stats'])[1]}", "–"),
         row("peak RSS, driver, MiB", mem(one, "driver_rss"), mem(four, "driver_rss")),
         row("peak memory, whole job (sum of PSS), MiB", mem(one, "job_pss"), mem(four, "job_pss")),
         row("peak memory, whole job (sum of RSS), MiB", mem(one, "job_rss"), mem(four, "job_rss")),
@@ -365,8 +382,11 @@ def main(argv=None) -> int:
         print(f"model-only loop at {s}x ...", flush=True)
         res["loop"][s] = model_only(data[s], args.loop_threads, model_args)
         save()
-    print("job with every candidate at once (full K) at 1x ...", flush=True)
-    res["full"] = run_job(data[1], out / "full-1x", *model_args, "rounds.k0=null")
+        if s == 1:
+            print("job with every candidate at once (full K) at 1x, and its model-only loop ...", flush=True)
+            res["full"] = run_job(data[1], out / "full-1x", *model_args, "rounds.k0=null")
+            res["loop"]["full"] = model_only(data[1], args.loop_threads, model_args + ["rounds.k0=null"])
+            save()
     res["labels"] = compare_labels(res["rounds"][1]["rows"], res["full"]["rows"])
 
     cfg = res["rounds"][1]["manifest"]["config"]
@@ -381,14 +401,12 @@ def main(argv=None) -> int:
         replays.append(f"| {m:g} | {', '.join(v)} | {r['saving']:.1%} | {r['agree']}/{r['pairs']} | {r['mean_loss']:.4f} |")
     text += (f"\n\nRounds {schedule} of K_max = {k_max}, margin {margin:g}, valid finish reasons {list(valid)}. "
              f"The same rounds replayed on the full-K run at 1x:\n\n" + "\n".join(replays))
+    text += (f"\n\nModel-only loop: {args.loop_threads} torch thread(s), one model call at a time; the job's model "
+             f"actors run 1 thread each, several at a time. Machine: {os.cpu_count()} cores, {platform.machine()}, "
+             f"Python {platform.python_version()}; load average {load[0]:.1f} at the start, "
+             f"{os.getloadavg()[0]:.1f} at the end. Bench total {time.perf_counter() - started:.0f} s.")
     print()
     print(text)
-    print()
-    print(f"Model-only loop: {args.loop_threads} torch thread(s), one model call at a time; the job's model actors "
-          f"run 1 thread each, several at a time. "
-          f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}; "
-          f"load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end. "
-          f"Bench total {time.perf_counter() - started:.0f} s.")
     (out / "table.md").write_text(text + "\n")
     return 0
 

@@ -29,9 +29,9 @@ import pyarrow as pa
 from schemas import WORK_SCHEMA, conform
 from stages.backends import embedder_class
 from stages.backends.base import EmbedInput
+from stages.counters import StageCounters
 from stages.embed_cache import EmbeddingCache, embedder_identity, image_digest
 from stages.images import ImageError, decode_image
-from stages.write import atomic_write_json
 
 INPUTS = ("query_text", "query_image", "target_text", "target_image", "negatives", "s_direct", "candidates.text",
           "candidates.finish_reason", "candidates.s_k")
@@ -85,6 +85,9 @@ class Embed:
 
     def __init__(self, embedder: dict, max_image_pixels: int, cache_dir: Optional[str] = None,
                  stats_dir: Optional[str] = None, round_index: int = 0):
+        self.stats = StageCounters(
+            None if stats_dir is None else Path(stats_dir) / f"embed-{os.getpid()}-{uuid.uuid4().hex[:8]}.json",
+            stage="embed", round=round_index, lookups=0, forwards=0)
         self.cfg = embedder
         self.max_image_pixels = max_image_pixels
         backend_cls = embedder_class(embedder["backend"])
@@ -96,9 +99,7 @@ class Embed:
             **embedder.get("options", {}),
         )
         self.cache = EmbeddingCache(cache_dir, embedder_identity(embedder))
-        self.stats_path = None if stats_dir is None else Path(stats_dir) / f"embed-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
-        self.stats = {"stage": "embed", "round": round_index, "batches": 0, "rows": 0, "lookups": 0,
-                      "forwards": 0, "model_seconds": 0.0}
+        self.stats.ready()
 
     # ------------------------------------------------------------ one batch
     def _plan(self, row: dict, inputs: _Inputs) -> Optional[dict]:
@@ -169,6 +170,7 @@ class Embed:
                     cand["s_k"], cand["s_neg"] = None, None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        self.stats.batch_started()
         rows = batch.to_pylist()
         todo = [r for r in rows if not r.get("quarantine_reason")]
         try:
@@ -182,15 +184,6 @@ class Embed:
                     row["quarantine_reason"], row["quarantine_detail"] = ie.reason, ie.detail
                 except Exception as re:
                     row["quarantine_reason"], row["quarantine_detail"] = "embed_failed", f"{type(re).__name__}: {re}"
-        self._save_stats(len(todo))
+        self.stats["rows"] += len(todo)
+        self.stats.save(self.cache.stats)
         return conform(rows, WORK_SCHEMA)
-
-    def _save_stats(self, rows: int) -> None:
-        self.stats["batches"] += 1
-        self.stats["rows"] += rows
-        if self.stats_path is not None:
-            try:  # counters only: never worth a batch
-                self.stats_path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_json({**self.stats, **self.cache.stats}, self.stats_path)
-            except OSError as e:
-                log.warning("cannot write stage counters to %s: %s", self.stats_path, e)

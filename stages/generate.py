@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import time
 import uuid
@@ -29,10 +28,8 @@ from schemas import WORK_SCHEMA, conform
 from stages.backends import generator_class
 from stages.backends.base import IMAGE_MARKER, GenRequest
 from stages.backends.parsing import classify, select_rationale
+from stages.counters import StageCounters
 from stages.images import ImageError, decode_image
-from stages.write import atomic_write_json
-
-log = logging.getLogger(__name__)
 
 # Backends whose k-th answer is the pair's k-th stored rationale whatever the seed (precomputed): a later round
 # asks them for candidates 0..k_stop and keeps the new ones. (A GenRequest field for the first candidate index
@@ -80,6 +77,11 @@ class Generate:
     def __init__(self, generator: dict, template: str, max_image_pixels: int, k_stop: Optional[int] = None,
                  satisfied_above: Optional[float] = None, generator_order: Optional[list[str]] = None,
                  stats_dir: Optional[str] = None, round_index: int = 0):
+        self.stats = StageCounters(
+            None if stats_dir is None else
+            Path(stats_dir) / f"generate-{generator['name']}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json",
+            stage="generate", generator=generator["name"], round=round_index, rows_satisfied=0, requests=0,
+            samples=0, tokens=0)
         self.cfg = generator
         self.template = template
         self.max_image_pixels = max_image_pixels
@@ -93,13 +95,10 @@ class Generate:
         self.k_stop = generator["k"] if k_stop is None else min(k_stop, generator["k"])
         self.satisfied_above = satisfied_above
         self.rank = {name: i for i, name in enumerate(generator_order or [generator["name"]])}
-        self.stats_path = None if stats_dir is None else (
-            Path(stats_dir) / f"generate-{generator['name']}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
-        self.stats = {"stage": "generate", "generator": generator["name"], "round": round_index, "batches": 0,
-                      "rows": 0, "rows_satisfied": 0, "requests": 0, "samples": 0, "tokens": 0,
-                      "model_seconds": 0.0}
+        self.stats.ready()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        self.stats.batch_started()
         rows = batch.to_pylist()
         requests, owners = [], []
         for row in rows:
@@ -157,14 +156,5 @@ class Generate:
             self.stats["requests"] += 1
             self.stats["samples"] += len(request.seeds) - skip
             self.stats["tokens"] += sum(g.tokens or 0 for g in generations[skip:])
-        self._save_stats()
+        self.stats.save()
         return conform(rows, WORK_SCHEMA)
-
-    def _save_stats(self) -> None:
-        self.stats["batches"] += 1
-        if self.stats_path is not None:
-            try:  # counters only: never worth a batch
-                self.stats_path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(self.stats, self.stats_path)
-            except OSError as e:
-                log.warning("cannot write stage counters to %s: %s", self.stats_path, e)
