@@ -136,9 +136,10 @@ def build_dataset(cfg: DictConfig, specs: list[dict]) -> ray.data.Dataset:
         # Reads stay tasks of their own, one shard each. Ray Data fuses a task step into the next actor step
         # when their remote args are equal (read_num_cpus == the generator's num_cpus), and the fused step
         # then bundles `batch_size` of *its* input rows, shard specs here, into one task: a single task would
-        # read eight shards and pass nothing on until it had generated them all. Ray Data's own task default,
-        # written out, is a remote arg the actors do not have, which keeps the steps apart.
-        max_retries=-1,
+        # read eight shards and pass nothing on until it had generated them all. max_calls=0 is Ray's task
+        # default (a worker runs any number of tasks) written out: a remote arg that actors cannot have,
+        # which keeps the steps apart.
+        max_calls=0,
         fn_kwargs={"input_cfg": c["input"], "in_shard_negatives": cfg.scoring.in_shard_negatives, "seed": cfg.scoring.seed},
     )
     for step in plan:

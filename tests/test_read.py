@@ -451,15 +451,6 @@ def test_demo_data_builds_and_reads_valid(tmp_path):
 # --------------------------------------------------------------------------- Ray
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    yield ray
-    ray.shutdown()
-
-
 def test_read_shards_batch_in_ray_map_batches(local_ray, tmp_path):
     import ray
 

@@ -182,3 +182,18 @@ def test_precomputed_rationales_continue_where_the_last_round_stopped(tmp_path):
     row["candidates"][0].update(valid=True, delta=-1.0)
     later = Generate(g, "{query}", 10**7, k_stop=3, satisfied_above=0.0)(conform([row], WORK_SCHEMA)).to_pylist()[0]
     assert [c["text"] for c in later["candidates"]] == ["first", "second", "third"]
+
+
+def test_reads_stay_one_task_per_shard_when_resources_match(local_ray, tiny_models, data, tmp_path):
+    """With read_num_cpus equal to the actors' num_cpus, Ray Data would fuse the read into the first Generate
+    actor step, which then reads a batch_size of shards in one call before passing anything on."""
+    from ray.data._internal.util import explain_plan  # what Dataset.explain() prints
+
+    from pipeline.plan import build_dataset
+
+    cfg = load(tmp_path, tiny_models, data, "ray.read_num_cpus=0.25", "generators.0.resources.num_cpus=0.25",
+               "embedder.resources.num_cpus=0.25")
+    specs = plan_shards(config.to_dict(cfg)["input"])
+    optimized = explain_plan(build_dataset(cfg, specs)._logical_plan).split("Physical Plan (Optimized)")[1]
+    assert "TaskPoolMapOperator[MapBatches(read_shards_batch)]" in optimized
+    assert "ActorPoolMapOperator[MapBatches(Generate)]" in optimized
