@@ -137,6 +137,10 @@ CHOICES = {
 LABEL_KEYS = ("input.rows_per_shard", "generators", "prompts", "embedder", "rounds", "scoring")
 # Keys under those that change where or how fast work runs, not the labels.
 _NOT_LABELS = ("resources", "cache_dir")
+# Backend options that say how to reach a served model and how hard to retry (stages/backends/openai_http.py),
+# not what it samples: a resumed run may use another port, timeout or key variable.
+_NOT_LABEL_OPTIONS = ("base_url", "api_key_env", "max_in_flight", "timeout_s", "max_retries", "backoff_s",
+                      "max_backoff_s")
 
 
 def _fail(key: str, msg: str):
@@ -226,6 +230,11 @@ def check(cfg: DictConfig) -> None:
             _fail(f"{key}.options.path", f"precomputed rationales file not found: {g.options.get('path')}")
         if g.backend == "transformers":
             _check_model_ref(f"{key}.model", g.model)
+        if g.backend == "openai" and cfg.rounds.k0 is not None and g.options.get("use_n", True):
+            # one request with n choices samples them all from the first candidate's seed: a later round
+            # could not sample candidate k as a run without rounds does, and need_reasoning could change
+            _fail(f"{key}.options.use_n", "must be false with rounds (rounds.k0 is set): rounds need each "
+                                          "candidate sampled from its own seed")
 
     choice("embedder.backend", cfg.embedder.backend)
     choice("embedder.pooling", cfg.embedder.pooling)
@@ -305,7 +314,9 @@ def label_config(cfg: DictConfig) -> dict[str, Any]:
         for part in key.split("."):
             node = node[part]
         out[key] = node
-    out["generators"] = [{k: v for k, v in g.items() if k not in _NOT_LABELS} for g in out["generators"]]
+    out["generators"] = [{**{k: v for k, v in g.items() if k not in _NOT_LABELS},
+                          "options": {k: v for k, v in g["options"].items() if k not in _NOT_LABEL_OPTIONS}}
+                         for g in out["generators"]]
     out["embedder"] = {k: v for k, v in out["embedder"].items() if k not in _NOT_LABELS}
     if out["rounds"]["k0"] is None:  # no rounds: the labels, and so the hash, of a plain run
         del out["rounds"]

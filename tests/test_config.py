@@ -73,6 +73,10 @@ def test_hash_follows_label_keys_only(job):
     assert config.config_hash(a) == config.config_hash(config.load(job, ["output.dir=/elsewhere"]))
     assert config.config_hash(a) == config.config_hash(config.load(job, ["generators.0.resources.pool_size=4"]))
     assert config.config_hash(a) != config.config_hash(config.load(job, ["scoring.epsilon=0.1"]))
+    # how to reach a served model is not a label: a resumed run may use another port or timeout
+    assert config.config_hash(a) == config.config_hash(config.load(
+        job, ["generators.0.options.base_url=http://127.0.0.1:9001/v1", "generators.0.options.timeout_s=5"]))
+    assert config.config_hash(a) != config.config_hash(config.load(job, ["generators.0.options.use_n=false"]))
 
 
 def test_cli_fails_fast_with_exit_2_and_the_key(job):
@@ -91,3 +95,11 @@ def test_cli_takes_overrides_after_flags(job):
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2 and "scoring.mode" in proc.stderr  # the override was read
+
+
+def test_rounds_refuse_n_choices_per_request(job):
+    served = ["generators.0.backend=openai", "generators.0.model=served-name"]
+    with pytest.raises(ConfigError, match=r"^generators\[0\]\.options\.use_n:"):
+        config.load(job, [*served, "rounds.k0=2"])
+    config.load(job, [*served, "rounds.k0=2", "generators.0.options.use_n=false"])
+    config.load(job, served)  # without rounds, n choices per request are fine
