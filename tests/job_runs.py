@@ -67,6 +67,32 @@ def end_session(sid: int, grace: float = 0.5) -> None:
         time.sleep(grace)
 
 
+def ray_start(args: list[str], env: dict) -> int:
+    """`ray start ...` in a session of its own; returns the session id, which the node's daemons keep."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    proc = subprocess.Popen([ray, "start", *args], env=env, start_new_session=True, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-3000:]
+    return proc.pid
+
+
+def end_ray_nodes(sessions: list[int], temp_dir: str) -> None:
+    """End the nodes that ray_start started (not `ray stop`, which ends every Ray of this user on the machine),
+    and the drivers of jobs submitted to them: Ray starts those in sessions of their own, in a working dir
+    under the nodes' --temp-dir."""
+    for sid in sessions:
+        end_session(sid)
+    root = os.path.realpath(temp_dir) + os.sep
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.path.realpath(f"/proc/{entry}/cwd").startswith(root):
+                    os.kill(int(entry), signal.SIGKILL)
+            except (FileNotFoundError, PermissionError, ProcessLookupError):
+                pass
+
+
 def listening_addresses(pids: list[int]) -> list[str]:
     """The local addresses that these processes listen on with TCP, read from /proc."""
     inodes = set()

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas import OUTPUT_SCHEMA
+from tests import job_runs
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -40,10 +41,9 @@ def head(tmp_path_factory):
     # as in an activated venv: the job's `python` is the one Ray runs on
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     gcs, dash = _free_port(), _free_port()
-    start = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-             f"--temp-dir={temp_dir}", "--disable-usage-stats"]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+    sessions = [job_runs.ray_start(["--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                                    f"--temp-dir={temp_dir}", "--disable-usage-stats"], env)]
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 60
@@ -53,7 +53,7 @@ def head(tmp_path_factory):
             time.sleep(2)
         yield {"address": address, "env": env}
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        job_runs.end_ray_nodes(sessions, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

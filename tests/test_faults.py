@@ -22,7 +22,6 @@ from tests import job_runs
 from tests.job_runs import assert_same_output, committed, job_args, run_pipeline
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
-RAY = str(Path(sys.executable).with_name("ray"))
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +87,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ray_start(args: list[str], env: dict) -> int:
-    """`ray start ...` in a session of its own; returns the session id, which the node's daemons keep."""
-    proc = subprocess.Popen([RAY, "start", *args], env=env, start_new_session=True, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out, _ = proc.communicate(timeout=180)
-    assert proc.returncode == 0, out[-3000:]
-    return proc.pid
-
-
 def _serving_model_actors(sid: int) -> list[str]:
     """The Ray Data model actors in session `sid` that have loaded their model (Ray names a process after
     what it runs: `ray::MapWorker(MapBatches(Embed)).__init__` while loading, then without the suffix, or with
@@ -123,13 +113,12 @@ def two_nodes(tmp_path):
     common = ["--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     sessions = []
     try:
-        sessions.append(_ray_start(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+        sessions.append(job_runs.ray_start(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
                                     *common], env))
-        sessions.append(_ray_start([f"--address=127.0.0.1:{port}", "--num-cpus=2", *common], env))
+        sessions.append(job_runs.ray_start([f"--address=127.0.0.1:{port}", "--num-cpus=2", *common], env))
         yield {"address": f"127.0.0.1:{port}", "env": env, "head": sessions[0], "worker": sessions[1]}
     finally:
-        for sid in sessions:
-            job_runs.end_session(sid)
+        job_runs.end_ray_nodes(sessions, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
