@@ -122,7 +122,9 @@ def _warn_if_pools_do_not_fit(cfg: DictConfig, plan: list[Step]) -> None:
                     len(round_schedule(cfg)), ", ".join(short))
 
 
-def build_dataset(cfg: DictConfig, specs: list[dict]) -> ray.data.Dataset:
+def build_dataset(cfg: DictConfig, specs: list[dict], duplicates=None) -> ray.data.Dataset:
+    """The job over `specs`. `duplicates`: the file of stages/read.py:find_duplicates, or a Ray reference
+    to the task that writes it (pipeline/run.py:start_duplicate_index), which the read tasks wait for."""
     c = to_dict(cfg)
     task = {"batch_format": "pyarrow", "num_cpus": cfg.ray.write_num_cpus}
     plan = steps(cfg)
@@ -140,7 +142,8 @@ def build_dataset(cfg: DictConfig, specs: list[dict]) -> ray.data.Dataset:
         # default (a worker runs any number of tasks) written out: a remote arg that actors cannot have,
         # which keeps the steps apart.
         max_calls=0,
-        fn_kwargs={"input_cfg": c["input"], "in_shard_negatives": cfg.scoring.in_shard_negatives, "seed": cfg.scoring.seed},
+        fn_kwargs={"input_cfg": c["input"], "in_shard_negatives": cfg.scoring.in_shard_negatives,
+                   "seed": cfg.scoring.seed, "duplicates": duplicates},
     )
     for step in plan:
         if step.resources is None:

@@ -27,7 +27,7 @@ from pipeline import card, manifest
 from pipeline.config import REPO_ROOT, ConfigError, config_hash, label_config, to_dict
 from pipeline.plan import build_dataset
 from stages import faults
-from stages.read import find_duplicates, index_pair_ids_batch, plan_shards
+from stages.read import find_duplicates, index_pair_ids, plan_shards
 from stages.write import atomic_write_json, commit_shard
 
 log = logging.getLogger("pairsel")
@@ -143,25 +143,30 @@ def _init_local_ray(runtime_env: dict) -> None:
 
 
 # ---------------------------------------------------------------- duplicates across shards
-def index_duplicates(cfg: DictConfig, specs: list[dict], out_dir: Path) -> str | None:
-    """Find the rows whose pair_id an earlier shard holds (stages/read.py), and return the file that lists
-    them for the read stage; None when one shard is all there is. Each shard's pair_ids are read once per
-    output dir (kept in _index/pair_ids/), the comparison runs as one task."""
+def _find_duplicates_after(index_dir: str, dest: str, *indexed: int) -> dict:
+    """find_duplicates, run once the index tasks whose results it is given have run."""
+    return {"path": dest, "rows": find_duplicates(index_dir, dest)}
+
+
+def start_duplicate_index(cfg: DictConfig, specs: list[dict], out_dir: Path) -> ray.ObjectRef | None:
+    """Start finding the rows whose pair_id an earlier shard holds (stages/read.py), and return at once a
+    reference to {"path": the file that lists them, "rows": how many}; None when one shard is all there is.
+
+    It runs as tasks beside the job rather than before it: the model actors load their models meanwhile
+    (minutes for a large model on a cluster), and only the read tasks wait for it. Each shard's pair_ids are
+    read once per output dir (kept in _index/pair_ids/); the comparison is one task."""
     if len(specs) < 2:
         return None
     keys = out_dir / "_index" / "pair_ids"
     keys.mkdir(parents=True, exist_ok=True)
     missing = [s for s in specs if not (keys / f"shard-{s['shard_id']:06d}.parquet").is_file()]
-    if missing:
-        ds = ray.data.from_items(missing, override_num_blocks=len(missing)).map_batches(
-            index_pair_ids_batch, batch_size=1, batch_format="pyarrow", num_cpus=cfg.ray.read_num_cpus,
-            fn_kwargs={"input_cfg": to_dict(cfg)["input"], "index_dir": str(keys)})
-        for _ in ds.iter_batches(batch_size=None):
-            pass
-    dest = out_dir / "_index" / "duplicates.parquet"
-    n = ray.get(ray.remote(num_cpus=cfg.ray.read_num_cpus)(find_duplicates).remote(str(keys), str(dest)))
-    log.info("%d rows repeat a pair_id that an earlier shard holds", n)
-    return str(dest)
+    task = {"num_cpus": cfg.ray.read_num_cpus, "max_retries": -1}
+    index = ray.remote(**task)(index_pair_ids)
+    input_cfg = to_dict(cfg)["input"]
+    groups = min(len(missing), 256)  # at most this many index tasks, so that the last task waits on few refs
+    indexed = [index.remote(missing[i::groups], input_cfg, str(keys)) for i in range(groups)]
+    return ray.remote(**task)(_find_duplicates_after).remote(
+        str(keys), str(out_dir / "_index" / "duplicates.parquet"), *indexed)
 
 
 def drive(ds: ray.data.Dataset, cfg: DictConfig, specs: list[dict]) -> int:
@@ -209,8 +214,10 @@ def run(cfg: DictConfig, address: str | None = None, overwrite: bool = False, fo
     if todo:
         init_ray(address)
         try:
-            duplicates = index_duplicates(cfg, specs, out_dir)
-            drive(build_dataset(cfg, [{**s, "duplicates": duplicates} for s in todo]), cfg, todo)
+            duplicates = start_duplicate_index(cfg, specs, out_dir)
+            drive(build_dataset(cfg, todo, duplicates), cfg, todo)
+            if duplicates is not None:
+                log.info("%d rows repeat a pair_id that an earlier shard holds", ray.get(duplicates)["rows"])
         except Exception as e:
             log.error("the job failed (%s: %s) with %d of %d shards committed in %s; committed shards are kept: "
                       "rerun the same command to finish the rest", type(e).__name__, str(e)[:300],

@@ -267,11 +267,20 @@ class _Record:
     raw: Callable[[], str]  # the record as text, built only for quarantine
 
 
-def read_shards_batch(batch: pa.Table, input_cfg: dict, in_shard_negatives: int, seed: int) -> pa.Table:
+def read_shards_batch(batch: pa.Table, input_cfg: dict, in_shard_negatives: int, seed: int,
+                      duplicates=None) -> pa.Table:
     """`map_batches` body over a dataset of shard specs (one spec per batch is
-    best: a shard is one task's work)."""
+    best: a shard is one task's work). `duplicates`: the file of `find_duplicates`,
+    or the driver's Ray reference to the task that writes it (pipeline/run.py),
+    which this read waits for."""
+    if duplicates is not None and not isinstance(duplicates, str):
+        import ray
+
+        duplicates = ray.get(duplicates)["path"]
     rows = []
     for spec in batch.to_pylist():
+        if duplicates is not None:
+            spec = {**spec, "duplicates": duplicates}
         shard = read_shard(spec, input_cfg, in_shard_negatives, seed)
         fault_point("read", len(shard))
         rows.extend(shard)
@@ -315,7 +324,7 @@ def read_shard(spec: dict, input_cfg, in_shard_negatives: int, seed: int) -> lis
 # owns its pair_id once its record passes every check but the image ones, so the
 # owner is known without opening an image. Within a shard, read_shard sees that
 # itself. Across shards, a pass over the whole input before the job writes each
-# shard's owned ids to a small file (`index_pair_ids_batch`), and one task finds
+# shard's owned ids to a small file (`index_pair_ids`), and one task finds
 # the rows whose pair_id an earlier shard owns (`find_duplicates`). The driver
 # only passes file names around, so its memory does not grow with the input.
 
@@ -345,22 +354,20 @@ def pair_keys(spec: dict, input_cfg) -> pa.Table:
                     schema=PAIR_KEYS)
 
 
-def index_pair_ids_batch(batch: pa.Table, input_cfg: dict, index_dir: str) -> pa.Table:
-    """`map_batches` body over shard specs: writes INDEX_DIR/shard-XXXXXX.parquet for each."""
+def index_pair_ids(specs: list[dict], input_cfg: dict, index_dir: str) -> int:
+    """Writes INDEX_DIR/shard-XXXXXX.parquet (`pair_keys`) for each shard; returns how many."""
     import pyarrow.parquet as pq
 
-    done = []
-    for spec in batch.to_pylist():
+    for spec in specs:
         path = Path(index_dir) / f"shard-{int(spec['shard_id']):06d}.parquet"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         pq.write_table(pair_keys(spec, input_cfg), tmp)
         os.replace(tmp, path)
-        done.append(int(spec["shard_id"]))
-    return pa.table({"shard_id": pa.array(done, pa.int64())})
+    return len(specs)
 
 
 def find_duplicates(index_dir: str, dest: str) -> int:
-    """Rows whose pair_id a lower shard owns, from the files of `index_pair_ids_batch`, into `dest`
+    """Rows whose pair_id a lower shard owns, from the files of `index_pair_ids`, into `dest`
     (DUPLICATES, sorted by shard), returning their number. Holds one hash table of pair_ids (tens of bytes
     per pair): run it as a task, not in the driver."""
     import polars as pl

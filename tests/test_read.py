@@ -330,7 +330,7 @@ def test_each_reason_code_quarantines_only_its_row(tmp_path, image_root):
 
 
 def test_a_pair_id_is_kept_once_across_shards(tmp_path, image_root):
-    from stages.read import find_duplicates, index_pair_ids_batch
+    from stages.read import find_duplicates, index_pair_ids
 
     a = {"qry": "the same pair", "pos_text": "t"}
     records = [
@@ -342,7 +342,7 @@ def test_a_pair_id_is_kept_once_across_shards(tmp_path, image_root):
     specs = plan_shards(cfg)
     keys = tmp_path / "keys"
     keys.mkdir()
-    index_pair_ids_batch(pa.Table.from_pylist(specs), cfg, str(keys))
+    assert index_pair_ids(specs, cfg, str(keys)) == 3
     assert find_duplicates(str(keys), str(tmp_path / "dups.parquet")) == 2
     rows = [r for spec in specs for r in read_shard({**spec, "duplicates": str(tmp_path / "dups.parquet")}, cfg, 0, 0)]
     # the first row of a pair_id keeps it, even one quarantined for its image: image checks don't decide owners
