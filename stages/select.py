@@ -6,7 +6,9 @@
   rejected       = valid candidates other than the chosen one with delta <= 0; with `chosen` they form
                    preference pairs
 
-A pair without any valid candidate keeps every score, gets chosen = null and need_reasoning = false.
+A pair without any valid candidate keeps every score, gets chosen = null and need_reasoning = false. A pair
+whose every candidate failed with an error (a server down, a model that raised) was never tested at all: it is
+quarantined as `generation_failed` rather than labelled.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ import pyarrow as pa
 
 from schemas import WORK_SCHEMA, conform
 
-INPUTS = ("candidates.delta", "candidates.valid", "candidates.generator")
-OUTPUTS = ("chosen", "chosen_generator", "best_delta", "need_reasoning", "rejected")
+INPUTS = ("candidates.delta", "candidates.valid", "candidates.generator", "candidates.finish_reason")
+OUTPUTS = ("chosen", "chosen_generator", "best_delta", "need_reasoning", "rejected", "quarantine_reason")
 
 
 def select(delta, valid, epsilon: float) -> tuple[Optional[int], Optional[float], bool, list[int]]:
@@ -39,6 +41,10 @@ def select_rows(rows: list[dict], epsilon: float) -> list[dict]:
         if row.get("quarantine_reason"):
             continue
         cands = row.get("candidates") or []
+        if cands and all(c.get("finish_reason") == "error" for c in cands):
+            row["quarantine_reason"] = "generation_failed"
+            row["quarantine_detail"] = f"all {len(cands)} candidates failed; first error: {cands[0].get('error')}"[:1000]
+            continue
         delta = [np.nan if c.get("delta") is None else c["delta"] for c in cands]
         chosen, best, need, rejected = select(delta, [bool(c.get("valid")) for c in cands], epsilon)
         row["chosen"] = chosen

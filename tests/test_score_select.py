@@ -83,6 +83,18 @@ def test_rows_all_failed_keep_scores_and_no_reasoning():
     assert row["chosen"] is None and row["need_reasoning"] is False and row["best_delta"] is None
 
 
+def test_a_pair_whose_every_candidate_errored_is_quarantined_not_labelled():
+    failed = dict(_cand(None, None, "error"), error="cannot reach http://127.0.0.1:1/v1 after 3 attempts")
+    row = {"s_direct": 0.5, "s_direct_neg": [0.1], "candidates": [failed, dict(failed)]}
+    (row,) = select_rows(score_rows([row], "cosine", 0.05), 0.0)
+    assert row["quarantine_reason"] == "generation_failed" and "cannot reach" in row["quarantine_detail"]
+    assert row.get("need_reasoning") is None
+    # one candidate that produced text, however poor, is a test: the pair is labelled
+    row = {"s_direct": 0.5, "s_direct_neg": [0.1], "candidates": [failed, _cand(None, None, "empty")]}
+    (row,) = select_rows(score_rows([row], "cosine", 0.05), 0.0)
+    assert row.get("quarantine_reason") is None and row["need_reasoning"] is False
+
+
 def test_rows_recomputable_from_stored_columns():
     row = {"s_direct": 0.2, "s_direct_neg": [0.3, 0.1],
            "candidates": [_cand(0.4, [0.2, 0.0], gen="a"), _cand(0.1, [0.5, 0.0], gen="b")]}
