@@ -63,6 +63,8 @@ def _candidates(pair_id: str, all_invalid: bool, k: int, s_direct: float, s_dire
             finish = "stop"
             if all_invalid or rng.random() < 0.15:
                 finish = rng.choice(["length", "empty", "error"])
+            if all_invalid and not cands and finish == "error":
+                finish = "length"  # a pair whose every candidate errored is quarantined, not written (stages/select.py)
             scored = finish in ("stop", "length")  # empty and failed generations are never embedded
             shift = rng.gauss(-0.02, 0.05)  # most rationales barely move the query
             cands.append({

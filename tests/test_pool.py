@@ -261,3 +261,31 @@ def test_cluster_generator_requests_are_what_vllm_takes():
     assert [p.seed for p in params] == seeds and {p.max_tokens for p in params} == {256}
     assert set(engine_kwargs(**dict(gen.options))) <= {f.name for f in dataclasses.fields(vllm.EngineArgs)}
     assert batch.prompts[0]["multi_modal_data"]["image"].size == (32, 32)
+
+
+def test_a_pair_that_no_generator_answered_is_quarantined_not_labelled(tiny_models, demo_data, tmp_path):
+    """A served generator that is down: every candidate is an error, so nothing was tested, and the pairs go to
+    quarantine as generation_failed instead of being written with need_reasoning = false."""
+    import socket
+
+    import yaml
+
+    from pipeline import config
+    from pipeline.plan import run_local
+    from stages.read import plan_shards
+
+    with socket.socket() as s:  # a port nobody listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"generators": [{
+        "name": "down", "backend": "openai", "model": SERVED, "k": 2,
+        "options": {"base_url": f"http://127.0.0.1:{port}/v1", "max_retries": 0, "timeout_s": 5}}]}))
+    cfg = config.load(job, [f"input.path={demo_data['path']}", f"input.image_root={demo_data['root']}",
+                            f"embedder.model={tiny_models['embedder']}", f"output.dir={tmp_path / 'out'}",
+                            "input.rows_per_shard=8"])
+    config.resolve_paths(cfg)
+    rows = run_local(cfg, plan_shards(config.to_dict(cfg)["input"])[:1])
+    assert len(rows) == 8
+    assert {r["quarantine_reason"] for r in rows} == {"generation_failed"}
+    assert all("cannot reach" in r["quarantine_detail"] and r["need_reasoning"] is None for r in rows)
