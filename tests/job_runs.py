@@ -67,6 +67,13 @@ def end_session(sid: int, grace: float = 0.5) -> None:
         time.sleep(grace)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (now: a caller may bind it, or find it refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def ray_start(args: list[str], env: dict) -> int:
     """`ray start ...` in a session of its own; returns the session id, which the node's daemons keep."""
     ray = str(Path(sys.executable).with_name("ray"))

@@ -5,7 +5,6 @@ import base64
 import io
 import json
 import logging
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +14,7 @@ from PIL import Image
 
 from stages.backends.base import IMAGE_MARKER, GenRequest
 from stages.backends.openai_http import OpenAIGenerator, parse_chat_response
+from tests import job_runs
 
 HANG = object()  # a behaviour's answer meaning: never answer
 SECRET = "sk-test-5f2b9c0e-do-not-leak"
@@ -392,10 +392,7 @@ def test_malformed_response(serve, payload, message):
 
 
 def test_connection_refused():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # nothing listens on the port any more
+    port = job_runs.free_port()  # nothing listens on it
     out = fast(f"http://127.0.0.1:{port}/v1", max_retries=2).generate([request(seeds=[1])])
     g = out[0][0]
     assert g.finish_reason == "error"

@@ -4,7 +4,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,12 +21,6 @@ RAY = str(Path(sys.executable).with_name("ray"))
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ray-head")
@@ -40,7 +33,7 @@ def head(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     # as in an activated venv: the job's `python` is the one Ray runs on
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = job_runs.free_port(), job_runs.free_port()
     sessions = [job_runs.ray_start(["--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
                                     f"--temp-dir={temp_dir}", "--disable-usage-stats"], env)]

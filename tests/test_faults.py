@@ -79,14 +79,6 @@ def test_model_actor_killed_mid_run_job_completes_by_itself(stage, corpus, refer
 
 
 # ------------------------------------------------------------------ a worker node lost
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serving_model_actors(sid: int) -> list[str]:
     """The Ray Data model actors in session `sid` that have loaded their model (Ray names a process after
     what it runs: `ray::MapWorker(MapBatches(Embed)).__init__` while loading, then without the suffix, or with
@@ -109,7 +101,7 @@ def two_nodes(tmp_path):
     token.chmod(0o600)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     env.pop("RAY_ADDRESS", None)
-    port = _free_port()
+    port = job_runs.free_port()
     common = ["--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     sessions = []
     try:

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from scripts import serve_openai
+from tests import job_runs
 from stages.backends.base import IMAGE_MARKER, GenRequest
 from stages.backends.openai_http import OpenAIGenerator
 from stages.generate import candidate_seed
@@ -266,17 +267,13 @@ def test_cluster_generator_requests_are_what_vllm_takes():
 def test_a_pair_that_no_generator_answered_is_quarantined_not_labelled(tiny_models, demo_data, tmp_path):
     """A served generator that is down: every candidate is an error, so nothing was tested, and the pairs go to
     quarantine as generation_failed instead of being written with need_reasoning = false."""
-    import socket
-
     import yaml
 
     from pipeline import config
     from pipeline.plan import run_local
     from stages.read import plan_shards
 
-    with socket.socket() as s:  # a port nobody listens on: connections are refused
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = job_runs.free_port()  # nobody listens on it: connections are refused
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({"generators": [{
         "name": "down", "backend": "openai", "model": SERVED, "k": 2,
