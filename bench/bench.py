@@ -139,8 +139,7 @@ def run_job(data: Path, out: Path, *overrides: str) -> dict:
         raise SystemExit(f"the job failed (exit {rc}); see {log}")
     stats = [json.loads(p.read_text()) for p in sorted((out / "_stats").glob("*.json"))]
     # the job's timeline from its model actors' counters (stages/counters.py), in seconds since it started
-    timeline = {"ready": max(st["t_ready"] for st in stats) - started,
-                "first": min(st["t_first"] for st in stats if st["t_first"]) - started,
+    timeline = {"first": min(st["t_first"] for st in stats if st["t_first"]) - started,
                 "last": max(st["t_last"] for st in stats if st["t_last"]) - started}
     return {"wall": wall, "timeline": timeline, "memory": sampler.peak, "cpu": cpu, "others": others, "stats": stats,
             "rows": {r["pair_id"]: r for r in pq.read_table(out / "data").to_pylist()},

@@ -8,7 +8,9 @@ of a job's wall time went to start-up, to waiting and to model work.
 from __future__ import annotations
 
 import logging
+import os
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -18,10 +20,12 @@ log = logging.getLogger(__name__)
 
 
 class StageCounters(dict):
-    def __init__(self, path: Optional[Path], **fields):
+    """Counters of one actor, saved to STATS_DIR/<name>-<pid>-<random>.json (stats_dir None: nowhere)."""
+
+    def __init__(self, stats_dir: Optional[str], name: str, **fields):
         super().__init__(batches=0, rows=0, model_seconds=0.0, t_init=time.time(), t_ready=None, t_first=None,
                          t_last=None, **fields)
-        self.path = path
+        self.path = None if stats_dir is None else Path(stats_dir) / f"{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
 
     def ready(self) -> None:
         self["t_ready"] = time.time()

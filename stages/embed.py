@@ -17,10 +17,7 @@ already set only gets its new candidates embedded; its target and negatives come
 from __future__ import annotations
 
 import logging
-import os
 import time
-import uuid
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -85,9 +82,7 @@ class Embed:
 
     def __init__(self, embedder: dict, max_image_pixels: int, cache_dir: Optional[str] = None,
                  stats_dir: Optional[str] = None, round_index: int = 0):
-        self.stats = StageCounters(
-            None if stats_dir is None else Path(stats_dir) / f"embed-{os.getpid()}-{uuid.uuid4().hex[:8]}.json",
-            stage="embed", round=round_index, lookups=0, forwards=0)
+        self.stats = StageCounters(stats_dir, "embed", stage="embed", round=round_index, lookups=0, forwards=0)
         self.cfg = embedder
         self.max_image_pixels = max_image_pixels
         backend_cls = embedder_class(embedder["backend"])

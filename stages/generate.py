@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-import uuid
-from pathlib import Path
 from typing import Optional
 
 import pyarrow as pa
@@ -77,11 +74,9 @@ class Generate:
     def __init__(self, generator: dict, template: str, max_image_pixels: int, k_stop: Optional[int] = None,
                  satisfied_above: Optional[float] = None, generator_order: Optional[list[str]] = None,
                  stats_dir: Optional[str] = None, round_index: int = 0):
-        self.stats = StageCounters(
-            None if stats_dir is None else
-            Path(stats_dir) / f"generate-{generator['name']}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json",
-            stage="generate", generator=generator["name"], round=round_index, rows_satisfied=0, requests=0,
-            samples=0, tokens=0)
+        self.stats = StageCounters(stats_dir, f"generate-{generator['name']}", stage="generate",
+                                   generator=generator["name"], round=round_index, rows_satisfied=0, requests=0,
+                                   samples=0, tokens=0)
         self.cfg = generator
         self.template = template
         self.max_image_pixels = max_image_pixels
