@@ -64,7 +64,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
-from schemas import v1 as schemas
+import schemas  # the current version (schemas/__init__.py re-exports it)
 from stages.backends.base import IMAGE_MARKER
 from stages.faults import fault_point
 from stages.images import ImageError, decode_image
