@@ -8,6 +8,7 @@ Everything is checked before Ray starts or any model loads.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -163,6 +165,12 @@ def _keyed(prefix: str):
         raise _as_config_error(e, prefix) from None
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
+
+
 def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> DictConfig:
     """default.yaml <- job config file <- key=value overrides, then checked."""
     try:
@@ -173,14 +181,20 @@ def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> DictConfi
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"config: no such file: {path}")
-            layers.append(OmegaConf.load(path))
+            try:
+                layers.append(OmegaConf.load(path))
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config: {path} is not valid YAML: {_yaml_problem(e)}") from None
         merged = OmegaConf.merge(*layers)
         for item in overrides:
             key, sep, _ = item.partition("=")
             if not sep or not key:
                 raise ConfigError(f"{item}: overrides are key=value")
             # from_dotlist parses the value as YAML; update() walks list indices (generators.0.k)
-            value = OmegaConf.from_dotlist([f"v={item[len(key) + 1:]}"])["v"]
+            try:
+                value = OmegaConf.from_dotlist([f"v={item[len(key) + 1:]}"])["v"]
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{key}: the value is not valid YAML: {_yaml_problem(e)}") from None
             OmegaConf.update(merged, key, value, merge=True)
         generators = []
         for i, g in enumerate(merged.generators):
@@ -229,7 +243,7 @@ def check(cfg: DictConfig) -> None:
         _check_resources(f"{key}.resources", g.resources)
         if g.backend == "precomputed" and not Path(str(g.options.get("path", ""))).is_file():
             _fail(f"{key}.options.path", f"precomputed rationales file not found: {g.options.get('path')}")
-        if g.backend == "transformers":
+        if g.backend in _LOCAL_MODEL_BACKENDS:
             _check_model_ref(f"{key}.model", g.model)
         if g.backend == "openai" and cfg.rounds.k0 is not None and g.options.get("use_n", True):
             # one request with n choices samples them all from the first candidate's seed: a later round
@@ -239,8 +253,7 @@ def check(cfg: DictConfig) -> None:
 
     choice("embedder.backend", cfg.embedder.backend)
     choice("embedder.pooling", cfg.embedder.pooling)
-    if cfg.embedder.backend != "vllm":
-        _check_model_ref("embedder.model", cfg.embedder.model)
+    _check_model_ref("embedder.model", cfg.embedder.model)
     _check_resources("embedder.resources", cfg.embedder.resources)
     for side in ("query_instruction", "reasoned_query_instruction", "target_instruction"):
         if "{text}" not in cfg.embedder[side]:
@@ -271,13 +284,84 @@ def _check_resources(key, r):
         _fail(f"{key}.batch_size", "must be >= 1")
 
 
+# Backends that load a model from a local folder or the Hugging Face hub; a served (openai) model's name
+# belongs to its server, and precomputed rationales name no model at all.
+_LOCAL_MODEL_BACKENDS = ("transformers", "sentence_transformers", "vllm")
+
+
+def _model_keys(cfg: DictConfig) -> list[tuple[str, str]]:
+    """(key, model) of every model that this process or its actors load themselves."""
+    keys = [(f"generators[{i}].model", g.model) for i, g in enumerate(cfg.generators)
+            if g.backend in _LOCAL_MODEL_BACKENDS]
+    return keys + [("embedder.model", cfg.embedder.model)]
+
+
+def _looks_like_a_folder(ref: str) -> bool:
+    """models/tiny-qwen2vl, ./m, /data/m, ~/m: a path. org/name: a hub id, unless `org` is a folder here (a
+    typo in models/<name> must not send the job to the hub)."""
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        return True
+    return "/" in ref and Path(ref.split("/")[0]).expanduser().is_dir()
+
+
+def _did_you_mean(path: Path) -> str:
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        return ""
+    close = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir() if p.is_dir()], n=1)
+    return f" (did you mean {path.parent / close[0]}?)" if close else ""
+
+
 def _check_model_ref(key, ref):
-    """A model is a local folder or a hub id (org/name). A path-looking value that
-    does not exist is almost always a mistake (e.g. `make models` not run)."""
-    p = Path(ref)
-    looks_local = ref.startswith((".", "/", "~")) or p.exists() or ref.count("/") != 1
-    if looks_local and not p.is_dir():
-        _fail(key, f"model folder not found: {ref}")
+    """A model is a local folder or a hub id (org/name). A path-looking value that does not exist is almost
+    always a mistake (a typo, or `make models` not run): say so now, not after Ray tried the hub for minutes."""
+    p = Path(ref).expanduser()
+    if _looks_like_a_folder(ref) and not p.is_dir():
+        _fail(key, f"model folder not found: {ref}{_did_you_mean(p)}")
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get(name, "").upper() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE) or any(f in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+HUB_TIMEOUT_S = 10
+
+
+def _check_hub_model(key: str, ref: str) -> None:
+    """A model that is not a local folder must be in the Hugging Face cache, or on a hub this machine reaches
+    (one request, HUB_TIMEOUT_S at most; none at all with HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(ref, "config.json"), str):
+        return
+    where = f"not a local folder and not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    if _hub_offline():
+        _fail(key, f"{ref}: {where}, and the hub is off (HF_HUB_OFFLINE=1); give a local folder, or download it")
+    try:
+        HfApi().model_info(ref, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:  # it exists; loading it needs the user's token, which the backend reads
+        return
+    except RepositoryNotFoundError:
+        _fail(key, f"{ref}: {where}, and no such model on {constants.ENDPOINT}")
+    except Exception as e:  # noqa: BLE001 - no network, DNS, proxy, timeout: all say "cannot reach"
+        _fail(key, f"{ref}: {where}, and {constants.ENDPOINT} cannot be reached ({type(e).__name__}: "
+                   f"{str(e).splitlines()[0] if str(e) else ''}); give a local folder, or download it first")
+
+
+def check_available(cfg: DictConfig) -> None:
+    """What the config names exists on this machine: the input, and every model (a local folder, a cached hub
+    model, or one the hub has). Run by `pipeline run` after `load`, before Ray starts; `load` alone stays free of
+    the filesystem and the network so that a config can be checked anywhere (e.g. for a cluster)."""
+    if not any(ch in cfg.input.path for ch in "*?[") and not Path(cfg.input.path).expanduser().exists():
+        _fail("input.path", f"no such file or folder: {cfg.input.path}")
+    for key, ref in _model_keys(cfg):
+        _check_model_ref(key, ref)
+        if not Path(ref).expanduser().is_dir():
+            _check_hub_model(key, ref)
 
 
 def resolve_paths(cfg: DictConfig) -> None:

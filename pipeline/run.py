@@ -2,9 +2,13 @@
 shards, drive the plan of pipeline/plan.py, commit each shard once all its rows are written, and write the
 manifest.
 
+A user's files are sacred: output.dir must be new, empty or a pairsel output (its marker: _commits/job.json or
+a manifest of its own), and pairsel deletes there only what it writes itself (OWN_FOLDERS, OWN_FILES, shard
+files); --overwrite too.
+
 Exactly once: a shard is done when its commit record is (stages/write.py). A rerun into the same output dir,
-after any crash, keeps the committed shards, deletes everything else a dead run left, and redoes only the
-missing shards; seeds derive from pair_id and the embedder is batch-invariant, so a redone shard is the same,
+after any crash or a Ctrl-C, keeps the committed shards, deletes what the dead run staged or left uncommitted,
+and redoes only the missing shards; seeds derive from pair_id and the embedder is batch-invariant, so a redone shard is the same,
 bit for bit, as in a run that never died.
 
 Only small per-part records reach the driver, never rows; what it holds grows with the number of shards (a few
@@ -12,15 +16,21 @@ hundred bytes each), not with the rows.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import ray
+import yaml
 from omegaconf import DictConfig
 
 from pipeline import card, manifest
@@ -59,14 +69,98 @@ def plan_fingerprint(specs: list[dict]) -> dict:
     return {"shards": len(specs), "sha256": hashlib.sha256(json.dumps(cut).encode()).hexdigest()[:16]}
 
 
+# What pairsel writes into an output dir, and so the only things it ever deletes there. Anything else (a user's
+# notes, another tool's files) is left alone, and a non-empty folder without pairsel's marker is refused.
+OWN_FOLDERS = ("_staging", "_index", "_stats", "_cache", "_logs")  # wholly pairsel's; _commits goes last
+OWN_FILES = ("manifest.json", "report.html")
+SHARD_FILE = re.compile(r"shard-(\d+)\.parquet")  # stages/write.py:shard_name + .parquet
+TEMP_SHARD_FILE = re.compile(r"\.shard-\d+\.parquet\.[0-9a-f]{32}\.tmp")  # atomic_write_table's temporary name
+JOB_RECORD = Path("_commits") / "job.json"
+
+
+def is_pairsel_output(out_dir: Path) -> bool:
+    """pairsel's marker: the job record it writes before anything else, or a manifest of its own."""
+    for path, key in ((out_dir / JOB_RECORD, "label_config"), (out_dir / "manifest.json", "pairsel_version")):
+        try:
+            if key in json.loads(path.read_text()):
+                return True
+        except (OSError, ValueError, TypeError):
+            continue
+    return False
+
+
+def is_pairsel_card(path: Path) -> bool:
+    """OUT/README.md as pipeline/card.py writes it (front matter tagged pairsel), not a README of the user's."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        if not text.startswith("---\n"):
+            return False
+        meta = yaml.safe_load(text[4:text.index("\n---\n")])
+        return isinstance(meta, dict) and "pairsel" in (meta.get("tags") or [])
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """output.dir is new, empty, or a pairsel output: pairsel never writes over, nor deletes, a user's files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output.dir: {out_dir} is a file, not a folder")
+    if not out_dir.is_dir() or is_pairsel_output(out_dir):
+        return
+    found = sorted(p.name for p in out_dir.iterdir())
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise ConfigError(f"output.dir: {out_dir} is not empty ({shown}) and is not a pairsel output; pairsel "
+                          "writes only into a new or empty folder or its own output, whatever the flags: "
+                          "choose another output.dir")
+
+
+def _shard_files(out_dir: Path, keep: set[int] = frozenset()):
+    """pairsel's shard files (and their temporary names) in data/ and quarantine/, but those of `keep`."""
+    for sub in ("data", "quarantine"):
+        for f in sorted((out_dir / sub).glob("*shard-*")):
+            m = SHARD_FILE.fullmatch(f.name)
+            if (m and int(m[1]) not in keep) or TEMP_SHARD_FILE.fullmatch(f.name):
+                yield f
+
+
+def remove_own_output(out_dir: Path, cache_dir: str | None) -> None:
+    """--overwrite: delete what pairsel wrote in out_dir, and nothing else. The job record goes last, so that a
+    removal cut short still leaves a folder that pairsel recognises as its own."""
+    if not out_dir.is_dir():
+        return
+    for f in _shard_files(out_dir):
+        f.unlink()
+    for sub in ("data", "quarantine"):
+        with contextlib.suppress(OSError):  # kept if it holds anything else
+            (out_dir / sub).rmdir()
+    folders = [out_dir / name for name in OWN_FOLDERS]
+    if cache_dir is not None and Path(cache_dir).resolve().is_relative_to(out_dir.resolve()):
+        folders.append(Path(cache_dir))  # the embedding cache, where it lives in the output
+    for folder in folders:
+        if folder.resolve() != out_dir.resolve():
+            shutil.rmtree(folder, ignore_errors=True)
+    for name in OWN_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    if is_pairsel_card(out_dir / "README.md"):
+        (out_dir / "README.md").unlink()
+    commits = out_dir / "_commits"
+    for f in sorted(commits.glob("shard-*.json")) + sorted(commits.glob(".*.tmp")):
+        f.unlink()
+    (out_dir / JOB_RECORD).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        commits.rmdir()
+
+
 def prepare_output(out_dir: Path, cfg: DictConfig, overwrite: bool, force: bool,
                    specs: list[dict] | None = None) -> set[int]:
     """Make out_dir ready and return the shard ids already committed there (resume is the default)."""
-    if overwrite and out_dir.exists():
-        shutil.rmtree(out_dir)
+    check_output_dir(out_dir)
+    if overwrite:
+        remove_own_output(out_dir, cfg.embedder.cache_dir)
     commits = out_dir / "_commits"
     commits.mkdir(parents=True, exist_ok=True)
-    job = commits / "job.json"
+    job = out_dir / JOB_RECORD
     current = {"label_config": label_config(cfg), "config_hash": config_hash(cfg)}
     if specs is not None:
         current["input_plan"] = plan_fingerprint(specs)
@@ -94,33 +188,49 @@ def prepare_output(out_dir: Path, cfg: DictConfig, overwrite: bool, force: bool,
             committed.add(record["shard_id"])
         else:  # a record without its files cannot be trusted: redo the shard
             (commits / f"shard-{record['shard_id']:06d}.json").unlink()
-    # Parts of unfinished shards and files never committed are leftovers of a crash.
+    # Parts of unfinished shards and shard files never committed are leftovers of a crash; nothing else is.
     shutil.rmtree(out_dir / "_staging", ignore_errors=True)
-    for sub in ("data", "quarantine"):
-        for f in (out_dir / sub).glob("*"):
-            shard = f.name.split(".")[0]
-            if not f.name.startswith("shard-") or int(shard.split("-")[1]) not in committed:
-                f.unlink()
+    for f in _shard_files(out_dir, keep=committed):
+        f.unlink()
     return committed
 
 
 # ---------------------------------------------------------------- Ray
-def init_ray(address: str | None) -> None:
+# The model libraries' progress bars and notices, off in the workers of a quiet run: the console shows pairsel's
+# own progress line, and bars would only fill the log file (HF_HUB_DISABLE_PROGRESS_BARS covers transformers'
+# "Loading weights" bar, TQDM_DISABLE any other tqdm bar).
+QUIET_WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def init_ray(address: str | None, quiet: bool = False) -> bool:
+    """Start or join Ray; True if this call did (and so the caller shuts it down). quiet: no progress bars from
+    Ray Data or the model libraries (pipeline/cli.py sends everything else Ray prints to the log file)."""
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
-    fault_env = faults.forwarded_env()  # empty unless a fault test set PAIRSEL_FAULT
+    env = {**faults.forwarded_env(), **(QUIET_WORKER_ENV if quiet else {})}  # faults: empty unless a test set them
+    if quiet:
+        ray.data.DataContext.get_current().enable_progress_bars = False
     if address:
         # Inside `ray job submit` the working dir is already shipped; from a plain driver, ship this repo.
         runtime_env = {}
         if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # set by Ray for a submitted job's driver
             runtime_env = {"working_dir": str(REPO_ROOT),
                            "excludes": [".venv/", ".git/", "out/", "models/", "data/", "**/__pycache__/"]}
-        if fault_env:
-            runtime_env["env_vars"] = fault_env
+        if env:
+            runtime_env["env_vars"] = env
         ray.init(address=address, runtime_env=runtime_env or None, log_to_driver=True)
     else:
-        _init_local_ray({"env_vars": {"PYTHONPATH": str(REPO_ROOT), **fault_env}})
+        _init_local_ray({"env_vars": {"PYTHONPATH": str(REPO_ROOT), **env}})
+    return True
+
+
+def ray_logs_dir() -> str | None:
+    """Where this driver's Ray session keeps its logs (its workers', raylet's, Ray Data's)."""
+    try:
+        return ray._private.worker._global_node.get_logs_dir_path()  # no public API names it
+    except AttributeError:
+        return None
 
 
 def _init_local_ray(runtime_env: dict) -> None:
@@ -169,18 +279,23 @@ def start_duplicate_index(cfg: DictConfig, specs: list[dict], out_dir: Path) -> 
         str(keys), str(out_dir / "_index" / "duplicates.parquet"), *indexed)
 
 
-def drive(ds: ray.data.Dataset, cfg: DictConfig, specs: list[dict]) -> int:
+# A progress callback: (shards committed by this run, pairs labelled and written by it so far).
+Progress = Callable[[int, int], None]
+
+
+def drive(ds: ray.data.Dataset, cfg: DictConfig, specs: list[dict], progress: Progress | None = None) -> int:
     """Consume the part records; commit each shard as soon as all of its rows are on disk."""
     commit = ray.remote(num_cpus=cfg.ray.write_num_cpus)(commit_shard)
     todo = {s["shard_id"] for s in specs}
     pending: dict[int, dict] = {}  # shards with some rows on disk
-    in_flight, committed = [], 0
+    in_flight, committed, pairs = [], 0, 0
     for meta in ds.iter_rows():
         shard_id = meta["shard_id"]
         if shard_id not in todo:
             raise RuntimeError(f"shard {shard_id}: rows arrived for a shard that is not to do (or done already)")
         shard = pending.setdefault(shard_id, {"parts": [], "quarantine_parts": [], "rows": 0})
         shard["rows"] += meta["rows"] + meta["quarantine_rows"]
+        pairs += meta["rows"] + meta["quarantine_rows"]
         if meta["part"]:
             shard["parts"].append(meta["part"])
         if meta["quarantine_part"]:
@@ -193,38 +308,114 @@ def drive(ds: ray.data.Dataset, cfg: DictConfig, specs: list[dict]) -> int:
                                            cfg.output.compression, meta["shard_size"]))
             del pending[shard_id]
             todo.discard(shard_id)
+        if in_flight:
             done, in_flight = ray.wait(in_flight, num_returns=len(in_flight), timeout=0)
             committed += len(ray.get(done))  # raises if a commit failed
+        if progress is not None:
+            progress(committed, pairs)
     if pending:
         shard_id = min(pending)
         raise RuntimeError(f"shard {shard_id}: only {pending[shard_id]['rows']} rows written; rerun to resume")
     for shard_id in sorted(todo):  # read no rows at all: an empty shard is committed as such
         in_flight.append(commit.remote(cfg.output.dir, shard_id, [], [], cfg.output.compression))
-    return committed + len(ray.get(in_flight))
+    while in_flight:
+        done, in_flight = ray.wait(in_flight, num_returns=1)
+        committed += len(ray.get(done))
+        if progress is not None:
+            progress(committed, pairs)
+    return committed
+
+
+# ---------------------------------------------------------------- the job
+class JobStopped(Exception):
+    """The job ended before its last shard: interrupted (Ctrl-C) or failed. Committed shards stay; a rerun of the
+    same command resumes."""
+
+    def __init__(self, out_dir: Path, planned: int, interrupted: bool, cause: BaseException | None = None):
+        self.out_dir, self.planned, self.interrupted, self.cause = out_dir, planned, interrupted, cause
+        super().__init__("interrupted" if interrupted else f"{type(cause).__name__}: {cause}")
+
+    @property
+    def committed(self) -> int:
+        """Shards committed now (read from disk: a commit may finish while the job stops)."""
+        return len(manifest.commit_records(self.out_dir))
+
+
+def plan_input(cfg: DictConfig) -> list[dict]:
+    """The shard plan; an input that is missing or not what input.format says is a user error, said in one line
+    that names the key (stages/read.py starts its messages with it)."""
+    try:
+        return plan_shards(to_dict(cfg)["input"])
+    except (ValueError, OSError, tarfile.TarError) as e:
+        msg = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConfigError(msg if msg.startswith("input.") else f"input.path: {cfg.input.path}: {msg}") from None
+
+
+@dataclass
+class Job:
+    """A job whose output dir is ready: what is planned, and what an earlier run already committed."""
+
+    cfg: DictConfig
+    out_dir: Path
+    specs: list[dict]
+    committed: set[int]
+    started_at: str
+    t0: float
+
+    @property
+    def todo(self) -> list[dict]:
+        return [s for s in self.specs if s["shard_id"] not in self.committed]
+
+
+def prepare(cfg: DictConfig, overwrite: bool = False, force: bool = False) -> Job:
+    """Everything before Ray: the output dir checked (never a user's folder), the input planned, the output dir
+    made ready for a fresh run or a resume. Raises ConfigError for every user error."""
+    t0, started_at = time.monotonic(), manifest.now_iso()
+    out_dir = Path(cfg.output.dir)
+    check_output_dir(out_dir)
+    specs = plan_input(cfg)
+    committed = prepare_output(out_dir, cfg, overwrite, force, specs)
+    log.info("%d shards planned, %d already committed, %d to do", len(specs), len(committed),
+             len(specs) - len(committed))
+    return Job(cfg, out_dir, specs, committed, started_at, t0)
+
+
+def execute(job: Job, address: str | None = None, quiet: bool = False, progress: Progress | None = None,
+            on_ray_started: Callable[[], None] | None = None) -> dict:
+    """Run the shards still to do, then write the manifest and the card. Raises JobStopped if it ends early;
+    Ray, if this call started it, is shut down either way (its processes end with it)."""
+    cfg, out_dir, todo = job.cfg, job.out_dir, job.todo
+    if todo:
+        had_ray = ray.is_initialized()
+        try:
+            init_ray(address, quiet)
+            if on_ray_started is not None:
+                on_ray_started()
+            duplicates = start_duplicate_index(cfg, job.specs, out_dir)
+            drive(build_dataset(cfg, todo, duplicates), cfg, todo, progress)
+            if duplicates is not None:
+                log.info("%d rows repeat a pair_id that an earlier shard holds", ray.get(duplicates)["rows"])
+        except KeyboardInterrupt:
+            log.warning("interrupted with %d of %d shards committed in %s", len(manifest.commit_records(out_dir)),
+                        len(job.specs), out_dir)
+            raise JobStopped(out_dir, len(job.specs), interrupted=True) from None
+        except Exception as e:
+            log.exception("the job failed with %d of %d shards committed in %s; committed shards are kept: rerun "
+                          "the same command to finish the rest", len(manifest.commit_records(out_dir)),
+                          len(job.specs), out_dir)
+            raise JobStopped(out_dir, len(job.specs), interrupted=False, cause=e) from e
+        finally:
+            if not had_ray:  # also after a Ctrl-C inside ray.init: no process of this run may outlive it
+                ray.shutdown()
+    result = manifest.build(out_dir, cfg, job.started_at, time.monotonic() - job.t0, planned_shards=len(job.specs))
+    manifest.write(out_dir, result)
+    if (out_dir / "README.md").exists() and not is_pairsel_card(out_dir / "README.md"):
+        log.warning("%s/README.md is not pairsel's dataset card: left as it is, no card written", out_dir)
+    else:
+        card.write_card(str(out_dir), result)
+    shutil.rmtree(out_dir / "_staging", ignore_errors=True)
+    return result
 
 
 def run(cfg: DictConfig, address: str | None = None, overwrite: bool = False, force: bool = False) -> dict:
-    t0 = time.monotonic()
-    started_at = manifest.now_iso()
-    out_dir = Path(cfg.output.dir)
-    specs = plan_shards(to_dict(cfg)["input"])
-    committed = prepare_output(out_dir, cfg, overwrite, force, specs)
-    todo = [s for s in specs if s["shard_id"] not in committed]
-    log.info("%d shards planned, %d already committed, %d to do", len(specs), len(committed), len(todo))
-    if todo:
-        init_ray(address)
-        try:
-            duplicates = start_duplicate_index(cfg, specs, out_dir)
-            drive(build_dataset(cfg, todo, duplicates), cfg, todo)
-            if duplicates is not None:
-                log.info("%d rows repeat a pair_id that an earlier shard holds", ray.get(duplicates)["rows"])
-        except Exception as e:
-            log.error("the job failed (%s: %s) with %d of %d shards committed in %s; committed shards are kept: "
-                      "rerun the same command to finish the rest", type(e).__name__, str(e)[:300],
-                      len(manifest.commit_records(out_dir)), len(specs), out_dir)
-            raise
-    result = manifest.build(out_dir, cfg, started_at, time.monotonic() - t0, planned_shards=len(specs))
-    manifest.write(out_dir, result)
-    card.write_card(str(out_dir), result)
-    shutil.rmtree(out_dir / "_staging", ignore_errors=True)
-    return result
+    return execute(prepare(cfg, overwrite, force), address)

@@ -147,6 +147,9 @@ def _sources(path: str, fmt: str) -> list[Path]:
     out = set()
     for p in found:
         p = p.resolve()
+        if p.is_dir() and _is_hf_dataset(p) and fmt != "hf":  # its .json files are not JSON Lines
+            raise ValueError(f"input.format: {fmt} does not read {p}, a datasets save_to_disk folder; "
+                             "input.format=hf reads it")
         if p.is_dir() and not (fmt == "hf" and _is_hf_dataset(p)):
             out.update(_inputs_under(p, fmt))
         else:
@@ -166,19 +169,38 @@ def _is_hf_dataset(folder: Path) -> bool:
 
 
 def _kind(src: Path, fmt: str) -> str:
+    """What reads `src`; an input that input.format cannot read is a user error naming the key to fix."""
     if fmt == "hf":
         if not _is_hf_dataset(src):
+            if src.is_file():
+                raise ValueError(f"input.format: hf reads a datasets save_to_disk folder, but input.path {src} is "
+                                 f"a file{_format_hint(src)}")
             raise ValueError(f"input.path: {src} is not a datasets save_to_disk folder (no state.json)")
         return "hf"
     if fmt == "webdataset":
         if not src.name.endswith(TAR_SUFFIXES):
-            raise ValueError(f"input.path: {src} is not a tar file ({', '.join(TAR_SUFFIXES)})")
+            raise ValueError(f"input.format: webdataset reads tar files ({', '.join(TAR_SUFFIXES)}), but "
+                             f"input.path {src} is not one{_format_hint(src)}")
         return "tar"
     if src.name.endswith(JSONL_SUFFIXES):
         return "jsonl"
     if src.name.endswith(".parquet"):
         return "parquet"
-    raise ValueError(f"input.path: {src}: mmeb input must be {', '.join(JSONL_SUFFIXES)} or .parquet")
+    raise ValueError(f"input.format: mmeb reads {', '.join(JSONL_SUFFIXES)} or .parquet files, but input.path "
+                     f"{src} is not one{_format_hint(src)}")
+
+
+def _format_hint(src: Path) -> str:
+    """The input.format that does read `src`, as the end of a message."""
+    if src.is_dir() and _is_hf_dataset(src):
+        fmt = "hf"
+    elif src.name.endswith(TAR_SUFFIXES):
+        fmt = "webdataset"
+    elif src.name.endswith(JSONL_SUFFIXES + (".parquet",)):
+        fmt = "mmeb"
+    else:
+        return ""
+    return f"; input.format={fmt} reads it"
 
 
 def _stem(src: Path) -> str:
@@ -768,12 +790,14 @@ class _ImageStore:
         try:
             st = full.stat()
             if not stat.S_ISREG(st.st_mode):
-                raise Bad("image_missing", f"{what} is not a regular file")
+                raise Bad("image_missing", f"{what}: {full} is not a regular file")
             if st.st_size > self.max_bytes:
                 raise Bad("image_too_large", f"{what} is {st.st_size} bytes")
             data = full.read_bytes()
+        except FileNotFoundError:  # name where it was looked for: a wrong image_root shows at once
+            raise Bad("image_missing", f"{what}: no file {full} (image_root {self.root})") from None
         except OSError as e:
-            raise Bad("image_missing", f"{what}: {e.strerror or e}") from None
+            raise Bad("image_missing", f"{what}: {full}: {e.strerror or e}") from None
         self._check(data, what)
         return data
 
