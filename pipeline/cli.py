@@ -66,6 +66,7 @@ class Console:
             terminal = logging.StreamHandler(self.err)
             terminal.setLevel(logging.WARNING)
             terminal.setFormatter(logging.Formatter("pairsel: %(levelname)s: %(message)s"))
+            terminal.addFilter(lambda record: record.exc_info is None)  # a failure is told in one line, below
             log.addHandler(terminal)
         else:
             to_file = logging.FileHandler(log_path, encoding="utf-8")

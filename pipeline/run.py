@@ -396,7 +396,7 @@ def execute(job: Job, address: str | None = None, quiet: bool = False, progress:
             if duplicates is not None:
                 log.info("%d rows repeat a pair_id that an earlier shard holds", ray.get(duplicates)["rows"])
         except KeyboardInterrupt:
-            log.warning("interrupted with %d of %d shards committed in %s", len(manifest.commit_records(out_dir)),
+            log.info("interrupted with %d of %d shards committed in %s", len(manifest.commit_records(out_dir)),
                         len(job.specs), out_dir)
             raise JobStopped(out_dir, len(job.specs), interrupted=True) from None
         except Exception as e:

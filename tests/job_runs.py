@@ -196,3 +196,20 @@ def wait_for(condition, timeout: float, what: str, every: float = 0.2):
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+# ------------------------------------------------------------------ a user's files around a run
+def checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by path relative to it (a user's files before and after a run)."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def start_pipeline(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    """`python -m pipeline run configs/demo.yaml ARGS` in a session of its own, without waiting: for a test
+    that signals it (end it with end_session(proc.pid))."""
+    cmd = [sys.executable, "-m", "pipeline", "run", "configs/demo.yaml", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
