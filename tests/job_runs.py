@@ -203,6 +203,7 @@ def checksums(folder: Path) -> dict[str, str]:
     """sha256 of every file under `folder`, by path relative to it (a user's files before and after a run)."""
     import hashlib
 
+    folder = Path(folder)
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
