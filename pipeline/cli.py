@@ -41,12 +41,16 @@ class Console:
         self.verbose = verbose
         self.out, self.err = sys.stdout, sys.stderr
         self.log_path: Path | None = None
+        self.live = None  # the live progress line (rich) while it shows
         self._file_log: logging.Logger | None = None
 
-    def say(self, message: str) -> None:
-        """A status line for the user, also kept in the log file."""
-        print(message, file=self.err, flush=True)
-        if self._file_log is not None:
+    def say(self, message: str, keep: bool = True) -> None:
+        """A status line for the user (above the live progress line, if there is one), also kept in the log file."""
+        if self.live is not None:
+            self.live.console.print(message, highlight=False, markup=False, soft_wrap=True)
+        else:
+            print(message, file=self.err, flush=True)
+        if keep and self._file_log is not None:
             self._file_log.info(message)
 
     def divert(self, log_path: Path) -> None:
@@ -63,11 +67,7 @@ class Console:
             for handler in logging.getLogger().handlers:  # they write to sys.stderr: the log file now
                 handler.setLevel(logging.INFO)
             # pairsel's own warnings (e.g. actor pools that cannot all fit) still reach the terminal
-            terminal = logging.StreamHandler(self.err)
-            terminal.setLevel(logging.WARNING)
-            terminal.setFormatter(logging.Formatter("pairsel: %(levelname)s: %(message)s"))
-            terminal.addFilter(lambda record: record.exc_info is None)  # a failure is told in one line, below
-            log.addHandler(terminal)
+            log.addHandler(_TerminalHandler(self))
         else:
             to_file = logging.FileHandler(log_path, encoding="utf-8")
             to_file.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -79,6 +79,19 @@ class Console:
         to_file.setFormatter(logging.Formatter(LOG_FORMAT))
         self._file_log.addHandler(to_file)
         self._file_log.setLevel(logging.INFO)
+
+
+class _TerminalHandler(logging.Handler):
+    """pairsel's own warnings on the terminal of a quiet run (the log file has them from the root logger)."""
+
+    def __init__(self, console: Console):
+        super().__init__(logging.WARNING)
+        self.console = console
+        self.setFormatter(logging.Formatter("pairsel: %(levelname)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info is None:  # a failure is told in one line by _stopped
+            self.console.say(self.format(record), keep=False)
 
 
 class ProgressLine:
@@ -106,6 +119,7 @@ class ProgressLine:
             self._task = self._live.add_task("job", total=planned, completed=committed_before,
                                              status="starting Ray")
             self._live.start()
+            console.live = self._live
 
     def status(self) -> str:
         if not self.pairs:
@@ -120,10 +134,7 @@ class ProgressLine:
     def ray_started(self, message: str) -> None:
         if self._live is not None:
             self._live.update(self._task, status="loading models")
-            self._live.console.print(message, highlight=False, soft_wrap=True)  # above the live line
-            self.console._file_log.info(message)
-        else:
-            self.console.say(message)
+        self.console.say(message)
 
     def __call__(self, committed_now: int, pairs: int) -> None:
         if pairs and self.first_pair_at is None:
@@ -143,7 +154,7 @@ class ProgressLine:
     def stop(self) -> None:
         if self._live is not None:
             self._live.stop()
-            self._live = None
+            self._live = self.console.live = None
             self.console._file_log.info(self.line())
         elif self._printed[0] != self.committed:
             self._print()
@@ -182,9 +193,12 @@ def _run(args) -> int:
     try:
         result = job_run.execute(job, address=args.address, quiet=not args.verbose, progress=progress,
                                  on_ray_started=ray_started)
-    except (job_run.JobStopped, KeyboardInterrupt) as e:
+    except (KeyboardInterrupt, Exception) as e:  # JobStopped, or a failure after the shards (the manifest, the card)
         if progress is not None:
             progress.stop()
+        if not isinstance(e, (job_run.JobStopped, KeyboardInterrupt)):
+            log.exception("the job failed after its shards")
+            e = job_run.JobStopped(out, len(job.specs), interrupted=False, cause=e)
         return _stopped(console, job, e)
     if progress is not None:
         progress.stop()
@@ -203,8 +217,8 @@ def _stopped(console: Console, job, e: BaseException) -> int:
         console.say(f"pairsel: interrupted; {kept}. Rerun the same command to resume.")
         return EXIT_INTERRUPTED
     cause = e.cause
-    first = (str(cause).strip().splitlines() or [""])[-1][:300]
-    console.say(f"pairsel: the job failed ({type(cause).__name__}: {first}); {kept}. "
+    said = (str(cause).strip().splitlines() or [""])[-1][:300]  # a Ray task error ends with the cause's own line
+    console.say(f"pairsel: the job failed ({type(cause).__name__}: {said}); {kept}. "
                 f"Details: {console.log_path}. Rerun the same command to finish the rest.")
     return EXIT_FAILED
 

@@ -23,7 +23,9 @@ import logging
 import os
 import re
 import shutil
+import signal
 import tarfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,7 +376,10 @@ def prepare(cfg: DictConfig, overwrite: bool = False, force: bool = False) -> Jo
     out_dir = Path(cfg.output.dir)
     check_output_dir(out_dir)
     specs = plan_input(cfg)
-    committed = prepare_output(out_dir, cfg, overwrite, force, specs)
+    try:
+        committed = prepare_output(out_dir, cfg, overwrite, force, specs)
+    except OSError as e:  # a folder the user cannot write to, a full disk
+        raise ConfigError(f"output.dir: cannot write to {e.filename or out_dir}: {e.strerror or e}") from None
     log.info("%d shards planned, %d already committed, %d to do", len(specs), len(committed),
              len(specs) - len(committed))
     return Job(cfg, out_dir, specs, committed, started_at, t0)
@@ -406,7 +411,7 @@ def execute(job: Job, address: str | None = None, quiet: bool = False, progress:
             raise JobStopped(out_dir, len(job.specs), interrupted=False, cause=e) from e
         finally:
             if not had_ray:  # also after a Ctrl-C inside ray.init: no process of this run may outlive it
-                ray.shutdown()
+                _shutdown_ray()
     result = manifest.build(out_dir, cfg, job.started_at, time.monotonic() - job.t0, planned_shards=len(job.specs))
     manifest.write(out_dir, result)
     if (out_dir / "README.md").exists() and not is_pairsel_card(out_dir / "README.md"):
@@ -415,6 +420,18 @@ def execute(job: Job, address: str | None = None, quiet: bool = False, progress:
         card.write_card(str(out_dir), result)
     shutil.rmtree(out_dir / "_staging", ignore_errors=True)
     return result
+
+
+def _shutdown_ray() -> None:
+    """ray.shutdown(), which a second Ctrl-C does not cut short (it would leave Ray's processes behind); it takes
+    a few seconds."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+    try:
+        ray.shutdown()
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def run(cfg: DictConfig, address: str | None = None, overwrite: bool = False, force: bool = False) -> dict:
