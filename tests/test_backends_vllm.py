@@ -188,8 +188,9 @@ def test_parse_outputs_missing_or_empty_outputs():
 
 
 class StandInEngine:
-    """Stands in for vllm.LLM (which cannot run here) to test how generate()
-    isolates a prompt that makes vLLM reject the whole call."""
+    """Stands in for vllm.LLM, without vLLM, to count the calls generate() makes
+    to isolate a prompt that makes vLLM reject the whole call (the real engine:
+    tests/real_vllm/test_vllm_backends.py)."""
 
     def __init__(self):
         self.calls = []
