@@ -316,7 +316,7 @@ def _check_model_ref(key, ref):
     """A model is a local folder or a hub id (org/name). A path-looking value that does not exist is almost
     always a mistake (a typo, or `make models` not run): say so now, not after Ray tried the hub for minutes."""
     p = Path(ref).expanduser()
-    if _looks_like_a_folder(ref) and not p.is_dir():
+    if _looks_like_a_folder(ref) and not p.exists():  # a file is fine: vLLM loads a .gguf
         _fail(key, f"model folder not found: {ref}{_did_you_mean(p)}")
 
 
@@ -352,6 +352,10 @@ def _check_hub_model(key: str, ref: str) -> None:
                    f"{str(e).splitlines()[0] if str(e) else ''}); give a local folder, or download it first")
 
 
+# Every model folder that transformers, sentence-transformers or vLLM load holds one of these.
+MODEL_FOLDER_MARKERS = ("config.json", "modules.json", "params.json")
+
+
 def check_available(cfg: DictConfig) -> None:
     """What the config names exists on this machine: the input, and every model (a local folder, a cached hub
     model, or one the hub has). Run by `pipeline run` after `load`, before Ray starts; `load` alone stays free of
@@ -360,7 +364,12 @@ def check_available(cfg: DictConfig) -> None:
         _fail("input.path", f"no such file or folder: {cfg.input.path}")
     for key, ref in _model_keys(cfg):
         _check_model_ref(key, ref)
-        if not Path(ref).expanduser().is_dir():
+        folder = Path(ref).expanduser()
+        if folder.is_dir() and not any((folder / name).is_file() for name in MODEL_FOLDER_MARKERS):
+            _fail(key, f"{ref} is not a model folder (it has no {' or '.join(MODEL_FOLDER_MARKERS)})")
+        if not folder.exists():
+            if key == "embedder.model" and cfg.embedder.backend == "sentence_transformers" and "/" not in ref:
+                ref = f"sentence-transformers/{ref}"  # how sentence-transformers resolves a bare name
             _check_hub_model(key, ref)
 
 

@@ -85,3 +85,8 @@ def test_a_config_file_that_is_not_yaml_names_the_file(user, tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"pairsel: config error: config: {bad} is not valid YAML: did not find expected ',' or ']' (line 3, column 1)"]
     assert not user["out"].exists()
+
+
+def test_a_folder_that_holds_no_model_names_the_key(user, tiny_models):
+    line = fails_fast(user, ["embedder.model=models"], "embedder.model")  # the folder above the models
+    assert line.endswith("models is not a model folder (it has no config.json or modules.json or params.json)")
