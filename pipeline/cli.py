@@ -198,7 +198,7 @@ def _run(args) -> int:
             progress.stop()
         if not isinstance(e, (job_run.JobStopped, KeyboardInterrupt)):
             log.exception("the job failed after its shards")
-            e = job_run.JobStopped(out, len(job.specs), interrupted=False, cause=e)
+            e = job_run.JobStopped(interrupted=False, cause=e)
         return _stopped(console, job, e)
     if progress is not None:
         progress.stop()

@@ -8,8 +8,8 @@ files); --overwrite too.
 
 Exactly once: a shard is done when its commit record is (stages/write.py). A rerun into the same output dir,
 after any crash or a Ctrl-C, keeps the committed shards, deletes what the dead run staged or left uncommitted,
-and redoes only the missing shards; seeds derive from pair_id and the embedder is batch-invariant, so a redone shard is the same,
-bit for bit, as in a run that never died.
+and redoes only the missing shards; seeds derive from pair_id and the embedder is batch-invariant, so a redone
+shard is the same, bit for bit, as in a run that never died.
 
 Only small per-part records reach the driver, never rows; what it holds grows with the number of shards (a few
 hundred bytes each), not with the rows.
@@ -330,17 +330,12 @@ def drive(ds: ray.data.Dataset, cfg: DictConfig, specs: list[dict], progress: Pr
 
 # ---------------------------------------------------------------- the job
 class JobStopped(Exception):
-    """The job ended before its last shard: interrupted (Ctrl-C) or failed. Committed shards stay; a rerun of the
-    same command resumes."""
+    """The job ended before its last shard: interrupted (Ctrl-C) or failed (`cause`). Committed shards stay; a
+    rerun of the same command resumes."""
 
-    def __init__(self, out_dir: Path, planned: int, interrupted: bool, cause: BaseException | None = None):
-        self.out_dir, self.planned, self.interrupted, self.cause = out_dir, planned, interrupted, cause
+    def __init__(self, interrupted: bool, cause: BaseException | None = None):
+        self.interrupted, self.cause = interrupted, cause
         super().__init__("interrupted" if interrupted else f"{type(cause).__name__}: {cause}")
-
-    @property
-    def committed(self) -> int:
-        """Shards committed now (read from disk: a commit may finish while the job stops)."""
-        return len(manifest.commit_records(self.out_dir))
 
 
 def plan_input(cfg: DictConfig) -> list[dict]:
@@ -402,13 +397,13 @@ def execute(job: Job, address: str | None = None, quiet: bool = False, progress:
                 log.info("%d rows repeat a pair_id that an earlier shard holds", ray.get(duplicates)["rows"])
         except KeyboardInterrupt:
             log.info("interrupted with %d of %d shards committed in %s", len(manifest.commit_records(out_dir)),
-                        len(job.specs), out_dir)
-            raise JobStopped(out_dir, len(job.specs), interrupted=True) from None
+                     len(job.specs), out_dir)
+            raise JobStopped(interrupted=True) from None
         except Exception as e:
             log.exception("the job failed with %d of %d shards committed in %s; committed shards are kept: rerun "
                           "the same command to finish the rest", len(manifest.commit_records(out_dir)),
                           len(job.specs), out_dir)
-            raise JobStopped(out_dir, len(job.specs), interrupted=False, cause=e) from e
+            raise JobStopped(interrupted=False, cause=e) from e
         finally:
             if not had_ray:  # also after a Ctrl-C inside ray.init: no process of this run may outlive it
                 _shutdown_ray()
