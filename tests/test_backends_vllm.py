@@ -218,14 +218,15 @@ def test_generate_isolates_a_rejected_prompt():
 def test_cpu_engine_defaults_fill_only_what_is_unset():
     env = {}
     assert cpu_engine_defaults({"max_model_len": 512}, env) == {
-        "max_model_len": 512, "enforce_eager": True, "dtype": "float32", "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
+        "max_model_len": 512, "enforce_eager": True, "dtype": "float32", "enable_chunked_prefill": False,
+        "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     assert env["VLLM_CACHE_ROOT"].endswith("/.cache/vllm") and not env["VLLM_CACHE_ROOT"].startswith(
         os.path.expanduser("~/"))
     # the config's options and the user's environment win
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CACHE_ROOT": "/data/vllm-cache"}
-    got = cpu_engine_defaults({"enforce_eager": False, "dtype": "bfloat16", "gpu_memory_utilization": 0.3}, env)
-    assert got == {"enforce_eager": False, "dtype": "bfloat16", "gpu_memory_utilization": 0.3}
+    mine = {"enforce_eager": False, "dtype": "bfloat16", "gpu_memory_utilization": 0.3, "enable_chunked_prefill": True}
+    assert cpu_engine_defaults(mine, env) == mine
     assert env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CACHE_ROOT": "/data/vllm-cache"}
     assert "kv_cache_memory_bytes" not in cpu_engine_defaults({}, {"VLLM_CPU_KVCACHE_SPACE": "2"})
     assert cpu_engine_defaults({"kv_cache_memory_bytes": 1 << 20}, {})["kv_cache_memory_bytes"] == 1 << 20

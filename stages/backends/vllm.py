@@ -47,7 +47,7 @@ def cpu_engine_defaults(options: dict, environ=os.environ) -> dict:
     actor is already a process of its own, and a second one costs ~50 s of start-up and a fork of a process
     holding Ray's state) and VLLM_CACHE_ROOT (vLLM's start-up plans and compile cache) under the working
     directory's .cache/vllm instead of the home folder. Returns the options plus enforce_eager=True,
-    dtype="float32" and a KV cache of CPU_KV_CACHE_BYTES (unless gpu_memory_utilization, kv_cache_memory_bytes or
+    dtype="float32", enable_chunked_prefill=False and a KV cache of CPU_KV_CACHE_BYTES (unless gpu_memory_utilization, kv_cache_memory_bytes or
     VLLM_CPU_KVCACHE_SPACE says how much)."""
     environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     environ.setdefault("VLLM_CACHE_ROOT", os.path.abspath(os.path.join(".cache", "vllm")))
@@ -56,6 +56,10 @@ def cpu_engine_defaults(options: dict, environ=os.environ) -> dict:
     # vLLM's "auto" runs a float32 checkpoint in float16, which a CPU emulates slowly; float32 is also what
     # the transformers backends use on a CPU, so both give the same numbers
     out.setdefault("dtype", "float32")
+    # A prompt's prefill in one step: a seeded request whose prefill is split in chunks makes the CPU worker
+    # rewind its torch.Generator, which a CPU generator cannot do ("RuntimeError: CPU Generator does not use
+    # offset", vllm/v1/worker/gpu_model_runner.py), and the engine dies.
+    out.setdefault("enable_chunked_prefill", False)
     if (out.get("gpu_memory_utilization") is None and out.get("kv_cache_memory_bytes") is None
             and not environ.get("VLLM_CPU_KVCACHE_SPACE")):
         out["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES

@@ -1,0 +1,131 @@
+"""The demo job on vLLM, end to end through the CLI, on the demo data: `generators.0.backend=vllm
+embedder.backend=vllm` and nothing else, as on a CPU-only machine out of the box.
+
+One job is run once and read by several tests; a second job embeds with transformers (same vLLM generator,
+so the same candidates) to compare the similarities; a twin run and a run whose driver is killed check that
+reruns and resumes write the same shards, byte for byte."""
+import copy
+import json
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from stages.score import score_rows
+from stages.select import select_rows
+from tests import job_runs
+
+ROWS_PER_SHARD = 8  # 40 demo pairs: 5 shards
+
+
+def args(tiny_models, demo_data, out, *extra):
+    return [f"input.path={demo_data['path']}", f"input.image_root={demo_data['root']}",
+            f"generators.0.model={tiny_models['generator']}", f"embedder.model={tiny_models['embedder']}",
+            f"output.dir={out}", f"input.rows_per_shard={ROWS_PER_SHARD}", "generators.0.backend=vllm",
+            "embedder.backend=vllm", *extra]
+
+
+def run(argv, timeout=900) -> subprocess.CompletedProcess:
+    proc = job_runs.run_pipeline(argv, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def job(tiny_models, demo_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vllm-job") / "out"
+    proc = run(args(tiny_models, demo_data, out))
+    return {"out": out, "proc": proc, "manifest": json.loads((out / "manifest.json").read_text()),
+            "rows": {r["pair_id"]: r for r in pq.read_table(out / "data").to_pylist()}}
+
+
+def test_the_job_runs_on_vllm_and_writes_every_pair(job, demo_data):
+    manifest = job["manifest"]
+    assert manifest["status"] == "complete"
+    assert len(job["rows"]) == demo_data["valid_rows"]
+    assert manifest["config"]["generators"][0]["backend"] == "vllm"
+    assert manifest["config"]["embedder"]["backend"] == "vllm"
+    cands = [c for r in job["rows"].values() for c in r["candidates"]]
+    assert len(cands) == 3 * len(job["rows"])  # K = 3 (configs/demo.yaml)
+    assert all(c["model"].startswith("vllm:") for c in cands)
+    # a random-weight model may end at once (empty) but never fails (error)
+    assert {c["finish_reason"] for c in cands} <= {"stop", "length", "empty", "echo"}
+    assert sum(c["finish_reason"] in ("stop", "length") for c in cands) > len(cands) // 2
+    assert not list((job["out"] / "quarantine").glob("*.parquet")) or \
+        pq.read_table(job["out"] / "quarantine").num_rows == 0
+
+
+def test_labels_recompute_from_stored_similarities(job):
+    """Scoring and selection (stages/score.py, stages/select.py, the one source of their formulas) rerun on
+    the stored similarities alone give back every stored score and label."""
+    scoring = job["manifest"]["config"]["scoring"]
+    stored = list(job["rows"].values())
+    fresh = copy.deepcopy(stored)
+    for row in fresh:
+        for key in ("chosen", "chosen_generator", "best_delta", "need_reasoning", "rejected", "decision",
+                    "lse_direct", "lse_control", "control_delta"):
+            row.pop(key, None)
+        for c in row["candidates"]:
+            for key in ("delta", "lse", "valid", "neg_delta", "delta_control"):
+                c.pop(key, None)
+    score_rows(fresh, scoring["mode"], scoring["temperature"], tuple(scoring["valid_finish_reasons"]))
+    select_rows(fresh, scoring["epsilon"])
+    for got, want in zip(fresh, stored):
+        for key in ("chosen", "need_reasoning", "rejected"):
+            assert got[key] == want[key], (key, want["pair_id"])
+        if want["best_delta"] is None:
+            assert got["best_delta"] is None
+        else:
+            assert got["best_delta"] == pytest.approx(want["best_delta"], abs=1e-12)
+        for c_got, c_want in zip(got["candidates"], want["candidates"]):
+            assert c_got["valid"] == c_want["valid"]
+            assert (c_got["delta"] is None) == (c_want["delta"] is None)
+            if c_want["delta"] is not None:
+                assert c_got["delta"] == pytest.approx(c_want["delta"], abs=1e-12)
+    assert any(row["chosen"] is not None for row in stored)
+
+
+def test_similarities_match_the_transformers_embedder(job, tiny_models, demo_data, tmp_path):
+    """The same job with embedder.backend=transformers (same vLLM generator, so the same candidates): the
+    same s_direct and s_k to 1e-4, since every backend places the image marker with one function."""
+    out = tmp_path / "hf-embedder"
+    run(args(tiny_models, demo_data, out, "embedder.backend=transformers"))
+    other = {r["pair_id"]: r for r in pq.read_table(out / "data").to_pylist()}
+    assert other.keys() == job["rows"].keys()
+    for pid, row in job["rows"].items():
+        twin = other[pid]
+        assert [c["text"] for c in twin["candidates"]] == [c["text"] for c in row["candidates"]]
+        assert abs(row["s_direct"] - twin["s_direct"]) <= 1e-4, pid
+        np.testing.assert_allclose(row["s_direct_neg"], twin["s_direct_neg"], rtol=0, atol=1e-4)
+        for a, b in zip(row["candidates"], twin["candidates"]):
+            assert (a["s_k"] is None) == (b["s_k"] is None)
+            if a["s_k"] is not None:
+                assert abs(a["s_k"] - b["s_k"]) <= 1e-4, pid
+
+
+def test_a_twin_run_writes_the_same_shards(job, tiny_models, demo_data, tmp_path):
+    out = tmp_path / "twin"
+    run(args(tiny_models, demo_data, out))
+    job_runs.assert_same_output(out, job["out"])  # the same shard files, byte for byte (sha256)
+
+
+def test_resume_after_a_killed_driver_writes_the_same_shards(job, tiny_models, demo_data, tmp_path):
+    out = tmp_path / "killed"
+    cmd = ["-m", "pipeline", "run", "configs/demo.yaml", *args(tiny_models, demo_data, out)]
+    proc = subprocess.Popen([sys.executable, *cmd], cwd=job_runs.REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        job_runs.wait_for(lambda: list((out / "_commits").glob("shard-*.json")) if (out / "_commits").is_dir()
+                          else None, timeout=600, what="the first committed shard")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        job_runs.end_session(proc.pid)
+    done = len(list((out / "_commits").glob("shard-*.json")))
+    assert done < len(job["manifest"]["shards"]), "the job finished before it could be killed"
+    proc = run(args(tiny_models, demo_data, out))
+    assert f"{done} already committed" in proc.stderr, proc.stderr[-2000:]
+    job_runs.assert_same_output(out, job["out"])
