@@ -13,6 +13,8 @@ from pathlib import Path
 import yaml
 
 from pipeline.export import format_docs
+from pipeline.report import percent
+from schemas import SCHEMA_VERSION
 
 FRONT_MATTER = {
     "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}],
@@ -30,7 +32,7 @@ def front_matter() -> str:
 
 
 def _rate(x) -> str:
-    return "n/a" if x is None else f"{x:.1%}"
+    return percent(x)
 
 
 def _md(x) -> str:
@@ -49,24 +51,33 @@ def body(manifest: dict) -> str:
         "Multimodal (query, target) pairs for training embedding models, each with K candidate rationales from",
         "one or more MLLM generators. Every rationale r_k is scored by how much appending it to the query moves",
         "the query's embedding towards its target: delta_k = s(q + r_k, t+) - s(q, t+) (cosine mode) or the",
-        "change of log p(t+ | x) under a softmax over the target and negatives (pair_aware mode). The best",
-        "rationale is `chosen`; a pair `need_reasoning` when its best delta exceeds epsilon.",
+        "change of log p(t+ | x) under a softmax over the target and negatives (pair_aware mode). Each pair",
+        "has one of three outcomes (`decision`): **reason** (a rationale helps: delta > epsilon, and with",
+        "content-free controls it also beats every control by more than epsilon; `need_reasoning` true),",
+        "**direct** (reasoning was tested and no rationale helps; `need_reasoning` false) or **undecided** (no",
+        "valid candidate, so reasoning was never tested; `need_reasoning` null).",
         "",
         f"- status: **{manifest.get('status', 'unknown')}**, finished {manifest.get('finished_at', '?')}"
         f" ({manifest.get('wall_seconds', '?')} s)",
         f"- pairs written: **{counts.get('pairs_written', '?')}** of {counts.get('pairs_read', '?')} read;"
         f" quarantined: {counts.get('pairs_quarantined', '?')}",
-        f"- need_reasoning: {counts.get('need_reasoning', '?')} ({_rate(counts.get('need_reasoning_rate'))})",
+        f"- outcomes: reason {counts.get('need_reasoning', '?')} ({_rate(counts.get('need_reasoning_rate'))}),"
+        f" direct {counts.get('direct', '?')} ({_rate(counts.get('direct_rate'))}),"
+        f" undecided {counts.get('undecided', '?')} ({_rate(counts.get('undecided_rate'))});"
+        f" turned from reason to direct by the control: {counts.get('control_turned_direct', '?')}",
         f"- candidates: {counts.get('candidates', '?')}; tokens generated: {counts.get('tokens_generated', '?')}",
-        f"- scoring: mode {scoring.get('mode', '?')}, epsilon {scoring.get('epsilon', '?')}",
+        f"- scoring: mode {scoring.get('mode', '?')}, epsilon {scoring.get('epsilon', '?')}, content-free controls:"
+        f" {', '.join(repr(c) for c in scoring.get('controls') or []) or 'none'}",
         f"- config hash: `{manifest.get('config_hash', '?')}`; pairsel {manifest.get('pairsel_version', '?')};"
         f" schema version {manifest.get('schema_version', '?')}",
         "",
         "## Subsets",
         "",
-        "| subset | pairs | need_reasoning | rate |",
-        "| --- | ---: | ---: | ---: |",
-        *(f"| {_md(name)} | {s.get('pairs', '?')} | {s.get('need_reasoning', '?')} | {_rate(s.get('need_reasoning_rate'))} |"
+        "| subset | pairs | reason | direct | undecided | turned direct by the control |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        *(f"| {_md(name)} | {s.get('pairs', '?')} | {s.get('need_reasoning', '?')} ({_rate(s.get('need_reasoning_rate'))}) |"
+          f" {s.get('direct', '?')} ({_rate(s.get('direct_rate'))}) | {s.get('undecided', '?')} ({_rate(s.get('undecided_rate'))}) |"
+          f" {s.get('control_turned_direct', '?')} |"
           for name, s in sorted(subsets.items())),
         "",
         "## Models",
@@ -86,9 +97,10 @@ def body(manifest: dict) -> str:
     lines += [
         "## Files",
         "",
-        "- `data/shard-NNNNNN.parquet`: one row per pair (schema `schemas/v1.py` OUTPUT_SCHEMA): the pair, its",
-        "  negatives, `candidates` (text, generator, tokens, finish_reason, s_k, delta, neg_delta, valid, ...),",
-        "  `s_direct`, `chosen`, `best_delta`, `need_reasoning`, `rejected`, `provenance`",
+        f"- `data/shard-NNNNNN.parquet`: one row per pair (schema version {SCHEMA_VERSION}, `schemas/` OUTPUT_SCHEMA):",
+        "  the pair, its negatives, `candidates` (text, generator, tokens, finish_reason, s_k, delta,",
+        "  delta_control, neg_delta, valid, ...), `s_direct`, `s_control`, `control_delta`, `decision`, `chosen`,",
+        "  `best_delta`, `need_reasoning`, `rejected`, `provenance`",
         "- `quarantine/shard-NNNNNN.parquet`: rows that could not be processed, with a reason",
         "- `manifest.json`: the full resolved config, counts and per-shard checksums",
         "- image columns hold the paths the input gave (MMEB: relative to the job's `input.image_root`); images",
@@ -99,7 +111,7 @@ def body(manifest: dict) -> str:
         "```python",
         "import polars as pl",
         'pairs = pl.scan_parquet("OUT/data/*.parquet")          # lazy; filter before collecting',
-        'need = pairs.filter(pl.col("need_reasoning")).collect()',
+        'need = pairs.filter(pl.col("decision") == "reason").collect()   # also "direct", "undecided"',
         "",
         "from datasets import load_dataset",
         'ds = load_dataset("parquet", data_files="OUT/data/*.parquet", split="train")',

@@ -3,9 +3,16 @@
 Each format is one lazy polars query over the output shards; input shards are grouped into parts of about
 `rows_per_part` pairs and each part is streamed to `DIR/part-NNNNN.parquet` (or `.jsonl` with jsonl=True)
 by polars' sink, so no export holds more than one part's rows in memory. Filters (all optional, combined
-with AND): subsets (subset is one of them), min_delta (best_delta >= min_delta; pairs without a valid
-candidate have no best_delta and are dropped by it), need_reasoning (equals the given value).
+with AND): subsets (subset is one of them; an unknown subset is an error that lists the known ones),
+min_delta (best_delta >= min_delta; undecided pairs have no best_delta and are dropped by it), need_reasoning
+(equals the given value; undecided pairs, whose need_reasoning is null, never match).
 Earlier part files in DIR are replaced; DIR/README.md says what was exported and how to load it.
+
+Each format treats the three outcomes (stages/select.py) on purpose: preference rows come only from pairs
+whose decision is reason (the chosen rationale helps); the gate export leaves undecided pairs out unless
+include_undecided (their label is null: reasoning was never tested); the contrastive export keeps every pair
+(the pair itself is good training data), attaches a rationale only where the decision is reason, and carries
+`decision` so that a trainer can tell undecided pairs apart.
 """
 from __future__ import annotations
 
@@ -17,7 +24,9 @@ from typing import Optional, Sequence
 import polars as pl
 import pyarrow.parquet as pq
 
+from pipeline.config import ConfigError
 from pipeline.report import data_files, read_manifest
+from stages.select import REASON, UNDECIDED
 
 FORMATS = ("preference", "contrastive", "gate")
 RATIONALE_MODES = ("append", "column")
@@ -26,41 +35,63 @@ IMAGE_MARKER = "<|image_1|>"  # MMEB's image placeholder (stages/backends/base.p
 # How a chosen rationale is appended to the query in contrastive exports (rationale_mode="append"): the same
 # shape as the embedder's default reasoned_query_instruction, "Query: {text}\nReasoning: {rationale}".
 RATIONALE_SEPARATOR = "\nReasoning: "
+# The standard-style preference prompt ends with the same separator, so that a trainer that joins prompt and
+# completion (TRL's RewardTrainer, DPOTrainer's tokenization) sees "QUERY\nReasoning: RATIONALE": the two read
+# apart, and exactly as the embedder saw the rationale.
+STANDARD_PROMPT_END = RATIONALE_SEPARATOR
 DEFAULT_ROWS_PER_PART = 100_000
 
 PREFERENCE_DOC = """\
-preference: TRL preference data (DPOTrainer and friends), one row per (chosen, rejected) rationale pair.
-  Only pairs with a chosen rationale and at least one rejected one (a valid candidate with delta <= 0 and
-  a lower delta than the chosen one); a pair with R rejected rationales gives R rows.
-  columns: prompt, chosen, rejected, images (list of image paths, [] for text-only queries),
-           delta_chosen, delta_rejected, chosen_index, rejected_index, chosen_generator,
-           rejected_generator, pair_id, subset, need_reasoning
-  style="conversational" (default; TRL recommends it for vision-language models):
-      prompt   = [{"role": "user", "content": [{"type": "image", "text": null}, {"type": "text", "text": QUERY}]}]
-                 (the image item stands where the query had <|image_1|>, first if it had no marker)
-      chosen   = [{"role": "assistant", "content": [{"type": "text", "text": RATIONALE}]}], rejected alike
-  style="standard": prompt = query text, with <|image_1|> where the image goes (prepended when the
-      query had none); chosen and rejected are plain strings.
+preference: TRL preference data (DPOTrainer, RewardTrainer), one row per (chosen, rejected) rationale pair.
+  Only pairs whose decision is reason, so the chosen rationale helps (delta > epsilon, and beats the controls
+  when they are on), and only rejected rationales that hurt or do nothing (valid, delta <= 0); with
+  min_gap, also delta_chosen - delta_rejected >= min_gap. A pair with R rejected rationales gives R rows.
+  columns: prompt, chosen, rejected, [images], delta_chosen, delta_rejected, chosen_index, rejected_index,
+           chosen_generator, rejected_generator, pair_id, subset
+  images (list of the query's image paths) is there only when some exported query has an image; an export
+  whose queries are all text (or text_only=True / --text-only, which drops the rows with an image) has no
+  images column, since TRL takes any `images` column for a vision dataset.
+  style="conversational" (default; vision-language models need it: their processor places the image where
+  the {"type": "image"} item is):
+      text-only export: prompt = [{"role": "user", "content": QUERY}], chosen = [{"role": "assistant",
+                        "content": RATIONALE}], rejected alike (plain string content: any chat template
+                        renders it)
+      with images:      prompt = [{"role": "user", "content": [{"type": "image", "text": null},
+                        {"type": "text", "text": QUERY}]}] (the image item stands where the query had
+                        <|image_1|>, first if it had no marker; a text-only row has one text item),
+                        chosen = [{"role": "assistant", "content": [{"type": "text", "text": RATIONALE}]}]
+  style="standard" (text models): prompt = QUERY + "\\nReasoning: ", chosen and rejected are the plain
+      rationales, so prompt + chosen reads "QUERY\\nReasoning: RATIONALE". A query with an image keeps
+      <|image_1|> (MMEB's marker, which no VLM processor counts as an image): use the conversational
+      style for VLMs.
 
-    import os
-    from datasets import Image, List, load_dataset
+    # text-only export, text model: loaded as written, no column changes
+    from datasets import load_dataset
+    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
     ds = load_dataset("parquet", data_files="EXPORT_DIR/*.parquet", split="train")
-    # images hold the input's paths (MMEB: relative to input.image_root); TRL wants the images themselves
+    DPOTrainer(model=model, args=DPOConfig(output_dir="dpo"), train_dataset=ds,
+               processing_class=tokenizer).train()
+    # a reward model: AutoModelForSequenceClassification with num_labels=1
+    RewardTrainer(model=reward_model, args=RewardConfig(output_dir="rm"), train_dataset=ds,
+                  processing_class=tokenizer).train()
+
+    # with images, a vision-language model (conversational style): the paths are the input's
+    # (MMEB: relative to input.image_root); TRL wants the images themselves
+    import os
+    from datasets import Image, List
     ds = ds.map(lambda r: {"images": [os.path.join(IMAGE_ROOT, p) for p in r["images"]]})
     ds = ds.cast_column("images", List(Image()))
-    from trl import DPOConfig, DPOTrainer
-    trainer = DPOTrainer(model=model, args=DPOConfig(output_dir="dpo"), train_dataset=ds,
-                         processing_class=processor)
+    DPOTrainer(model=vlm, args=DPOConfig(output_dir="dpo"), train_dataset=ds, processing_class=processor)
 """
 
 CONTRASTIVE_DOC = f"""\
 contrastive: MMEB-train rows (VLM2Vec's TrainDataset reads them unchanged), one row per pair.
   columns: qry, qry_image_path, pos_text, pos_image_path, neg_text, neg_image_path, pair_id, subset,
-           need_reasoning (+ rationale with rationale_mode="column")
+           decision, need_reasoning (+ rationale with rationale_mode="column")
   Missing text or image is "" as in MMEB-train (VLM2Vec treats image path "" as no image). neg_* is the
   first explicit negative of the input ("" without one); in-shard negatives are not exported, the trainer
-  draws in-batch negatives itself.
-  Where need_reasoning holds, the chosen rationale is attached:
+  draws in-batch negatives itself. Every pair is exported, undecided ones too (decision tells them apart;
+  their need_reasoning is null); the chosen rationale is attached only where the decision is reason:
     rationale_mode="append": qry = query + {RATIONALE_SEPARATOR!r} + rationale
     rationale_mode="column": qry is the query; rationale = the rationale (null where not needed)
 
@@ -71,10 +102,13 @@ contrastive: MMEB-train rows (VLM2Vec's TrainDataset reads them unchanged), one 
 """
 
 GATE_DOC = """\
-gate: a reason / don't-reason policy's data, one row per pair.
-  columns: pair_id, subset, query_text, query_image_path, target_text, target_image_path,
-           need_reasoning (the label), best_delta (the utility gap of the best rationale; null without a
-           valid candidate), s_direct (how well the plain query already matches), scoring_mode
+gate: a reason / don't-reason policy's data, one row per pair whose reasoning was tested.
+  columns: pair_id, subset, query_text, query_image_path, target_text, target_image_path (missing text or
+           image is "", as in the contrastive export), decision (reason | direct), need_reasoning (the
+           label), best_delta (the utility gap of the chosen rationale), s_direct (how well the plain query
+           already matches), scoring_mode
+  Undecided pairs (no valid candidate) are left out: their label would be a guess. include_undecided=True
+  (--include-undecided) keeps them, with decision "undecided" and need_reasoning and best_delta null.
 
     import polars as pl
     df = pl.read_parquet("EXPORT_DIR/*.parquet")
@@ -122,8 +156,19 @@ def _message(role: str, content: pl.Expr) -> pl.Expr:
     return pl.concat_list(pl.struct(pl.lit(role).alias("role"), content.alias("content")))
 
 
-def _assistant(text: pl.Expr) -> pl.Expr:
-    return _message("assistant", pl.concat_list(_part("text", text)))
+def _assistant(text: pl.Expr, parts: bool) -> pl.Expr:
+    return _message("assistant", pl.concat_list(_part("text", text)) if parts else text)
+
+
+def _check_subsets(files: list[Path], subsets) -> None:
+    """An unknown subset is a user error (exit 2), not an empty export: say which subsets there are."""
+    if not subsets:
+        return
+    known = pl.scan_parquet(files).select(pl.col("subset").unique().sort()).collect()["subset"].to_list()
+    unknown = [s for s in subsets if s not in known]
+    if unknown:
+        raise ConfigError(f"--subset: no subset {', '.join(map(repr, unknown))} in this output; "
+                          f"its subsets are: {', '.join(known)}")
 
 
 def _filters(lf: pl.LazyFrame, subsets, min_delta, need_reasoning) -> pl.LazyFrame:
@@ -136,9 +181,18 @@ def _filters(lf: pl.LazyFrame, subsets, min_delta, need_reasoning) -> pl.LazyFra
     return lf
 
 
-def preference(lf: pl.LazyFrame, style: str = "conversational") -> pl.LazyFrame:
+def preference_pairs(lf: pl.LazyFrame, text_only: bool = False) -> pl.LazyFrame:
+    """The source pairs of preference rows: the chosen rationale helps, there is a rejected one."""
+    lf = lf.filter((pl.col("decision") == REASON) & pl.col("chosen").is_not_null() & (pl.col("rejected").list.len() > 0))
+    return lf.filter(pl.col("query_image_path").is_null()) if text_only else lf
+
+
+def preference(lf: pl.LazyFrame, style: str = "conversational", images: bool = True, min_gap: float = 0.0,
+               text_only: bool = False) -> pl.LazyFrame:
+    """images: whether the export carries image parts and an `images` column (False when no exported query
+    has an image; run() decides, over the whole export, so that every part file has the same columns)."""
     rows = (
-        lf.filter(pl.col("chosen").is_not_null() & (pl.col("rejected").list.len() > 0))
+        preference_pairs(lf, text_only)
         .with_columns(_candidate("chosen").alias("_chosen"))
         .explode("rejected")
         .with_columns(_candidate("rejected").alias("_rejected"))
@@ -148,29 +202,33 @@ def preference(lf: pl.LazyFrame, style: str = "conversational") -> pl.LazyFrame:
             pl.col("_chosen").struct.field("delta").alias("delta_chosen"),
             pl.col("_rejected").struct.field("delta").alias("delta_rejected"),
         )
-        # select.py never lists the chosen one as rejected; a tie is no preference either
-        .filter((pl.col("rejected") != pl.col("chosen")) & (pl.col("delta_rejected") < pl.col("delta_chosen")))
+        # select.py lists as rejected only valid candidates with delta <= 0, never the chosen one; the checks
+        # are repeated here so that the export's promise does not rest on another file
+        .filter((pl.col("rejected") != pl.col("chosen")) & (pl.col("delta_rejected") <= 0.0)
+                & (pl.col("delta_chosen") - pl.col("delta_rejected") >= min_gap)
+                & (pl.col("delta_rejected") < pl.col("delta_chosen")))
     )
     has_image = pl.col("query_image_path").is_not_null()
+    query = pl.col("query_text").fill_null("")
     if style == "conversational":
-        prompt = _message("user", _user_content())
-        chosen, rejected = _assistant(pl.col("_chosen_text")), _assistant(pl.col("_rejected_text"))
+        prompt = _message("user", _user_content() if images else query)
+        chosen, rejected = _assistant(pl.col("_chosen_text"), images), _assistant(pl.col("_rejected_text"), images)
     elif style == "standard":
-        query = pl.col("query_text").fill_null("")
         prompt = (pl.when(has_image & ~query.str.contains(IMAGE_MARKER, literal=True))
-                  .then(pl.lit(IMAGE_MARKER + "\n") + query).otherwise(query))
+                  .then(pl.lit(IMAGE_MARKER + "\n") + query).otherwise(query)) + STANDARD_PROMPT_END
         chosen, rejected = pl.col("_chosen_text"), pl.col("_rejected_text")
     else:
         raise ValueError(f"preference style must be one of {PREFERENCE_STYLES}, not {style!r}")
-    images = pl.when(has_image).then(pl.concat_list(pl.col("query_image_path"))).otherwise(
+    image_list = pl.when(has_image).then(pl.concat_list(pl.col("query_image_path"))).otherwise(
         pl.lit([], dtype=pl.List(pl.String)))
     return rows.select(
-        prompt.alias("prompt"), chosen.alias("chosen"), rejected.alias("rejected"), images.alias("images"),
+        prompt.alias("prompt"), chosen.alias("chosen"), rejected.alias("rejected"),
+        *([image_list.alias("images")] if images else []),
         "delta_chosen", "delta_rejected",
         pl.col("chosen").alias("chosen_index"), pl.col("rejected").alias("rejected_index"),
         pl.col("_chosen").struct.field("generator").alias("chosen_generator"),
         pl.col("_rejected").struct.field("generator").alias("rejected_generator"),
-        "pair_id", "subset", "need_reasoning",
+        "pair_id", "subset",
     )
 
 
@@ -178,7 +236,7 @@ def contrastive(lf: pl.LazyFrame, rationale_mode: str = "append") -> pl.LazyFram
     if rationale_mode not in RATIONALE_MODES:
         raise ValueError(f"rationale_mode must be one of {RATIONALE_MODES}, not {rationale_mode!r}")
     explicit = pl.col("negatives").list.filter(pl.element().struct.field("origin") == "explicit").list.first()
-    rationale = pl.when(pl.col("need_reasoning")).then(_candidate("chosen").struct.field("text"))
+    rationale = pl.when(pl.col("decision") == REASON).then(_candidate("chosen").struct.field("text"))
     query = pl.col("query_text").fill_null("")
     if rationale_mode == "append":
         qry = pl.when(rationale.is_not_null()).then(query + RATIONALE_SEPARATOR + rationale).otherwise(query)
@@ -191,16 +249,20 @@ def contrastive(lf: pl.LazyFrame, rationale_mode: str = "append") -> pl.LazyFram
         pl.col("target_image_path").fill_null("").alias("pos_image_path"),
         explicit.struct.field("text").fill_null("").alias("neg_text"),
         explicit.struct.field("image_path").fill_null("").alias("neg_image_path"),
-        "pair_id", "subset", "need_reasoning",
+        "pair_id", "subset", "decision", "need_reasoning",
     ]
     if rationale_mode == "column":
         columns.append(rationale.alias("rationale"))
     return lf.select(columns)
 
 
-def gate(lf: pl.LazyFrame) -> pl.LazyFrame:
-    return lf.select("pair_id", "subset", "query_text", "query_image_path", "target_text", "target_image_path",
-                     "need_reasoning", "best_delta", "s_direct", "scoring_mode")
+def gate(lf: pl.LazyFrame, include_undecided: bool = False) -> pl.LazyFrame:
+    if not include_undecided:
+        lf = lf.filter(pl.col("decision") != UNDECIDED)
+    return lf.select("pair_id", "subset",
+                     *(pl.col(c).fill_null("") for c in ("query_text", "query_image_path", "target_text",
+                                                         "target_image_path")),
+                     "decision", "need_reasoning", "best_delta", "s_direct", "scoring_mode")
 
 
 # ----------------------------------------------------------------------------- writing
@@ -228,13 +290,13 @@ def _count(path: Path, jsonl: bool) -> int:
     return pq.read_metadata(path).num_rows
 
 
-def _query(fmt: str, lf: pl.LazyFrame, rationale_mode: str, preference_style: str) -> pl.LazyFrame:
+def _query(fmt: str, lf: pl.LazyFrame, opts: dict) -> pl.LazyFrame:
     if fmt == "preference":
-        return preference(lf, preference_style)
+        return preference(lf, opts["preference_style"], opts["images"], opts["min_gap"], opts["text_only"])
     if fmt == "contrastive":
-        return contrastive(lf, rationale_mode)
+        return contrastive(lf, opts["rationale_mode"])
     if fmt == "gate":
-        return gate(lf)
+        return gate(lf, opts["include_undecided"])
     raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
 
 
@@ -255,7 +317,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep only these subsets (repeatable)")
     parser.add_argument("--min-delta", dest="min_delta", type=float, help="keep pairs with best_delta >= X")
     parser.add_argument("--need-reasoning", dest="need_reasoning", type=_bool, metavar="{true,false}",
-                        help="keep pairs whose need_reasoning equals this")
+                        help="keep pairs whose need_reasoning equals this (undecided pairs never match)")
+    parser.add_argument("--min-gap", dest="min_gap", type=float, default=0.0,
+                        help="preference: keep rows with delta_chosen - delta_rejected >= X")
+    parser.add_argument("--text-only", dest="text_only", action="store_true",
+                        help="preference: drop the rows whose query has an image (no images column)")
+    parser.add_argument("--include-undecided", dest="include_undecided", action="store_true",
+                        help="gate: keep undecided pairs (no valid candidate; need_reasoning null)")
     parser.add_argument("--rationale-mode", dest="rationale_mode", choices=RATIONALE_MODES, default="append",
                         help="contrastive: append the chosen rationale to qry, or put it in a `rationale` column")
     parser.add_argument("--preference-style", dest="preference_style", choices=PREFERENCE_STYLES,
@@ -283,6 +351,9 @@ def run(
     jsonl: bool = False,
     preference_style: str = "conversational",
     rows_per_part: int = DEFAULT_ROWS_PER_PART,
+    min_gap: float = 0.0,
+    text_only: bool = False,
+    include_undecided: bool = False,
 ) -> dict:
     """Write the export; return {"format", "out", "files", "rows", "pairs", "filters"}."""
     if fmt not in FORMATS:
@@ -290,6 +361,13 @@ def run(
     files = data_files(out_dir)
     if not files:
         raise SystemExit(f"no output shards in {Path(out_dir) / 'data'}")
+    _check_subsets(files, subsets)
+    opts = {"rationale_mode": rationale_mode, "preference_style": preference_style, "min_gap": min_gap,
+            "text_only": text_only, "include_undecided": include_undecided, "images": False}
+    if fmt == "preference" and not text_only:
+        # one pass over a single column: does any exported query have an image? (then every part has images)
+        pairs = preference_pairs(_filters(pl.scan_parquet(files), subsets, min_delta, need_reasoning))
+        opts["images"] = bool(pairs.select(pl.col("query_image_path").is_not_null().any()).collect().item())
     dest = Path(out)
     dest.mkdir(parents=True, exist_ok=True)
     ext = "jsonl" if jsonl else "parquet"
@@ -299,7 +377,7 @@ def run(
     written = []
     for i, group in enumerate(_parts(files, rows_per_part)):
         lf = _filters(pl.scan_parquet(group), subsets, min_delta, need_reasoning)
-        lf = _query(fmt, lf, rationale_mode, preference_style)
+        lf = _query(fmt, lf, opts)
         path = dest / f"part-{i:05d}.{ext}"
         if jsonl:
             lf.sink_ndjson(path)
@@ -319,7 +397,10 @@ def run(
     if fmt == "contrastive":
         filters["rationale_mode"] = rationale_mode
     if fmt == "preference":
-        filters["preference_style"] = preference_style
+        filters.update(preference_style=preference_style, min_gap=min_gap, text_only=text_only,
+                       images=opts["images"])
+    if fmt == "gate":
+        filters["include_undecided"] = include_undecided
     result = {"format": fmt, "out": str(dest), "files": [str(p) for p in kept], "rows": rows, "pairs": pairs,
               "filters": filters}
     (dest / "README.md").write_text(_readme(fmt, out_dir, filters, result))

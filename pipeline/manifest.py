@@ -14,6 +14,7 @@ import polars as pl
 from pipeline import version
 from pipeline.config import config_hash, to_dict
 from schemas import SCHEMA_VERSION
+from stages.select import DIRECT, REASON, UNDECIDED, turned_direct_by_control
 from stages.write import atomic_write_json
 
 
@@ -32,7 +33,26 @@ def _rate(num: int, den: int) -> float | None:
     return None if den == 0 else num / den
 
 
-def _stats(out_dir: Path, records: list[dict]) -> dict:
+def outcome_counts(pairs: int, reason: int, direct: int, undecided: int, turned: int) -> dict:
+    """The three outcomes of a set of pairs, each with its share of the pairs (the shares add up to 1), and
+    how many pairs the content-free control turned from reason to direct."""
+    return {"pairs": pairs, "need_reasoning": reason, "direct": direct, "undecided": undecided,
+            "need_reasoning_rate": _rate(reason, pairs), "direct_rate": _rate(direct, pairs),
+            "undecided_rate": _rate(undecided, pairs), "control_turned_direct": turned}
+
+
+def outcomes_by_subset(pairs: pl.LazyFrame, epsilon: float) -> pl.LazyFrame:
+    """Per subset: pairs, need_reasoning (decision reason), direct, undecided, control_turned_direct."""
+    return (pairs.group_by("subset")
+            .agg(pl.len().alias("pairs"),
+                 (pl.col("decision") == REASON).sum().alias("need_reasoning"),
+                 (pl.col("decision") == DIRECT).sum().alias("direct"),
+                 (pl.col("decision") == UNDECIDED).sum().alias("undecided"),
+                 turned_direct_by_control(epsilon).sum().alias("control_turned_direct"))
+            .sort("subset"))
+
+
+def _stats(out_dir: Path, records: list[dict], epsilon: float) -> dict:
     data = [str(out_dir / r["path"]) for r in records if r["path"]]
     quarantine = [str(out_dir / r["quarantine_path"]) for r in records if r["quarantine_path"]]
     written = sum(r["rows"] for r in records)
@@ -42,8 +62,7 @@ def _stats(out_dir: Path, records: list[dict]) -> dict:
             "pairs_read": written + quarantined,
             "pairs_written": written,
             "pairs_quarantined": quarantined,
-            "need_reasoning": 0,
-            "need_reasoning_rate": None,
+            **{k: v for k, v in outcome_counts(written, 0, 0, 0, 0).items() if k != "pairs"},
             "quarantined_by_reason": {},
             "candidates": 0,
             "candidates_invalid_by_reason": {},
@@ -59,19 +78,12 @@ def _stats(out_dir: Path, records: list[dict]) -> dict:
     if not data:
         return stats
     pairs = pl.scan_parquet(data)
-    subsets = (
-        pairs.group_by("subset")
-        .agg(pl.len().alias("pairs"), pl.col("need_reasoning").sum().alias("need_reasoning"))
-        .sort("subset")
-        .collect()
-    )
+    keys = ("pairs", "need_reasoning", "direct", "undecided", "control_turned_direct")
+    subsets = outcomes_by_subset(pairs, epsilon).collect()
     for s in subsets.iter_rows(named=True):
-        stats["subsets"][s["subset"]] = {
-            "pairs": s["pairs"], "need_reasoning": s["need_reasoning"],
-            "need_reasoning_rate": _rate(s["need_reasoning"], s["pairs"]),
-        }
-    counts["need_reasoning"] = int(subsets["need_reasoning"].sum())
-    counts["need_reasoning_rate"] = _rate(counts["need_reasoning"], written)
+        stats["subsets"][s["subset"]] = outcome_counts(*(int(s[k]) for k in keys))
+    total = outcome_counts(*(int(subsets[k].sum()) for k in keys))
+    counts.update({k: v for k, v in total.items() if k != "pairs"})
 
     cands = (pairs.select(pl.col("candidates").explode()).unnest("candidates")
              .filter(pl.col("generator").is_not_null()))  # a pair without candidates explodes to one null
@@ -131,7 +143,7 @@ EMPTY_GENERATOR = {"candidates": 0, "valid": 0, "invalid_by_reason": {}, "chosen
 def build(out_dir: str | Path, cfg, started_at: str, wall_seconds: float, planned_shards: int) -> dict:
     out_dir = Path(out_dir)
     records = commit_records(out_dir)
-    stats = _stats(out_dir, records)
+    stats = _stats(out_dir, records, float(cfg.scoring.epsilon))
     generator_info = {g.name: {"backend": g.backend, "model": g.model} for g in cfg.generators}
     # in config order; a generator without output gets zeros, one only in the output (a forced resume) stays
     found = stats["generators"]

@@ -102,7 +102,7 @@ def steps(cfg: DictConfig) -> list[Step]:
         held = reach
         out.append(Step(Embed, {"embedder": c["embedder"], "max_image_pixels": cfg.input.max_image_pixels,
                                 "cache_dir": c["embedder"]["cache_dir"], "stats_dir": stats_dir,
-                                "round_index": r}, cfg.embedder.resources))
+                                "round_index": r, "controls": list(cfg.scoring.controls)}, cfg.embedder.resources))
         out.append(score)
     out.append(Step(Select, {"epsilon": cfg.scoring.epsilon}))
     return out

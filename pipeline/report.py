@@ -5,6 +5,10 @@ a few small aggregates, not the output: candidate texts are never collected, and
 scatter uses a seeded sample of at most `max_points` candidates. The figures are PNGs (matplotlib, Agg)
 embedded as base64 data URIs in OUT/report.html. `run` returns the numbers behind every figure.
 
+Every pair has one of three outcomes (stages/select.py): reason, direct, undecided (no valid candidate, so
+reasoning was never tested). The report counts them apart per subset, with the pairs that the content-free
+control turned from reason to direct. Every percentage (tables, figures, summary) is written by `percent`.
+
 This module also holds the readers that show.py and export.py share: `data_files`, `scan_pairs`,
 `read_manifest`.
 """
@@ -22,6 +26,9 @@ from typing import Optional
 import polars as pl
 
 DEFAULT_MAX_POINTS = 20_000
+HISTOGRAM_BINS = 30
+OUTCOMES = (("need_reasoning", "reason", "tab:orange"), ("direct", "direct", "tab:blue"),
+            ("undecided", "undecided", "0.7"))  # (count key, label, colour)
 SAMPLE_SEED = 0
 _HASH_RANGE = 1 << 32
 
@@ -62,6 +69,11 @@ def read_manifest(out_dir) -> Optional[dict]:
 # ----------------------------------------------------------------------------- numbers
 
 
+def percent(x: Optional[float]) -> str:
+    """The one way a share is written in the report: tables, figures and the summary alike."""
+    return "n/a" if x is None else f"{x:.1%}"
+
+
 def _stats(col: str) -> list[pl.Expr]:
     c = pl.col(col)
     return [
@@ -82,43 +94,46 @@ def _unpack_stats(row: dict, col: str) -> dict:
 
 def _candidates(lf: pl.LazyFrame) -> pl.LazyFrame:
     """One row per candidate, numeric fields only (the texts stay on disk)."""
-    fields = ("generator", "tokens", "finish_reason", "delta", "valid")
+    fields = ("generator", "tokens", "finish_reason", "delta", "valid", "delta_control")
     return lf.select("candidates").explode("candidates").select(pl.col("candidates").struct.field(*fields))
 
 
 def compute(out_dir, max_points: int = DEFAULT_MAX_POINTS, seed: int = SAMPLE_SEED) -> dict:
     """The numbers behind every figure (see module doc); only aggregates are collected."""
+    from pipeline.manifest import outcome_counts, outcomes_by_subset
+
     lf = scan_pairs(out_dir)
     manifest = read_manifest(out_dir)
+    prov = lf.select(
+        pl.col("provenance").struct.field("config_hash").unique().sort().implode().alias("config_hashes"),
+        pl.col("provenance").struct.field("epsilon").max().alias("epsilon"),
+        pl.col("scoring_mode").unique().sort().implode().alias("scoring_modes"),
+        pl.col("s_control").list.len().max().alias("controls"),
+    ).collect().to_dicts()[0]
+    epsilon = prov["epsilon"] or 0.0
 
     cands = _candidates(lf)
     # One collect_all: polars runs the aggregates together and shares their scans of the shards.
-    per_subset, per_gen, chosen, prov, n_scored = pl.collect_all([
-        lf.group_by("subset")
-        .agg(pl.len().alias("pairs"), pl.col("need_reasoning").sum().alias("need_reasoning"),
-             *_stats("best_delta"), *_stats("s_direct"))
-        .sort("subset"),
+    outcomes, per_subset, per_gen, chosen, n_scored = pl.collect_all([
+        outcomes_by_subset(lf, epsilon),
+        lf.group_by("subset").agg(*_stats("best_delta"), *_stats("s_direct")).sort("subset"),
         cands.group_by("generator")
         .agg(pl.len().alias("candidates"), pl.col("valid").sum().alias("valid"), pl.col("tokens").sum().alias("tokens"),
              pl.col("delta").filter(pl.col("valid")).mean().alias("mean_delta"))
         .sort("generator"),
         # A chosen rationale is one that will be used: the pair needs reasoning (best delta > epsilon).
         lf.filter(pl.col("need_reasoning")).group_by("chosen_generator").agg(pl.len().alias("n")).sort("chosen_generator"),
-        lf.select(
-            pl.col("provenance").struct.field("config_hash").unique().sort().implode().alias("config_hashes"),
-            pl.col("provenance").struct.field("epsilon").max().alias("epsilon"),
-            pl.col("scoring_mode").unique().sort().implode().alias("scoring_modes"),
-        ),
         cands.filter(pl.col("delta").is_not_null()).select(pl.len()),
     ])
     subsets = per_subset.to_dicts()
-    pairs = {r["subset"]: r["pairs"] for r in subsets}
-    need = {r["subset"]: int(r["need_reasoning"] or 0) for r in subsets}
+    keys = ("pairs", "need_reasoning", "direct", "undecided", "control_turned_direct")
+    per_outcome = {r["subset"]: outcome_counts(*(int(r[k]) for k in keys)) for r in outcomes.to_dicts()}
+    pairs = {s: o["pairs"] for s, o in per_outcome.items()}
+    need = {s: o["need_reasoning"] for s, o in per_outcome.items()}
     total = sum(pairs.values())
     per_gen = per_gen.to_dicts()
     chosen_count = {r["chosen_generator"]: r["n"] for r in chosen.to_dicts()}
     n_chosen = sum(chosen_count.values())
-    prov = prov.to_dicts()[0]
 
     quarantine = {}
     if quarantine_files(out_dir):
@@ -131,7 +146,11 @@ def compute(out_dir, max_points: int = DEFAULT_MAX_POINTS, seed: int = SAMPLE_SE
         "need_reasoning_per_subset": need,
         "need_reasoning_rate": {s: need[s] / pairs[s] for s in pairs},
         "need_reasoning_overall": sum(need.values()) / total if total else 0.0,
+        "outcomes_per_subset": per_outcome,
+        "outcomes_overall": outcome_counts(*(sum(o[k] for o in per_outcome.values()) for k in keys)),
+        "controls": int(prov["controls"] or 0),
         "best_delta": {r["subset"]: _unpack_stats(r, "best_delta") for r in subsets},
+        "best_delta_histogram": _histograms(lf, list(pairs), epsilon),
         "s_direct": {r["subset"]: _unpack_stats(r, "s_direct") for r in subsets},
         "delta_vs_length": _sample_delta_vs_length(cands, n_scored.item(), max_points, seed),
         "candidates_per_generator": {r["generator"]: {k: r[k] for k in ("candidates", "valid", "tokens", "mean_delta")}
@@ -144,6 +163,25 @@ def compute(out_dir, max_points: int = DEFAULT_MAX_POINTS, seed: int = SAMPLE_SE
     }
 
 
+def _histograms(lf: pl.LazyFrame, subsets: list, epsilon: float, bins: int = HISTOGRAM_BINS) -> dict:
+    """Per subset, the counts of best_delta (pairs with a chosen candidate) in `bins` equal bins over the
+    range of all subsets (epsilon included, so that its line falls on the axis)."""
+    scored = lf.filter(pl.col("best_delta").is_not_null())
+    lo, hi = scored.select(pl.col("best_delta").min().alias("lo"), pl.col("best_delta").max().alias("hi")).collect().row(0)
+    if lo is None:
+        return {"edges": [], "counts": {s: [] for s in subsets}, "epsilon": epsilon}
+    lo, hi = min(lo, epsilon), max(hi, epsilon)
+    if hi <= lo:
+        hi = lo + 1e-9
+    width = (hi - lo) / bins
+    index = ((pl.col("best_delta") - lo) / width).floor().cast(pl.Int64).clip(0, bins - 1).alias("bin")
+    counted = scored.select("subset", index).group_by("subset", "bin").len().collect()
+    counts = {s: [0] * bins for s in subsets}
+    for r in counted.iter_rows(named=True):
+        counts[r["subset"]][r["bin"]] = int(r["len"])
+    return {"edges": [lo + i * width for i in range(bins + 1)], "counts": counts, "epsilon": epsilon}
+
+
 def _sample_delta_vs_length(cands: pl.LazyFrame, n_scored: int, max_points: int, seed: int) -> dict:
     """A seeded sample of scored candidates (delta not null): at most max_points of them.
 
@@ -151,17 +189,19 @@ def _sample_delta_vs_length(cands: pl.LazyFrame, n_scored: int, max_points: int,
     wanted fraction; that streams, and the exact cap is applied to the (small) result."""
     scored = cands.filter(pl.col("delta").is_not_null())
     keep = min(1.0, max_points / n_scored) if n_scored else 1.0
-    sample = scored.select("generator", "tokens", "delta")
+    sample = scored.select("generator", "tokens", "delta", pl.col("valid").fill_null(False))
     if keep < 1.0:
         sample = sample.with_row_index("_i").filter(
             (pl.col("_i").hash(seed) % _HASH_RANGE) < int(keep * _HASH_RANGE)).drop("_i")
     df = sample.collect()
     if df.height > max_points:
         df = df.sample(n=max_points, seed=seed)
-    r = df.select(pl.corr("tokens", "delta")).item() if df.height > 2 else None
+    valid = df.filter(pl.col("valid"))  # cut-off candidates pile up at the token cap: r is over valid ones
+    r = valid.select(pl.corr("tokens", "delta")).item() if valid.height > 2 else None
     return {"n_scored": n_scored, "n_sampled": df.height,
             "pearson_r": None if r is None or not math.isfinite(r) else float(r),
-            "generator": df["generator"].to_list(), "tokens": df["tokens"].to_list(), "delta": df["delta"].to_list()}
+            "generator": df["generator"].to_list(), "tokens": df["tokens"].to_list(), "delta": df["delta"].to_list(),
+            "valid": df["valid"].to_list(), "n_sampled_valid": int(df["valid"].sum())}
 
 
 def _provenance(manifest: Optional[dict], prov: dict) -> dict:
@@ -207,27 +247,34 @@ def _fig_subsets(n: dict):
     from matplotlib.ticker import MaxNLocator
 
     names = list(n["pairs_per_subset"])
+    out = n["outcomes_per_subset"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, _height(len(names))), sharey=True, layout="constrained")
-    need = [n["need_reasoning_per_subset"][s] for s in names]
-    direct = [n["pairs_per_subset"][s] - n["need_reasoning_per_subset"][s] for s in names]
-    left.barh(names, need, color="tab:orange", label="need reasoning")
-    left.barh(names, direct, left=need, color="tab:blue", label="direct")
+    start = [0] * len(names)
+    for key, label, colour in OUTCOMES:
+        counts = [out[s][key] for s in names]
+        left.barh(names, counts, left=start, color=colour, label=label)
+        shares = [out[s][f"{key}_rate"] or 0.0 for s in names]
+        right.barh(names, shares, left=[a / max(1, out[s]["pairs"]) for a, s in zip(start, names)], color=colour,
+                   label=label)
+        for y, (a, c, share) in enumerate(zip(start, counts, shares)):
+            if c and share >= 0.08:  # the label fits its bar
+                right.text((a + c / 2) / out[names[y]]["pairs"], y, percent(share), ha="center", va="center",
+                           fontsize=8)
+        start = [a + c for a, c in zip(start, counts)]
     for y, s in enumerate(names):
-        left.text(n["pairs_per_subset"][s], y, f" {n['pairs_per_subset'][s]}", va="center")
-    left.set_title("Pairs per subset")
+        turned = out[s]["control_turned_direct"]
+        note = f" {out[s]['pairs']}" + (f" ({turned} turned direct by the control)" if turned else "")
+        left.text(out[s]["pairs"], y, note, va="center", fontsize=8)
+    left.set_title("Pairs per subset, by outcome")
     left.set_xlabel("pairs")
     left.set_ylabel("subset")
-    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, fontsize=8, frameon=False)
-    left.margins(x=0.15)
+    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=3, fontsize=8, frameon=False)
+    left.margins(x=0.45)
     left.xaxis.set_major_locator(MaxNLocator(integer=True))
-    rates = [n["need_reasoning_rate"][s] for s in names]
-    right.barh(names, rates, color="tab:orange")
-    for y, r in enumerate(rates):
-        right.text(r, y, f" {r:.0%}", va="center")
-    right.set_xlim(0, 1.12)
-    right.set_xticks([0, 0.25, 0.5, 0.75, 1.0], ["0%", "25%", "50%", "75%", "100%"])
-    right.set_title("need_reasoning rate per subset")
-    right.set_xlabel("share of pairs with best delta > epsilon")
+    right.set_xlim(0, 1)
+    right.set_xticks([0, 0.25, 0.5, 0.75, 1.0], [percent(x) for x in (0, 0.25, 0.5, 0.75, 1.0)])
+    right.set_title("Outcome shares per subset")
+    right.set_xlabel("share of pairs: reason / direct / undecided (no valid candidate)")
     left.invert_yaxis()
     return fig
 
@@ -276,17 +323,51 @@ def _fig_delta_vs_length(n: dict, epsilon: Optional[float]):
     if not d["n_sampled"]:
         _empty(ax, "no scored candidates")
     else:
-        gens = sorted(set(d["generator"]))
-        for g in gens:
-            idx = [i for i, x in enumerate(d["generator"]) if x == g]
-            ax.scatter([d["tokens"][i] for i in idx], [d["delta"][i] for i in idx], s=8, alpha=0.5, label=g)
+        # invalid candidates (cut off at the token cap, echoed, ...) are never chosen: grey crosses behind
+        invalid = [i for i, v in enumerate(d["valid"]) if not v]
+        if invalid:
+            ax.scatter([d["tokens"][i] for i in invalid], [d["delta"][i] for i in invalid], s=10, marker="x",
+                       color="0.65", alpha=0.6, label=f"invalid (never chosen): {len(invalid):,}")
+        for g in sorted(set(d["generator"])):
+            idx = [i for i, (x, v) in enumerate(zip(d["generator"], d["valid"])) if x == g and v]
+            if idx:
+                ax.scatter([d["tokens"][i] for i in idx], [d["delta"][i] for i in idx], s=10, alpha=0.6,
+                           label=f"{g}, valid: {len(idx):,}")
         ax.axhline(epsilon or 0.0, color="tab:red", linestyle="--", linewidth=1, label=f"epsilon = {epsilon or 0.0:g}")
         ax.legend(fontsize=8, markerscale=2)
         ax.set_xlabel("rationale length (generated tokens)")
         ax.set_ylabel("delta")
         ax.grid(alpha=0.3)
     r = "n/a" if d["pearson_r"] is None else f"{d['pearson_r']:+.2f}"
-    ax.set_title(f"delta vs rationale length ({d['n_sampled']:,} of {d['n_scored']:,} scored candidates, r = {r})")
+    ax.set_title(f"delta vs rationale length ({d['n_sampled']:,} of {d['n_scored']:,} scored candidates; "
+                 f"r over valid ones = {r})")
+    return fig
+
+
+def _fig_best_delta_histogram(n: dict):
+    import matplotlib.pyplot as plt
+
+    h = n["best_delta_histogram"]
+    names = list(n["pairs_per_subset"])
+    fig, axes = plt.subplots(len(names), 1, figsize=(9, max(2.6, 1.5 * len(names) + 1)), sharex=True,
+                             layout="constrained", squeeze=False)
+    for ax, s in zip(axes[:, 0], names):
+        counts = h["counts"].get(s) or []
+        undecided = n["outcomes_per_subset"][s]["undecided"]
+        if not h["edges"] or not sum(counts):
+            # not _empty(): clearing this axis's ticks would clear the x ticks that all subsets share
+            ax.text(0.5, 0.5, "no valid candidate: undecided", ha="center", va="center", color="0.4",
+                    transform=ax.transAxes)
+            ax.set_yticks([])
+        else:
+            ax.stairs(counts, h["edges"], fill=True, color="tab:orange", alpha=0.7)
+            ax.axvline(h["epsilon"], color="tab:red", linestyle="--", linewidth=1, label=f"epsilon = {h['epsilon']:g}")
+            ax.legend(fontsize=8, loc="upper right")
+        ax.set_ylabel(s, rotation=0, ha="right", va="center")
+        ax.set_title(f"{s}: {sum(counts):,} pairs with a valid candidate, {undecided:,} undecided "
+                     f"({percent(n['outcomes_per_subset'][s]['undecided_rate'])}) not shown", fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("best delta (the chosen candidate's)")
+    fig.suptitle("Best delta per subset")
     return fig
 
 
@@ -300,9 +381,9 @@ def _fig_generators(n: dict):
         shares = [n["chosen_share"][g] for g in names]
         left.barh([str(g) for g in names], shares, color="tab:green")
         for y, g in enumerate(names):
-            left.text(shares[y], y, f" {shares[y]:.0%} ({n['chosen_count'][g]:,})", va="center")
+            left.text(shares[y], y, f" {percent(shares[y])} ({n['chosen_count'][g]:,})", va="center")
         left.set_xlim(0, 1.3)
-        left.set_xticks([0, 0.25, 0.5, 0.75, 1.0], ["0%", "25%", "50%", "75%", "100%"])
+        left.set_xticks([0, 0.25, 0.5, 0.75, 1.0], [percent(x) for x in (0, 0.25, 0.5, 0.75, 1.0)])
         left.invert_yaxis()
         left.set_xlabel("share of chosen rationales (pairs that need reasoning)")
         left.set_ylabel("generator")
@@ -342,7 +423,7 @@ def _fig_quarantine(n: dict):
     return fig
 
 
-FIGURES = ("subsets", "distributions", "delta_vs_length", "generators", "quarantine")
+FIGURES = ("subsets", "distributions", "best_delta_histogram", "delta_vs_length", "generators", "quarantine")
 
 
 def figures(n: dict) -> dict:
@@ -354,6 +435,7 @@ def figures(n: dict) -> dict:
     return {
         "subsets": _fig_to_data_uri(_fig_subsets(n)),
         "distributions": _fig_to_data_uri(_fig_distributions(n, epsilon)),
+        "best_delta_histogram": _fig_to_data_uri(_fig_best_delta_histogram(n)),
         "delta_vs_length": _fig_to_data_uri(_fig_delta_vs_length(n, epsilon)),
         "generators": _fig_to_data_uri(_fig_generators(n)),
         "quarantine": _fig_to_data_uri(_fig_quarantine(n)),
@@ -379,11 +461,14 @@ def _table(header: list, rows: list) -> str:
 
 def render_html(n: dict, figs: dict, out_dir) -> str:
     subsets = list(n["pairs_per_subset"])
-    subset_rows = [[s, n["pairs_per_subset"][s], n["need_reasoning_per_subset"][s], n["need_reasoning_rate"][s],
-                    n["best_delta"][s].get("median"), n["best_delta"][s].get("null"), n["s_direct"][s].get("median")]
+    o = n["outcomes_per_subset"]
+    subset_rows = [[s, o[s]["pairs"],
+                    *(f"{o[s][k]} ({percent(o[s][f'{k}_rate'])})" for k in ("need_reasoning", "direct", "undecided")),
+                    o[s]["control_turned_direct"],
+                    n["best_delta"][s].get("median"), n["s_direct"][s].get("median")]
                    for s in subsets]
     gen_rows = [[g, c["candidates"], c["valid"], c["tokens"], c["mean_delta"], n["chosen_count"].get(g, 0),
-                 n["chosen_share"].get(g, 0.0)] for g, c in n["candidates_per_generator"].items()]
+                 percent(n["chosen_share"].get(g, 0.0))] for g, c in n["candidates_per_generator"].items()]
     prov_rows = [[k, v] for k, v in n["provenance"].items()]
     q_rows = [[r, c] for r, c in n["quarantine_by_reason"].items()] or [["(none)", 0]]
 
@@ -402,13 +487,19 @@ img {{ max-width: 100%; display: block; margin: 0.5em 0; }}
 </style></head><body>
 <h1>pairsel report</h1>
 <p class="summary">{html.escape(str(out_dir))}: <b>{n['pairs']:,}</b> pairs in {len(subsets)} subset(s),
-<b>{n['need_reasoning_overall']:.1%}</b> need reasoning;
+<b>{percent(n['need_reasoning_overall'])}</b> need reasoning (reason),
+{percent(n['outcomes_overall']['direct_rate'])} direct, {percent(n['outcomes_overall']['undecided_rate'])} undecided;
 {sum(n['quarantine_by_reason'].values()):,} quarantined.</p>
+<p>Outcomes: <b>reason</b> a rationale helps (delta &gt; epsilon{", and beats every content-free control" if n["controls"] else ""});
+<b>direct</b> reasoning was tested and no rationale helps; <b>undecided</b> no valid candidate, so reasoning was
+never tested (need_reasoning is null). {n["controls"]} control text(s); "turned direct by the control": pairs
+with a rationale above epsilon that no rationale beats the control with.</p>
 <h2>Subsets</h2>
-{fig("subsets", "pairs and need_reasoning rate per subset")}
-{_table(["subset", "pairs", "need_reasoning", "rate", "median best_delta", "pairs without valid candidate", "median s_direct"], subset_rows)}
+{fig("subsets", "pairs per subset by outcome")}
+{_table(["subset", "pairs", "reason", "direct", "undecided (no valid candidate)", "turned direct by the control", "median best_delta", "median s_direct"], subset_rows)}
 <h2>Distributions of best delta and s_direct</h2>
 {fig("distributions", "best_delta and s_direct per subset")}
+{fig("best_delta_histogram", "histogram of best delta per subset, epsilon marked")}
 <h2>Delta vs rationale length</h2>
 {fig("delta_vs_length", "delta against rationale length")}
 <h2>Generators</h2>
@@ -424,13 +515,18 @@ img {{ max-width: 100%; display: block; margin: 0.5em 0; }}
 
 
 def summary_text(n: dict) -> str:
-    lines = [f"{n['pairs']:,} pairs, need_reasoning {n['need_reasoning_overall']:.1%}"]
+    def outcomes(o: dict) -> str:
+        turned = f", {o['control_turned_direct']:,} turned direct by the control" if o["control_turned_direct"] else ""
+        return (f"reason {o['need_reasoning']:,} ({percent(o['need_reasoning_rate'])}), direct {o['direct']:,} "
+                f"({percent(o['direct_rate'])}), undecided {o['undecided']:,} ({percent(o['undecided_rate'])}){turned}")
+
+    lines = [f"{n['pairs']:,} pairs: {outcomes(n['outcomes_overall'])}"]
     for s, c in n["pairs_per_subset"].items():
         med = n["best_delta"][s].get("median")
         med = "n/a" if med is None else f"{med:+.4f}"
-        lines.append(f"  {s:<24} {c:>8,} pairs  need_reasoning {n['need_reasoning_rate'][s]:6.1%}  median best_delta {med}")
+        lines.append(f"  {s:<24} {c:>8,} pairs  {outcomes(n['outcomes_per_subset'][s])}  median best_delta {med}")
     for g, share in n["chosen_share"].items():
-        lines.append(f"  chosen from {g}: {share:.1%} ({n['chosen_count'][g]:,})")
+        lines.append(f"  chosen from {g}: {percent(share)} ({n['chosen_count'][g]:,})")
     for g, t in n["tokens_per_generator"].items():
         lines.append(f"  tokens generated by {g}: {t:,}")
     q = n["quarantine_by_reason"]

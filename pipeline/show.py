@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.report import quarantine_files, scan_pairs
+from stages.select import REASON, UNDECIDED
 
 MARK_CHOSEN = "★ chosen"
 MARK_REJECTED = "✗ rejected"
@@ -60,16 +61,25 @@ def _epsilon(row: dict) -> float:
 
 
 def decision(row: dict) -> str:
-    """One line: which rationale won and whether the pair needs reasoning."""
+    """One line: the pair's outcome (reason / direct / undecided) and why."""
     eps = _epsilon(row)
     cands = row.get("candidates") or []
-    if row.get("chosen") is None:
+    controls = bool(row.get("s_control"))
+    if row.get("decision") == UNDECIDED or row.get("chosen") is None:
         reasons = Counter(c.get("finish_reason") or "?" for c in cands if not c.get("valid"))
         detail = ", ".join(f"{r} x{n}" for r, n in reasons.most_common()) or "no candidates"
-        return f"no valid rationale among {len(cands)} candidates ({detail}) -> direct, no reasoning"
+        return (f"no valid rationale among {len(cands)} candidates ({detail}) -> undecided: reasoning was not "
+                f"tested (need_reasoning null)")
     k, best = row["chosen"], row["best_delta"]
-    if row.get("need_reasoning"):
-        return f"chosen #{k} (delta {_num(best)} > epsilon {eps:g}) -> need_reasoning"
+    chosen = cands[k] if k < len(cands) else {}
+    if row.get("decision") == REASON:
+        beat = f", delta_control {_num(chosen.get('delta_control'))} > {eps:g}" if controls else ""
+        return f"chosen #{k} (delta {_num(best)} > epsilon {eps:g}{beat}) -> reason, need_reasoning"
+    if best is not None and best > eps and controls:
+        best_control = max((x for x in row.get("control_delta") or [] if x is not None), default=None)
+        return (f"no rationale beat the content-free control: best delta {_num(best)} > epsilon {eps:g}, but no "
+                f"valid candidate has delta_control > {eps:g} (best control's delta {_num(best_control)}) "
+                f"-> direct, no reasoning")
     return f"no rationale beat epsilon: best delta {_num(best)} <= {eps:g} (#{k}) -> direct, no reasoning"
 
 
@@ -111,18 +121,44 @@ def _negatives(row: dict) -> Optional[Table]:
     return table
 
 
+NUMERIC = ("#", "tokens", "s_k", "delta", "delta_control", "neg_delta", "lse")
+
+
 def _candidates(row: dict) -> Table:
     pair_aware = row.get("scoring_mode") == "pair_aware"
+    controls = bool(row.get("s_control"))
     table = Table(title="rationales", title_justify="left", expand=True)
-    columns = ["#", "generator", "tokens", "finish", "s_k", "delta", "neg_delta"] + (["lse"] if pair_aware else []) + ["mark"]
+    columns = (["#", "generator", "tokens", "finish", "s_k", "delta"] + (["delta_control"] if controls else [])
+               + ["neg_delta"] + (["lse"] if pair_aware else []) + ["mark"])
     for col in columns:
-        table.add_column(col, justify="right" if col in ("#", "tokens", "s_k", "delta", "neg_delta", "lse") else "left")
+        table.add_column(col, justify="right" if col in NUMERIC else "left")
     for k, c in enumerate(row.get("candidates") or []):
         cells = [str(k), Text(c.get("generator") or ""), str(c.get("tokens") if c.get("tokens") is not None else "-"),
-                 c.get("finish_reason") or "-", _num(c.get("s_k")), _num(c.get("delta")), _num(c.get("neg_delta"))]
+                 c.get("finish_reason") or "-", _num(c.get("s_k")), _num(c.get("delta"))]
+        if controls:
+            cells.append(_num(c.get("delta_control")))
+        cells.append(_num(c.get("neg_delta")))
         if pair_aware:
             cells.append(_num(c.get("lse")))
         table.add_row(*cells, _marker(row, k, c))
+    return table
+
+
+def _controls(row: dict) -> Optional[Table]:
+    """The content-free controls' scores: what any text appended to the query does for this pair."""
+    s_control = row.get("s_control") or []
+    if not s_control:
+        return None
+    pair_aware = row.get("scoring_mode") == "pair_aware"
+    table = Table(title="content-free controls (scoring.controls, in config order)", title_justify="left", expand=True)
+    for col in ["#", "s_control", "control_delta"] + (["lse_control"] if pair_aware else []):
+        table.add_column(col, justify="right")
+    deltas, lses = row.get("control_delta") or [], row.get("lse_control") or []
+    for i, s in enumerate(s_control):
+        cells = [str(i), _num(s), _num(deltas[i] if i < len(deltas) else None)]
+        if pair_aware:
+            cells.append(_num(lses[i] if i < len(lses) else None))
+        table.add_row(*cells)
     return table
 
 
@@ -150,11 +186,14 @@ def render(row: dict, console: Console) -> None:
     scores = Text(f"scoring {row.get('scoring_mode')}   s_direct {_num(row.get('s_direct'))}")
     if row.get("scoring_mode") == "pair_aware":
         scores.append(f"   lse_direct {_num(row.get('lse_direct'))}   temperature {row.get('temperature')}")
-    scores.append(f"   epsilon {_epsilon(row):g}")
+    scores.append(f"   epsilon {_epsilon(row):g}   decision {row.get('decision')}")
     console.print(scores)
+    controls = _controls(row)
+    if controls is not None:
+        console.print(controls)
     console.print(_candidates(row))
     console.print(Panel(_rationale_texts(row), title="rationale texts", title_align="left"))
-    style = "bold green" if row.get("need_reasoning") else "bold yellow"
+    style = {REASON: "bold green", UNDECIDED: "bold magenta"}.get(row.get("decision"), "bold yellow")
     console.print(Text("decision: " + decision(row), style=style))
 
 

@@ -1,6 +1,8 @@
 """Embed every side of a pair and store the cosine similarities that scoring needs.
 
-Per pair: E(q) without reasoning, E(q ⊕ r_k) for each candidate, E(t+), E(t-_j) for each negative.
+Per pair: E(q) without reasoning, E(q ⊕ r_k) for each candidate, E(t+), E(t-_j) for each negative, and with
+content-free controls (scoring.controls) E(q ⊕ c_i) for each control text, in the same reasoned template as a
+rationale (so a control differs from a candidate only by its content).
 Vectors are L2-normalised, so cos is a dot product. Only similarities leave this stage: a pair's
 vectors would be (K + 2 + J) x dim floats, its similarities are (K + 1) x (J + 1).
 
@@ -25,14 +27,14 @@ import pyarrow as pa
 
 from schemas import WORK_SCHEMA, conform
 from stages.backends import embedder_class
-from stages.backends.base import EmbedInput
+from stages.backends.base import IMAGE_MARKER, EmbedInput
 from stages.counters import StageCounters
 from stages.embed_cache import EmbeddingCache, embedder_identity, image_digest
 from stages.images import ImageError, decode_image
 
 INPUTS = ("query_text", "query_image", "target_text", "target_image", "negatives", "s_direct", "candidates.text",
           "candidates.finish_reason", "candidates.s_k")
-OUTPUTS = ("s_direct", "s_direct_neg", "candidates.s_k", "candidates.s_neg")
+OUTPUTS = ("s_direct", "s_direct_neg", "s_control", "s_control_neg", "candidates.s_k", "candidates.s_neg")
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,15 @@ def _fill(template: str, text: str | None, rationale: str | None = None) -> str:
     # str.replace, not str.format: user text may contain braces
     out = template.replace("{text}", text or "")
     return out if rationale is None else out.replace("{rationale}", rationale)
+
+
+def control_text(control: str, query_text: str | None) -> str:
+    """A control as it is appended to one query: "{query}" stands for the query's own text (without its image
+    marker, which the template's {text} already holds), so a control can be a plain restatement of the query,
+    the rationale that adds nothing the query did not say."""
+    if "{query}" not in control:
+        return control
+    return control.replace("{query}", " ".join((query_text or "").replace(IMAGE_MARKER, " ").split()))
 
 
 def embeddable(cand: dict) -> bool:
@@ -78,13 +89,17 @@ class Embed:
 
     cache_dir: the disk cache shared by every actor and job (None: this actor's memory only).
     stats_dir: where this actor keeps its counters (lookups, hits, forwards, model seconds) as one small
-    JSON file, rewritten after each batch; None: nowhere."""
+    JSON file, rewritten after each batch; None: nowhere.
+    controls: the content-free control texts (scoring.controls), embedded with each pair's query the first
+    time the pair passes (with its plain query); they go through the cache like any input, so a control on a
+    query shared by many pairs is embedded once."""
 
     def __init__(self, embedder: dict, max_image_pixels: int, cache_dir: Optional[str] = None,
-                 stats_dir: Optional[str] = None, round_index: int = 0):
+                 stats_dir: Optional[str] = None, round_index: int = 0, controls=()):
         self.stats = StageCounters(stats_dir, "embed", stage="embed", round=round_index, lookups=0, forwards=0)
         self.cfg = embedder
         self.max_image_pixels = max_image_pixels
+        self.controls = list(controls or ())
         backend_cls = embedder_class(embedder["backend"])
         self.backend = backend_cls(
             embedder["model"],
@@ -116,6 +131,8 @@ class Embed:
                      for n in row.get("negatives") or []],
             "cands": {k: inputs.add(_fill(c["reasoned_query_instruction"], q_text, cands[k]["text"]), q_image, q_digest)
                       for k in new},
+            "controls": [inputs.add(_fill(c["reasoned_query_instruction"], q_text, control_text(text, q_text)), q_image,
+                                    q_digest) for text in self.controls] if fresh else [],
         }
         return plan
 
@@ -156,6 +173,10 @@ class Embed:
                 q = vecs[p["q"]]
                 row["s_direct"] = float(q @ t)
                 row["s_direct_neg"] = [float(x) for x in negs @ q]
+                if p["controls"]:
+                    controls = np.stack([vecs[i] for i in p["controls"]])
+                    row["s_control"] = [float(x) for x in controls @ t]
+                    row["s_control_neg"] = [[float(x) for x in row_] for row_ in controls @ negs.T]
             for k, cand in enumerate(row.get("candidates") or []):
                 if k in p["cands"]:
                     r = vecs[p["cands"][k]]

@@ -1,39 +1,78 @@
-"""Label each pair from its scored candidates (stages/score.py).
+"""Label each pair from its scored candidates (stages/score.py). A pair has one of three outcomes:
 
-  chosen         = argmax_k delta_k over valid candidates (ties: the lowest index)
+  reason     some candidate helps: need_reasoning = true
+  direct     reasoning was tested (at least one valid candidate) and none helps: need_reasoning = false
+  undecided  no valid candidate (all cut off, empty, echoed, ...): reasoning was never tested, so
+             need_reasoning = null; every score is kept
+
+A valid candidate *helps* when delta > epsilon and, with content-free controls (scoring.controls), also
+delta_control > epsilon: it beats the plain query and every control by more than epsilon.
+
+  chosen         = the helping candidate with the largest delta, else the valid one with the largest delta
+                   (ties: the lowest index); null when undecided
   best_delta     = delta of the chosen candidate
-  need_reasoning = best_delta > epsilon
-  rejected       = valid candidates other than the chosen one with delta <= 0; with `chosen` they form
-                   preference pairs
+  rejected       = valid candidates other than the chosen one with delta <= 0; a preference pair is
+                   (chosen, rejected) of a pair whose decision is reason
 
-A pair without any valid candidate keeps every score, gets chosen = null and need_reasoning = false. A pair
-whose every candidate failed with an error (a server down, a model that raised) was never tested at all: it is
-quarantined as `generation_failed` rather than labelled.
+A pair whose every candidate failed with an error (a server down, a model that raised) is not labelled at all
+but quarantined as `generation_failed`: nothing produced text, the cause lies outside the data, and a rerun
+once the generator is back redoes it. A pair with any output (even only cut-off text) is labelled, undecided
+if nothing of it is valid.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 
 from schemas import WORK_SCHEMA, conform
 
-INPUTS = ("candidates.delta", "candidates.valid", "candidates.generator", "candidates.finish_reason")
-OUTPUTS = ("chosen", "chosen_generator", "best_delta", "need_reasoning", "rejected", "quarantine_reason")
+INPUTS = ("s_control", "candidates.delta", "candidates.delta_control", "candidates.valid", "candidates.generator",
+          "candidates.finish_reason")
+OUTPUTS = ("decision", "chosen", "chosen_generator", "best_delta", "need_reasoning", "rejected", "quarantine_reason")
+
+REASON, DIRECT, UNDECIDED = "reason", "direct", "undecided"
+DECISIONS = (REASON, DIRECT, UNDECIDED)
 
 
-def select(delta, valid, epsilon: float) -> tuple[Optional[int], Optional[float], bool, list[int]]:
-    """(chosen, best_delta, need_reasoning, rejected) for one pair."""
+def helps(delta, delta_control, threshold: float, controls: bool) -> np.ndarray:
+    """Which candidates help at this threshold: delta > threshold, and with controls delta_control > threshold
+    (a candidate without delta_control was not compared with the controls and does not help)."""
+    delta = np.asarray(delta, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        out = np.isfinite(delta) & (delta > threshold)
+        if controls:
+            dc = np.asarray(delta_control, dtype=np.float64)
+            out &= np.isfinite(dc) & (dc > threshold)
+    return out
+
+
+def candidate_helps(cand: dict, threshold: float, controls: bool) -> bool:
+    """helps() for one stored candidate (e.g. stages/generate.py: is a pair satisfied after a round)."""
+    return bool(cand.get("valid")) and bool(helps([_nan(cand.get("delta"))], [_nan(cand.get("delta_control"))],
+                                                  threshold, controls)[0])
+
+
+def select(delta, valid, epsilon: float, delta_control=None,
+           ) -> tuple[str, Optional[int], Optional[float], Optional[bool], list[int]]:
+    """(decision, chosen, best_delta, need_reasoning, rejected) for one pair. delta_control: None without
+    controls, else one value per candidate (NaN where missing)."""
     delta = np.asarray(delta, dtype=np.float64)
     usable = np.asarray(valid, dtype=bool) & np.isfinite(delta)
     if not usable.any():
-        return None, None, False, []
-    masked = np.where(usable, delta, -np.inf)
-    chosen = int(np.argmax(masked))  # argmax returns the first maximum: ties go to the lowest index
-    best = float(delta[chosen])
+        return UNDECIDED, None, None, None, []
+    helping = usable & helps(delta, delta_control, epsilon, delta_control is not None)
+    pool = helping if helping.any() else usable
+    chosen = int(np.argmax(np.where(pool, delta, -np.inf)))  # argmax returns the first maximum: lowest index
     rejected = [int(k) for k in np.flatnonzero(usable & (delta <= 0.0)) if k != chosen]
-    return chosen, best, bool(best > epsilon), rejected
+    need = bool(helping.any())
+    return (REASON if need else DIRECT), chosen, float(delta[chosen]), need, rejected
+
+
+def _nan(x) -> float:
+    return np.nan if x is None else x
 
 
 def select_rows(rows: list[dict], epsilon: float) -> list[dict]:
@@ -45,14 +84,25 @@ def select_rows(rows: list[dict], epsilon: float) -> list[dict]:
             row["quarantine_reason"] = "generation_failed"
             row["quarantine_detail"] = f"all {len(cands)} candidates failed; first error: {cands[0].get('error')}"[:1000]
             continue
-        delta = [np.nan if c.get("delta") is None else c["delta"] for c in cands]
-        chosen, best, need, rejected = select(delta, [bool(c.get("valid")) for c in cands], epsilon)
+        controls = bool(row.get("s_control"))
+        decision, chosen, best, need, rejected = select(
+            [_nan(c.get("delta")) for c in cands], [bool(c.get("valid")) for c in cands], epsilon,
+            [_nan(c.get("delta_control")) for c in cands] if controls else None)
+        row["decision"] = decision
         row["chosen"] = chosen
         row["chosen_generator"] = None if chosen is None else cands[chosen]["generator"]
         row["best_delta"] = best
         row["need_reasoning"] = need
         row["rejected"] = rejected
     return rows
+
+
+def turned_direct_by_control(epsilon: float) -> pl.Expr:
+    """Over output rows: pairs the control turned from reason to direct (some valid candidate has
+    delta > epsilon, so the rule without controls says reason, but none beats the controls)."""
+    cand = pl.element().struct
+    above = pl.col("candidates").list.eval(cand.field("valid").fill_null(False) & (cand.field("delta") > epsilon))
+    return (pl.col("decision") == DIRECT) & above.list.any().fill_null(False)
 
 
 class Select:

@@ -11,7 +11,11 @@ Subsets (round-robin over pairs):
   retrieval  text query, image target, two explicit negatives with images
   captions   image query without a marker, text target, no explicit negative; with
              `no_valid_subset="captions"` (the default) every candidate is invalid, so chosen and
-             best_delta are null: the edge case of a subset with nothing to choose from
+             best_delta are null, and the pairs are undecided: the edge case of a subset with nothing to
+             choose from
+
+With `n_controls` (default 1) every pair also has content-free control scores (s_control, s_control_neg),
+drawn like a weak rationale's, so that the control turns some pairs from reason to direct.
 """
 from __future__ import annotations
 
@@ -80,6 +84,13 @@ def _candidates(pair_id: str, all_invalid: bool, k: int, s_direct: float, s_dire
     return cands
 
 
+def _controls(n: int, s_direct: float, s_direct_neg: list, rng: random.Random) -> dict:
+    if not n:
+        return {}
+    return {"s_control": [s_direct + rng.gauss(0.02, 0.02) for _ in range(n)],
+            "s_control_neg": [[s + rng.gauss(0.0, 0.02) for s in s_direct_neg] for _ in range(n)]}
+
+
 def output_for(request, tmp_path_factory) -> Path:
     """For a fixture parametrized with ("synthetic", "demo_job"): a synthetic output with known numbers, or a
     real demo job's output (the `demo_output` fixture), so each check runs on both."""
@@ -110,6 +121,7 @@ def make_output(
     epsilon: float = 0.0,
     n_quarantined: int = 4,
     no_valid_subset: str | None = "captions",
+    n_controls: int = 1,
 ) -> dict:
     """Write OUT/{data,quarantine}/shard-*.parquet and OUT/manifest.json; return the manifest."""
     out = Path(out_dir)
@@ -129,6 +141,7 @@ def make_output(
             **_pair(subset, i), "negatives": negatives,
             "candidates": _candidates(pair_id, subset == no_valid_subset, k, s_direct, s_direct_neg, rng),
             "s_direct": s_direct, "s_direct_neg": s_direct_neg, "provenance": provenance,
+            **_controls(n_controls, s_direct, s_direct_neg, rng),
         })
     select_rows(score_rows(rows, scoring_mode, temperature), epsilon)
 
@@ -160,12 +173,24 @@ def make_output(
     (out / "_staging" / "shard-000099").mkdir(parents=True, exist_ok=True)
     (out / "_staging" / "shard-000099" / "part-0.parquet").write_bytes(b"not a parquet file")
 
-    manifest = _manifest(rows, quarantined, shards, provenance, scoring_mode, epsilon, k)
+    manifest = _manifest(rows, quarantined, shards, provenance, scoring_mode, epsilon, k, n_controls)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 
 
-def _manifest(rows, quarantined, shards, provenance, scoring_mode, epsilon, k) -> dict:
+def _outcomes(rows, epsilon) -> dict:
+    """The manifest's outcome counts of these rows, worked out here from the labels."""
+    n = len(rows)
+    out = {"pairs": n}
+    for key, decision in (("need_reasoning", "reason"), ("direct", "direct"), ("undecided", "undecided")):
+        out[key] = sum(1 for r in rows if r["decision"] == decision)
+        out[f"{key}_rate"] = out[key] / n if n else None
+    out["control_turned_direct"] = sum(
+        1 for r in rows if r["decision"] == "direct" and any(c["valid"] and c["delta"] > epsilon for c in r["candidates"]))
+    return out
+
+
+def _manifest(rows, quarantined, shards, provenance, scoring_mode, epsilon, k, n_controls) -> dict:
     cands = [c for r in rows for c in r["candidates"]]
     need = [r for r in rows if r["need_reasoning"]]
     by_reason: dict = {}
@@ -185,23 +210,19 @@ def _manifest(rows, quarantined, shards, provenance, scoring_mode, epsilon, k) -
                            "chosen_share": chosen / len(need) if need else 0.0,
                            "mean_delta": sum(deltas) / len(deltas) if deltas else None,
                            "tokens": sum(c["tokens"] for c in mine)}
-    subsets = {}
-    for r in rows:
-        s = subsets.setdefault(r["subset"], {"pairs": 0, "need_reasoning": 0})
-        s["pairs"] += 1
-        s["need_reasoning"] += int(r["need_reasoning"])
-    for s in subsets.values():
-        s["need_reasoning_rate"] = s["need_reasoning"] / s["pairs"]
+    subsets = {name: _outcomes([r for r in rows if r["subset"] == name], epsilon)
+               for name in sorted({r["subset"] for r in rows})}
+    totals = {key: v for key, v in _outcomes(rows, epsilon).items() if key != "pairs"}
     config = {"generators": [{"name": g, "backend": "transformers", "model": m, "k": k} for g, m in GENERATORS.items()],
               "embedder": {"backend": "transformers", "model": provenance["embedder"]},
-              "scoring": {"mode": scoring_mode, "epsilon": epsilon, "temperature": 0.05}}
+              "scoring": {"mode": scoring_mode, "epsilon": epsilon, "temperature": 0.05,
+                          "controls": [f"control text {i}" for i in range(n_controls)]}}
     return {
         "pairsel_version": provenance["pairsel_version"], "schema_version": schemas.SCHEMA_VERSION,
         "config_hash": CONFIG_HASH, "config": config, "status": "complete",
         "started_at": "2025-01-01T00:00:00+00:00", "finished_at": "2025-01-01T00:01:00+00:00", "wall_seconds": 60.0,
         "counts": {"pairs_read": len(rows) + len(quarantined), "pairs_written": len(rows),
-                   "pairs_quarantined": len(quarantined), "need_reasoning": len(need),
-                   "need_reasoning_rate": len(need) / len(rows) if rows else 0.0,
+                   "pairs_quarantined": len(quarantined), **totals,
                    "quarantined_by_reason": by_reason, "candidates": len(cands),
                    "candidates_invalid_by_reason": invalid, "tokens_generated": sum(c["tokens"] for c in cands)},
         "generators": generators, "subsets": subsets,

@@ -41,7 +41,12 @@ def test_body_has_the_manifest_numbers(written):
     text = path.read_text()
     assert f"pairs written: **{manifest['counts']['pairs_written']}**" in text
     for name, s in manifest["subsets"].items():
-        assert f"| {name} | {s['pairs']} | {s['need_reasoning']} | {s['need_reasoning_rate']:.1%} |" in text
+        assert (f"| {name} | {s['pairs']} | {s['need_reasoning']} ({s['need_reasoning_rate']:.1%}) |"
+                f" {s['direct']} ({s['direct_rate']:.1%}) | {s['undecided']} ({s['undecided_rate']:.1%}) |"
+                f" {s['control_turned_direct']} |") in text
+    counts = manifest["counts"]
+    assert (f"outcomes: reason {counts['need_reasoning']} ({counts['need_reasoning_rate']:.1%}), direct "
+            f"{counts['direct']} ({counts['direct_rate']:.1%}), undecided {counts['undecided']}") in text
     for name, g in manifest["generators"].items():
         assert f"| {name} | {g['backend']} | `{g['model']}` |" in text
     assert manifest["embedder"]["model"] in text

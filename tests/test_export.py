@@ -9,6 +9,7 @@ import pytest
 import torch.utils.data
 
 from pipeline import export
+from pipeline.config import ConfigError
 from pipeline.report import data_files
 from tests.synthetic_output import make_output, output_for
 
@@ -51,8 +52,18 @@ def load_everywhere(result: dict, tmp_path) -> list[dict]:
     return seen
 
 
-def expected_preference(rows, subsets=None, min_delta=None, need_reasoning=None) -> dict:
-    """{(pair_id, chosen, rejected): (chosen text, rejected text)} straight from the candidates."""
+def helps(row: dict, cand: dict) -> bool:
+    """The rule, written out here from the stored scores: valid, delta > epsilon, and with controls also
+    delta_control > epsilon."""
+    eps = row["provenance"]["epsilon"]
+    return (cand["valid"] and cand["delta"] > eps
+            and (not row["s_control"] or (cand["delta_control"] is not None and cand["delta_control"] > eps)))
+
+
+def expected_preference(rows, subsets=None, min_delta=None, need_reasoning=None, min_gap=0.0,
+                        text_only=False) -> dict:
+    """{(pair_id, chosen, rejected): (chosen text, rejected text)}: a chosen rationale that helps, a rejected
+    one that does not (valid, delta <= 0), worked out from the candidates."""
     out = {}
     for r in rows:
         if subsets and r["subset"] not in subsets:
@@ -61,17 +72,22 @@ def expected_preference(rows, subsets=None, min_delta=None, need_reasoning=None)
             continue
         if need_reasoning is not None and r["need_reasoning"] != need_reasoning:
             continue
-        if r["chosen"] is None:
+        if r["chosen"] is None or (text_only and r["query_image_path"]):
             continue
         best = r["candidates"][r["chosen"]]
-        for k in r["rejected"]:
-            if k != r["chosen"] and r["candidates"][k]["delta"] < best["delta"]:
-                out[(r["pair_id"], r["chosen"], k)] = (best["text"], r["candidates"][k]["text"])
+        if not helps(r, best):
+            continue
+        for k, c in enumerate(r["candidates"]):
+            if k != r["chosen"] and c["valid"] and c["delta"] <= 0 and best["delta"] - c["delta"] >= min_gap:
+                out[(r["pair_id"], r["chosen"], k)] = (best["text"], c["text"])
     return out
 
 
 def _content_text(messages) -> str:
-    return " ".join(part["text"] for part in messages[0]["content"] if part["type"] == "text")
+    content = messages[0]["content"]
+    if isinstance(content, str):
+        return content
+    return " ".join(part["text"] for part in content if part["type"] == "text")
 
 
 @pytest.mark.parametrize("jsonl", [False, True])
@@ -87,7 +103,8 @@ def test_preference_conversational(out, rows, tmp_path, jsonl):
         chosen_text, rejected_text = expected[(r["pair_id"], r["chosen_index"], r["rejected_index"])]
         assert r["prompt"][0]["role"] == "user" and r["chosen"][0]["role"] == "assistant"
         assert _content_text(r["chosen"]) == chosen_text and _content_text(r["rejected"]) == rejected_text
-        assert r["delta_chosen"] > r["delta_rejected"]
+        assert r["delta_chosen"] > src["provenance"]["epsilon"] >= 0.0 >= r["delta_rejected"]
+        assert isinstance(r["prompt"][0]["content"], list)  # this export has images: every row in parts
         kinds = [part["type"] for part in r["prompt"][0]["content"]]
         if src["query_image_path"]:
             assert kinds.count("image") == 1 and r["images"] == [src["query_image_path"]]
@@ -96,6 +113,56 @@ def test_preference_conversational(out, rows, tmp_path, jsonl):
         query_words = src["query_text"].replace(export.IMAGE_MARKER, " ").split()
         assert _content_text(r["prompt"]).split() == query_words
     assert result["pairs"] == len({k[0] for k in expected})
+
+
+def test_no_preference_row_teaches_a_harmful_chosen(out, rows, tmp_path):
+    """Every row's chosen rationale helps its pair (and beats the controls), every rejected one has delta <= 0;
+    a minimum gap drops the rows closer than it."""
+    result = export.run(str(out), "preference", str(tmp_path / "pref"))
+    got = pl.read_parquet(result["files"])
+    by_id = {r["pair_id"]: r for r in rows}
+    assert got.height > 0
+    for r in got.iter_rows(named=True):
+        src = by_id[r["pair_id"]]
+        assert src["decision"] == "reason" and helps(src, src["candidates"][r["chosen_index"]])
+        assert r["delta_rejected"] <= 0.0
+    gap = float(got.select((pl.col("delta_chosen") - pl.col("delta_rejected")).median()).item())
+    result = export.run(str(out), "preference", str(tmp_path / "gap"), min_gap=gap)
+    gapped = load_everywhere(result, tmp_path)
+    assert {(r["pair_id"], r["chosen_index"], r["rejected_index"]) for r in gapped} == set(
+        expected_preference(rows, min_gap=gap))
+    assert 0 < len(gapped) < got.height
+
+
+@pytest.mark.parametrize("style", ["conversational", "standard"])
+def test_text_only_preference_export_has_no_images_column(out, rows, tmp_path, style):
+    result = export.run(str(out), "preference", str(tmp_path / "pref"), text_only=True, preference_style=style)
+    got = load_everywhere(result, tmp_path)
+    expected = expected_preference(rows, text_only=True)
+    assert len(got) == len(expected) > 0
+    assert {(r["pair_id"], r["chosen_index"], r["rejected_index"]) for r in got} == set(expected)
+    assert "images" not in pl.read_parquet(result["files"]).columns  # TRL would take the dataset for a vision one
+    for r in got:
+        chosen_text, rejected_text = expected[(r["pair_id"], r["chosen_index"], r["rejected_index"])]
+        query = next(x["query_text"] for x in rows if x["pair_id"] == r["pair_id"])
+        if style == "conversational":
+            # plain string content: string-only chat templates (ChatML, Qwen2.5) render it
+            assert r["prompt"] == [{"role": "user", "content": query}]
+            assert r["chosen"] == [{"role": "assistant", "content": chosen_text}]
+            assert r["rejected"] == [{"role": "assistant", "content": rejected_text}]
+        else:
+            # prompt + completion reads apart, as the embedder saw it: "QUERY\nReasoning: RATIONALE"
+            assert r["prompt"] == query + export.STANDARD_PROMPT_END and r["prompt"].endswith("\nReasoning: ")
+            assert (r["chosen"], r["rejected"]) == (chosen_text, rejected_text)
+
+
+def test_an_export_without_images_drops_the_column_by_itself(out, rows, tmp_path):
+    text_subsets = sorted({r["subset"] for r in rows} - {r["subset"] for r in rows if r["query_image_path"]})
+    if not text_subsets:
+        pytest.skip("every subset has image queries")
+    result = export.run(str(out), "preference", str(tmp_path / "pref"), subsets=text_subsets)
+    assert result["rows"] > 0 and "images" not in pl.read_parquet(result["files"]).columns
+    assert isinstance(pl.read_parquet(result["files"])["prompt"][0][0]["content"], str)
 
 
 def test_preference_standard_with_filters(out, rows, tmp_path):
@@ -113,14 +180,14 @@ def test_preference_standard_with_filters(out, rows, tmp_path):
     assert {(r["pair_id"], r["chosen_index"], r["rejected_index"]) for r in got} == set(expected)
     for r in got:
         assert (r["chosen"], r["rejected"]) == expected[(r["pair_id"], r["chosen_index"], r["rejected_index"])]
-        assert r["subset"] in subsets and r["need_reasoning"] is True
-        assert isinstance(r["prompt"], str)
-        assert (export.IMAGE_MARKER in r["prompt"]) == bool(r["images"])
+        assert r["subset"] in subsets
+        assert isinstance(r["prompt"], str) and r["prompt"].endswith(export.STANDARD_PROMPT_END)
+        assert (export.IMAGE_MARKER in r["prompt"]) == bool(r.get("images"))
 
 
 def _expected_contrastive(src: dict, mode: str) -> dict:
     explicit = [n for n in src["negatives"] if n["origin"] == "explicit"]
-    rationale = src["candidates"][src["chosen"]]["text"] if src["need_reasoning"] else None
+    rationale = src["candidates"][src["chosen"]]["text"] if src["decision"] == "reason" else None
     qry = src["query_text"] or ""
     if mode == "append" and rationale is not None:
         qry = qry + export.RATIONALE_SEPARATOR + rationale
@@ -128,7 +195,8 @@ def _expected_contrastive(src: dict, mode: str) -> dict:
            "pos_image_path": src["target_image_path"] or "",
            "neg_text": (explicit[0]["text"] or "") if explicit else "",
            "neg_image_path": (explicit[0]["image_path"] or "") if explicit else "",
-           "pair_id": src["pair_id"], "subset": src["subset"], "need_reasoning": src["need_reasoning"]}
+           "pair_id": src["pair_id"], "subset": src["subset"], "decision": src["decision"],
+           "need_reasoning": src["need_reasoning"]}
     if mode == "column":
         row["rationale"] = rationale
     return row
@@ -156,27 +224,43 @@ def test_contrastive_min_delta(out, rows, tmp_path):
     assert {r["pair_id"] for r in got} == expected
 
 
-@pytest.mark.parametrize("need", [True, False])
+@pytest.mark.parametrize("need", [True, False, None])
 def test_gate(out, rows, tmp_path, need):
     result = export.run(str(out), "gate", str(tmp_path / "gate"), need_reasoning=need)
     got = load_everywhere(result, tmp_path)
-    by_id = {r["pair_id"]: r for r in rows if r["need_reasoning"] == need}
+    # undecided pairs (need_reasoning null) are left out by default: their label was never tested
+    by_id = {r["pair_id"]: r for r in rows if r["decision"] != "undecided" and need in (None, r["need_reasoning"])}
     assert sorted(r["pair_id"] for r in got) == sorted(by_id)
     for r in got:
         src = by_id[r["pair_id"]]
-        for col in ("query_text", "query_image_path", "target_text", "target_image_path", "need_reasoning",
-                    "best_delta", "s_direct"):
+        for col in ("decision", "need_reasoning", "best_delta", "s_direct"):
             assert r[col] == src[col]
+        # missing text or image is "", as in the contrastive export
+        for col in ("query_text", "query_image_path", "target_text", "target_image_path"):
+            assert r[col] == (src[col] or "")
+
+
+def test_gate_includes_undecided_only_when_asked(out, rows, tmp_path):
+    undecided = {r["pair_id"] for r in rows if r["decision"] == "undecided"}
+    result = export.run(str(out), "gate", str(tmp_path / "gate"), include_undecided=True)
+    got = load_everywhere(result, tmp_path)
+    assert sorted(r["pair_id"] for r in got) == sorted(r["pair_id"] for r in rows)
+    for r in got:
+        if r["pair_id"] in undecided:
+            assert r["decision"] == "undecided" and r["need_reasoning"] is None and r["best_delta"] is None
+        else:
+            assert r["need_reasoning"] == (r["decision"] == "reason")
 
 
 def test_parts_and_empty_results(tmp_path):
     make_output(tmp_path / "out", n_pairs=48, rows_per_shard=8)
-    result = export.run(str(tmp_path / "out"), "gate", str(tmp_path / "gate"), rows_per_part=16)
+    result = export.run(str(tmp_path / "out"), "gate", str(tmp_path / "gate"), rows_per_part=16,
+                        include_undecided=True)
     assert len(result["files"]) == 3 and result["rows"] == 48
     load_everywhere(result, tmp_path)
     # a filter that keeps nothing still leaves one (empty) file with the schema, for polars and pyarrow
     # (datasets refuses to build a split of 0 rows), and replaces the earlier parts
-    result = export.run(str(tmp_path / "out"), "gate", str(tmp_path / "gate"), subsets=["no-such-subset"])
+    result = export.run(str(tmp_path / "out"), "gate", str(tmp_path / "gate"), min_delta=1e9)
     assert result["rows"] == 0 and len(result["files"]) == 1
     assert sorted(p.name for p in (tmp_path / "gate").glob("part-*")) == ["part-00000.parquet"]
     assert pl.read_parquet(result["files"]).columns[:2] == ["pair_id", "subset"]
@@ -193,9 +277,36 @@ def test_cli_arguments_map_onto_run(out, rows, tmp_path):
     assert args["subsets"] == subsets and args["need_reasoning"] is False and args["fmt"] == "contrastive"
     result = export.run(**args)
     assert result["files"][0].endswith(".jsonl")
-    assert result["rows"] == sum(1 for r in rows if not r["need_reasoning"])
+    assert result["rows"] == sum(1 for r in rows if r["need_reasoning"] is False)
+    args = vars(parser.parse_args([str(out), "--format", "preference", "--out", str(tmp_path / "p"), "--text-only",
+                                   "--min-gap", "0.01", "--preference-style", "standard"]))
+    assert (args["text_only"], args["min_gap"], args["include_undecided"]) == (True, 0.01, False)
+    assert export.run(**args)["rows"] == len(expected_preference(rows, text_only=True, min_gap=0.01))
+    args = vars(parser.parse_args([str(out), "--format", "gate", "--out", str(tmp_path / "g"), "--include-undecided"]))
+    assert export.run(**args)["rows"] == len(rows)
     with pytest.raises(SystemExit):
         parser.parse_args([str(out), "--format", "gate", "--out", "x", "--need-reasoning", "maybe"])
+
+
+def test_unknown_subset_is_a_user_error(out, rows, tmp_path):
+    known = sorted({r["subset"] for r in rows})
+    with pytest.raises(ConfigError, match="no subset 'nosuch'") as err:
+        export.run(str(out), "gate", str(tmp_path / "gate"), subsets=[known[0], "nosuch"])
+    assert ", ".join(known) in str(err.value)
+    assert not list((tmp_path / "gate").glob("part-*"))  # nothing written
+
+
+def test_unknown_subset_exits_2_with_one_line(out, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "export", str(out), "--format", "gate", "--out",
+                           str(tmp_path / "x"), "--subset", "nosuch"], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nosuch" in lines[0] and "subsets are:" in lines[0] and "Traceback" not in proc.stderr
 
 
 def test_format_docs_cover_every_format():
@@ -203,3 +314,4 @@ def test_format_docs_cover_every_format():
     for fmt in export.FORMATS:
         assert f"{fmt}:" in docs
     assert docs.count("load_dataset(") >= 2 and "DPOTrainer" in docs and repr(export.RATIONALE_SEPARATOR) in docs
+    assert "RewardTrainer" in docs and "undecided" in docs

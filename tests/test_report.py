@@ -31,13 +31,61 @@ def _rows(out):
 
 def test_pairs_and_need_reasoning_per_subset(out, numbers):
     table = pq.read_table(report.data_files(out), columns=["subset", "need_reasoning"])
-    counts = table.group_by("subset").aggregate([("subset", "count"), ("need_reasoning", "sum")]).to_pylist()
-    expected_pairs = {r["subset"]: r["subset_count"] for r in counts}
-    expected_rate = {r["subset"]: r["need_reasoning_sum"] / r["subset_count"] for r in counts}
-    assert numbers["pairs_per_subset"] == expected_pairs
+    rows = table.to_pylist()
+    expected_pairs = Counter(r["subset"] for r in rows)
+    expected_rate = {s: sum(r["need_reasoning"] is True for r in rows if r["subset"] == s) / n
+                     for s, n in expected_pairs.items()}
+    assert numbers["pairs_per_subset"] == dict(expected_pairs)
     assert numbers["pairs"] == table.num_rows
     assert numbers["need_reasoning_rate"] == pytest.approx(expected_rate)
-    assert numbers["need_reasoning_overall"] == pytest.approx(pc.sum(table["need_reasoning"]).as_py() / table.num_rows)
+    assert numbers["need_reasoning_overall"] == pytest.approx((pc.sum(table["need_reasoning"]).as_py() or 0) / table.num_rows)
+
+
+def test_three_outcomes_per_subset(out, numbers):
+    """reason / direct / undecided counted apart, and the pairs the control turned from reason to direct,
+    worked out here from the candidates and provenance alone."""
+    rows = _rows(out)
+    for subset, n in numbers["pairs_per_subset"].items():
+        mine = [r for r in rows if r["subset"] == subset]
+        o = numbers["outcomes_per_subset"][subset]
+        eps = mine[0]["provenance"]["epsilon"]
+        valid = [[c for c in r["candidates"] if c["valid"]] for r in mine]
+        assert o["undecided"] == sum(not v for v in valid) == sum(r["need_reasoning"] is None for r in mine)
+        assert o["need_reasoning"] == sum(r["decision"] == "reason" for r in mine)
+        assert o["direct"] == sum(bool(v) and r["need_reasoning"] is False for r, v in zip(mine, valid))
+        assert o["need_reasoning"] + o["direct"] + o["undecided"] == o["pairs"] == n
+        assert o["control_turned_direct"] == sum(
+            r["decision"] == "direct" and any(c["delta"] > eps for c in v) for r, v in zip(mine, valid))
+        for key in ("need_reasoning", "direct", "undecided"):
+            assert o[f"{key}_rate"] == pytest.approx(o[key] / n)
+    manifest = report.read_manifest(out)
+    if manifest:  # the manifest counts what the report counts
+        for subset, o in numbers["outcomes_per_subset"].items():
+            for key in ("need_reasoning", "direct", "undecided", "control_turned_direct"):
+                assert manifest["subsets"][subset][key] == o[key], (subset, key)
+
+
+def test_best_delta_histogram_counts_every_pair_with_a_best_delta(out, numbers):
+    h = numbers["best_delta_histogram"]
+    rows = _rows(out)
+    for subset in numbers["pairs_per_subset"]:
+        best = [r["best_delta"] for r in rows if r["subset"] == subset and r["best_delta"] is not None]
+        assert sum(h["counts"][subset]) == len(best)
+        if best:
+            assert h["edges"][0] <= min(best) and max(best) <= h["edges"][-1] + 1e-12
+    if h["edges"]:
+        assert h["edges"][0] <= h["epsilon"] <= h["edges"][-1]  # epsilon is on the axis
+
+
+def test_percentages_are_written_one_way(out, numbers):
+    page = (out / "report.html").read_text()
+    for subset, o in numbers["outcomes_per_subset"].items():
+        assert f"<td>{o['undecided']} ({report.percent(o['undecided_rate'])})</td>" in page
+    assert report.percent(0.5) == "50.0%" and report.percent(None) == "n/a"
+    body = page.split("</style>", 1)[1]
+    for text in (body, report.summary_text(numbers)):
+        shares = re.findall(r"[\d.,]+%", text)
+        assert shares and all(re.fullmatch(r"\d+\.\d%", x) for x in shares), shares
 
 
 def test_distributions_per_subset(out, numbers):
@@ -93,6 +141,9 @@ def test_delta_vs_length_uses_every_scored_candidate_below_the_cap(out, numbers)
     if len(scored) <= report.DEFAULT_MAX_POINTS:
         assert d["n_sampled"] == len(scored)
         assert sorted(d["delta"]) == pytest.approx(sorted(c["delta"] for c in scored))
+        # valid and invalid candidates are told apart in the figure
+        assert sorted(zip(d["delta"], d["valid"])) == sorted((c["delta"], c["valid"]) for c in scored)
+        assert d["n_sampled_valid"] == sum(c["valid"] for c in scored)
 
 
 def test_delta_vs_length_sample_is_capped_and_seeded(out):
@@ -129,6 +180,9 @@ def test_subset_without_valid_candidates_has_no_best_delta(tmp_path):
     assert n["best_delta"]["captions"]["n"] == 0
     assert n["best_delta"]["captions"]["null"] == n["pairs_per_subset"]["captions"] == 4
     assert n["need_reasoning_rate"]["captions"] == 0.0
+    # undecided, not direct: reasoning was never tested there
+    assert n["outcomes_per_subset"]["captions"]["undecided"] == 4 and n["outcomes_per_subset"]["captions"]["direct"] == 0
+    assert sum(n["best_delta_histogram"]["counts"]["captions"]) == 0
 
 
 def test_one_subset_no_quarantine_no_manifest(tmp_path, capsys):

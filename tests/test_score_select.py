@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from stages.score import log_p_positive, score_pair, score_rows
-from stages.select import select, select_rows
+from stages.select import DIRECT, REASON, UNDECIDED, candidate_helps, select, select_rows
 
 
 def test_cosine_delta_is_difference_of_similarities():
@@ -41,46 +41,129 @@ def test_logsumexp_is_stable_at_small_temperature():
 
 
 def test_select_picks_argmax_and_labels():
-    chosen, best, need, rejected = select([0.1, 0.3, -0.2, 0.0], [True] * 4, epsilon=0.0)
-    assert (chosen, best, need, rejected) == (1, pytest.approx(0.3), True, [2, 3])
+    decision, chosen, best, need, rejected = select([0.1, 0.3, -0.2, 0.0], [True] * 4, epsilon=0.0)
+    assert (decision, chosen, best, need, rejected) == (REASON, 1, pytest.approx(0.3), True, [2, 3])
 
 
 def test_select_ties_go_to_lowest_index():
-    assert select([0.2, 0.5, 0.5], [True] * 3, 0.0)[0] == 1
+    assert select([0.2, 0.5, 0.5], [True] * 3, 0.0)[1] == 1
 
 
 def test_select_k_equals_one():
-    assert select([0.05], [True], 0.0) == (0, pytest.approx(0.05), True, [])
-    assert select([0.05], [True], 0.1)[2] is False  # below epsilon
+    assert select([0.05], [True], 0.0) == (REASON, 0, pytest.approx(0.05), True, [])
+    assert select([0.05], [True], 0.1)[:4] == (DIRECT, 0, pytest.approx(0.05), False)  # below epsilon
 
 
 def test_select_every_delta_negative():
-    chosen, best, need, rejected = select([-0.3, -0.1, -0.2], [True] * 3, 0.0)
-    assert chosen == 1 and best == pytest.approx(-0.1) and need is False
+    decision, chosen, best, need, rejected = select([-0.3, -0.1, -0.2], [True] * 3, 0.0)
+    assert decision == DIRECT and chosen == 1 and best == pytest.approx(-0.1) and need is False
     assert rejected == [0, 2]  # the chosen one is not its own rejected
 
 
 def test_select_delta_exactly_epsilon_is_not_enough():
-    assert select([0.0], [True], 0.0)[2] is False
+    assert select([0.0], [True], 0.0)[:4] == (DIRECT, 0, 0.0, False)
 
 
 def test_select_guards_against_nan_and_invalid():
-    chosen, best, need, rejected = select([np.nan, 0.4, 0.9], [True, True, False], 0.0)
-    assert chosen == 1 and best == pytest.approx(0.4) and need is True and rejected == []
-    assert select([np.nan, np.nan], [True, True], 0.0) == (None, None, False, [])
+    decision, chosen, best, need, rejected = select([np.nan, 0.4, 0.9], [True, True, False], 0.0)
+    assert decision == REASON and chosen == 1 and best == pytest.approx(0.4) and need is True and rejected == []
+    # nothing valid: reasoning was never tested, so the pair is undecided and need_reasoning is null
+    assert select([np.nan, np.nan], [True, True], 0.0) == (UNDECIDED, None, None, None, [])
+    assert select([0.9, 0.5], [False, False], 0.0) == (UNDECIDED, None, None, None, [])
+    assert select([], [], 0.0) == (UNDECIDED, None, None, None, [])
+
+
+# --- the content-free control -------------------------------------------------------------------------------
+
+
+def test_control_deltas_by_hand_cosine():
+    # s_direct 0.5; candidates 0.7, 0.62, 0.4; controls 0.6 and 0.55: the best control moves the query by +0.1
+    out = score_pair(0.5, [], [0.7, 0.62, 0.4], np.zeros((3, 0)), "cosine", 0.05, [0.6, 0.55], np.zeros((2, 0)))
+    assert out["control_delta"] == pytest.approx([0.1, 0.05])
+    assert out["delta_control"] == pytest.approx([0.1, 0.02, -0.2])  # delta - 0.1 = s_k - 0.6
+    decision, chosen, best, need, rejected = select(out["delta"], [True] * 3, 0.0, out["delta_control"])
+    assert (decision, chosen, need, rejected) == (REASON, 0, True, [2])
+    # epsilon 0.05: candidate 1 beats the plain query (0.12) but not the control by more than 0.05 (0.02);
+    # candidate 0 still does (0.1)
+    assert select(out["delta"], [True] * 3, 0.05, out["delta_control"])[:2] == (REASON, 0)
+
+
+def test_control_deltas_by_hand_pair_aware():
+    tau = 0.5
+    s_d, s_d_neg = 0.5, [0.4]
+    out = score_pair(s_d, s_d_neg, [0.6], [[0.2]], "pair_aware", tau, [0.7], [[0.1]])
+    lp = lambda pos, neg: pos / tau - math.log(math.exp(pos / tau) + math.exp(neg / tau))  # noqa: E731
+    lse_c = math.log(math.exp(0.7 / tau) + math.exp(0.1 / tau))
+    assert out["lse_control"][0] == pytest.approx(lse_c)
+    assert out["control_delta"][0] == pytest.approx(lp(0.7, 0.1) - lp(0.5, 0.4))
+    assert out["delta_control"][0] == pytest.approx(lp(0.6, 0.2) - lp(0.7, 0.1))
+    # the candidate beats the plain query, but the control text beats it: direct, not reason
+    assert out["delta"][0] > 0 > out["delta_control"][0]
+    assert select(out["delta"], [True], 0.0, out["delta_control"])[:4] == (DIRECT, 0, pytest.approx(out["delta"][0]), False)
+
+
+def test_controls_beating_every_candidate_make_the_pair_direct():
+    delta, delta_control = [0.3, 0.2, -0.1], [-0.05, -0.15, -0.45]  # the best control has delta 0.35
+    decision, chosen, best, need, rejected = select(delta, [True] * 3, 0.0, delta_control)
+    assert (decision, chosen, best, need, rejected) == (DIRECT, 0, pytest.approx(0.3), False, [2])
+
+
+def test_chosen_is_the_best_candidate_that_helps_not_the_best_delta():
+    # candidate 0 has the largest delta, but only candidate 2 also beats the control
+    delta, delta_control = [0.5, 0.2, 0.4], [np.nan, -0.1, 0.05]
+    assert select(delta, [True] * 3, 0.0, delta_control) == (REASON, 2, pytest.approx(0.4), True, [])
+    # a tie among helping candidates goes to the lowest index; a control tie (delta_control == epsilon) does not help
+    assert select([0.4, 0.4, 0.4], [True] * 3, 0.0, [0.0, 0.1, 0.1])[:2] == (REASON, 1)
+
+
+def test_control_k_equals_one():
+    assert select([0.2], [True], 0.0, [0.1])[:4] == (REASON, 0, pytest.approx(0.2), True)
+    assert select([0.2], [True], 0.0, [-0.1])[:4] == (DIRECT, 0, pytest.approx(0.2), False)
+    assert select([0.2], [False], 0.0, [0.1])[:4] == (UNDECIDED, None, None, None)
+
+
+def test_control_rows_store_every_score_and_recompute():
+    row = {"s_direct": 0.2, "s_direct_neg": [0.3, 0.1], "s_control": [0.35, 0.25], "s_control_neg": [[0.3, 0.1], [0.2, 0.0]],
+           "candidates": [_cand(0.4, [0.2, 0.0], gen="a"), _cand(0.3, [0.3, 0.0], gen="b"),
+                          _cand(0.5, [0.0, 0.0], "length", gen="c")]}
+    tau = 0.1
+    (row,) = select_rows(score_rows([row], "pair_aware", tau), 0.0)
+
+    def score(s_pos, s_neg):
+        logits = np.array([s_pos, *s_neg]) / tau
+        return s_pos / tau - (logits.max() + math.log(np.exp(logits - logits.max()).sum()))
+
+    best_control = max(score(s, n) for s, n in zip(row["s_control"], row["s_control_neg"]))
+    for i, (s, n) in enumerate(zip(row["s_control"], row["s_control_neg"])):
+        assert row["control_delta"][i] == pytest.approx(score(s, n) - score(row["s_direct"], row["s_direct_neg"]))
+        assert row["lse_control"][i] == pytest.approx(s / tau - score(s, n))
+    for c in row["candidates"]:
+        assert c["delta_control"] == pytest.approx(score(c["s_k"], c["s_neg"]) - best_control)
+    helping = [k for k, c in enumerate(row["candidates"]) if candidate_helps(c, 0.0, controls=True)]
+    assert row["decision"] == (REASON if helping else DIRECT) and row["need_reasoning"] == bool(helping)
+    assert helping == [0]  # the cut-off candidate 2 never helps, however good its scores
+    assert row["candidates"][1]["delta"] > 0 > row["candidates"][1]["delta_control"]  # beats q, not the control
+
+
+def test_without_controls_delta_control_is_null_and_the_rule_is_the_papers():
+    row = {"s_direct": 0.5, "s_direct_neg": [], "candidates": [_cand(0.6, [])]}
+    (row,) = select_rows(score_rows([row], "cosine", 0.05), 0.0)
+    assert row["candidates"][0]["delta_control"] is None and row.get("s_control") is None
+    assert row["decision"] == REASON and row["need_reasoning"] is True
 
 
 def _cand(s_k, s_neg, finish="stop", gen="g"):
     return {"s_k": s_k, "s_neg": s_neg, "finish_reason": finish, "generator": gen}
 
 
-def test_rows_all_failed_keep_scores_and_no_reasoning():
+def test_rows_without_a_valid_candidate_are_undecided_and_keep_scores():
     row = {"s_direct": 0.5, "s_direct_neg": [0.1],
            "candidates": [_cand(0.9, [0.0], "length"), _cand(None, None, "error")]}
     (row,) = select_rows(score_rows([row], "cosine", 0.05), 0.0)
     assert row["candidates"][0]["delta"] == pytest.approx(0.4)  # kept for auditing
     assert [c["valid"] for c in row["candidates"]] == [False, False]
-    assert row["chosen"] is None and row["need_reasoning"] is False and row["best_delta"] is None
+    assert row["decision"] == UNDECIDED and row["need_reasoning"] is None
+    assert row["chosen"] is None and row["best_delta"] is None and row["rejected"] == []
 
 
 def test_a_pair_whose_every_candidate_errored_is_quarantined_not_labelled():
@@ -90,9 +173,10 @@ def test_a_pair_whose_every_candidate_errored_is_quarantined_not_labelled():
     assert row["quarantine_reason"] == "generation_failed" and "cannot reach" in row["quarantine_detail"]
     assert row.get("need_reasoning") is None
     # one candidate that produced text, however poor, is a test: the pair is labelled
+    # (undecided: nothing valid to test reasoning with)
     row = {"s_direct": 0.5, "s_direct_neg": [0.1], "candidates": [failed, _cand(None, None, "empty")]}
     (row,) = select_rows(score_rows([row], "cosine", 0.05), 0.0)
-    assert row.get("quarantine_reason") is None and row["need_reasoning"] is False
+    assert row.get("quarantine_reason") is None and row["decision"] == UNDECIDED and row["need_reasoning"] is None
 
 
 def test_rows_recomputable_from_stored_columns():

@@ -48,7 +48,7 @@ def test_shows_the_pair_with_its_chosen_marker(out, rows):
     cells = [c.strip() for c in chosen_line.strip("│").split("│")]
     assert cells[0] == str(row["chosen"])
     assert cells[1] == row["candidates"][row["chosen"]]["generator"]
-    assert f"decision: chosen #{row['chosen']} (delta +" in text and "-> need_reasoning" in text
+    assert f"decision: chosen #{row['chosen']} (delta +" in text and "-> reason, need_reasoning" in text
     assert text.count(show.MARK_CHOSEN) == 2  # in the table and above its text
     # every other pair is absent
     other = next(r for r in rows if r["pair_id"] != row["pair_id"])
@@ -76,7 +76,20 @@ def test_decision_without_valid_candidates(tmp_path):
     make_output(tmp_path, n_pairs=6, no_valid_subset="captions")
     text = _render(tmp_path, "captions-00002")
     assert "no valid rationale among 4 candidates" in text
+    decision = " ".join(text.split("decision:")[-1].split())
+    assert "-> undecided: reasoning was not tested" in decision and "direct" not in decision
     assert show.MARK_CHOSEN not in text
+
+
+def test_pair_the_control_turned_direct(tmp_path):
+    make_output(tmp_path, n_pairs=48)
+    rows = pq.read_table(data_files(tmp_path)).to_pylist()
+    row = next(r for r in rows if r["decision"] == "direct" and r["best_delta"] > 0)  # beat q, not the control
+    text = _render(tmp_path, row["pair_id"])
+    assert "no rationale beat the content-free control" in text and "-> direct, no reasoning" in text
+    assert "content-free controls" in text and f"{row['s_control'][0]:+.4f}" in text
+    chosen_line = _table_line(text, show.MARK_CHOSEN)  # the best one is still marked, with its delta_control
+    assert f"{row['candidates'][row['chosen']]['delta_control']:+.4f}" in chosen_line
 
 
 def test_pair_aware_shows_lse(tmp_path):

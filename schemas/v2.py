@@ -1,4 +1,9 @@
-"""pairsel record schemas, version 1.
+"""pairsel record schemas, version 2.
+
+Version 2 (from 1): a pair has three outcomes, `decision` = reason | direct | undecided, and `need_reasoning`
+is null for an undecided pair (no valid candidate: reasoning was never tested); the content-free control
+(scoring.controls) adds `s_control`, `s_control_neg`, `lse_control`, `control_delta` per pair and
+`delta_control` per candidate.
 
 One pair flows through the job as one row of WORK_SCHEMA. The reader fills the
 pair columns; each later stage fills its own columns and leaves the rest alone.
@@ -10,7 +15,7 @@ bookkeeping, plus provenance. QUARANTINE_SCHEMA is the quarantine shard.
 """
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 NEGATIVE = pa.struct(
     [
@@ -41,6 +46,9 @@ CANDIDATE = pa.struct(
         # filled by stages/score.py
         pa.field("lse", pa.float64()),  # logsumexp over {t+} ∪ negatives of cos/τ
         pa.field("delta", pa.float64()),
+        # delta minus the best control's delta (scoring.controls; null without controls): score(q ⊕ r_k) minus
+        # max over controls of score(q ⊕ c), in the units of delta
+        pa.field("delta_control", pa.float64()),
         pa.field("neg_delta", pa.float64()),
         pa.field("valid", pa.bool_()),
     ]
@@ -72,13 +80,19 @@ SCORE_FIELDS = [
     pa.field("s_direct", pa.float64()),  # cos(E(q), E(t+))
     pa.field("s_direct_neg", pa.list_(pa.float64())),  # cos(E(q), E(t-_j))
     pa.field("lse_direct", pa.float64()),
+    # the content-free controls (scoring.controls), one entry per control text, in config order; null without
+    pa.field("s_control", pa.list_(pa.float64())),  # cos(E(q ⊕ c_i), E(t+))
+    pa.field("s_control_neg", pa.list_(pa.list_(pa.float64()))),  # cos(E(q ⊕ c_i), E(t-_j))
+    pa.field("lse_control", pa.list_(pa.float64())),
+    pa.field("control_delta", pa.list_(pa.float64())),  # each control's delta, as a candidate's
     pa.field("scoring_mode", pa.string()),  # cosine | pair_aware
     pa.field("temperature", pa.float64()),
     # filled by stages/select.py
+    pa.field("decision", pa.string()),  # reason | direct | undecided
     pa.field("chosen", pa.int32()),  # index into candidates, null if none is valid
     pa.field("chosen_generator", pa.string()),
     pa.field("best_delta", pa.float64()),
-    pa.field("need_reasoning", pa.bool_()),
+    pa.field("need_reasoning", pa.bool_()),  # decision == "reason"; null when undecided
     pa.field("rejected", pa.list_(pa.int32())),
 ]
 
