@@ -103,7 +103,6 @@ class ProgressLine:
     def __init__(self, console: Console, planned: int, committed_before: int):
         self.console, self.planned, self.before = console, planned, committed_before
         self.t0 = time.monotonic()
-        self.first_pair_at: float | None = None
         self.committed, self.pairs = committed_before, 0
         self._printed = (committed_before, self.t0)
         self._live = None
@@ -124,7 +123,7 @@ class ProgressLine:
     def status(self) -> str:
         if not self.pairs:
             return "loading models"
-        seconds = max(time.monotonic() - (self.first_pair_at or self.t0), 1e-3)
+        seconds = max(time.monotonic() - self.t0, 1e-3)  # since the start: steady, and what the job costs
         return f"{self.pairs} pairs, {self.pairs / seconds:.1f} pairs/s"
 
     def line(self) -> str:
@@ -137,8 +136,6 @@ class ProgressLine:
         self.console.say(message)
 
     def __call__(self, committed_now: int, pairs: int) -> None:
-        if pairs and self.first_pair_at is None:
-            self.first_pair_at = time.monotonic()
         self.committed, self.pairs = self.before + committed_now, pairs
         if self._live is not None:
             self._live.update(self._task, completed=self.committed, status=self.status())
