@@ -65,13 +65,17 @@ preference: TRL preference data (DPOTrainer, RewardTrainer), one row per (chosen
       <|image_1|> (MMEB's marker, which no VLM processor counts as an image): use the conversational
       style for VLMs.
 
-    # text-only export, text model: loaded as written, no column changes
+    # a text-only export and a text model: loaded as written, no column changes (tests/test_trainers.py)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    model = AutoModelForCausalLM.from_pretrained(MODEL)   # DPOTrainer loads its reference model from MODEL
+    reward_model = AutoModelForSequenceClassification.from_pretrained(MODEL, num_labels=1)
+
     from datasets import load_dataset
     from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
     ds = load_dataset("parquet", data_files="EXPORT_DIR/*.parquet", split="train")
     DPOTrainer(model=model, args=DPOConfig(output_dir="dpo"), train_dataset=ds,
                processing_class=tokenizer).train()
-    # a reward model: AutoModelForSequenceClassification with num_labels=1
     RewardTrainer(model=reward_model, args=RewardConfig(output_dir="rm"), train_dataset=ds,
                   processing_class=tokenizer).train()
 
