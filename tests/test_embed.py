@@ -123,3 +123,38 @@ def test_a_later_round_embeds_only_its_new_candidates(setup, first_pass):
         assert after["s_direct"] == before["s_direct"]
         assert similarities([after])[0][2][:3] == similarities([before])[0][2]
     assert all(r["candidates"][3]["s_k"] is not None for r in out[:10])
+
+
+CONTROLS = ["Let me think step by step.", "{query}"]
+
+
+def test_controls_are_embedded_once_per_distinct_query_and_stored(setup, first_pass, tmp_path):
+    """Each control goes through the reasoned template with the pair's query ("{query}": the query itself) and
+    through the cache: the model sees each (query, control) once, however many pairs share the query, and only
+    the control inputs are new work over a warm cache."""
+    from stages.embed import control_text
+
+    stage = Embed(setup["embedder"], 40_000_000, cache_dir=str(first_pass["cache"]), controls=CONTROLS)
+    # five more pairs that share their query (and target) with earlier ones, in later batches
+    shared = [dict(r, pair_id=f"{r['pair_id']}-again") for r in setup["rows"][:5]]
+    rows = embed_all(stage, [dict(r, s_direct=None) for r in setup["rows"] + shared])
+    reasoned = setup["embedder"]["reasoned_query_instruction"]
+    control_inputs = {(reasoned.replace("{text}", r["query_text"] or "").replace(
+        "{rationale}", control_text(c, r["query_text"])), r["query_image"]) for r in setup["rows"] for c in CONTROLS}
+    assert len(control_inputs) == len(CONTROLS) * len(setup["rows"]) < len(CONTROLS) * len(rows)
+    assert stage.stats["forwards"] == len(control_inputs)
+    assert "{query}" not in control_text("{query}", "<|image_1|>\nWhat is it?")
+    assert control_text("{query}", "<|image_1|>\nWhat is it?") == "What is it?"
+    for row, before in zip(rows, first_pass["rows"] + first_pass["rows"][:5]):
+        assert len(row["s_control"]) == len(CONTROLS)
+        assert [len(n) for n in row["s_control_neg"]] == [len(row["negatives"])] * len(CONTROLS)
+        assert similarities([row]) == similarities([before])  # the controls change nothing else
+    # the same (query, control) gets the same similarity in every pair that shares query and target
+    by_input = {}
+    for row in rows:
+        key = (row["query_text"], row["query_image"], row["target_text"], row["target_image"])
+        assert by_input.setdefault(key, row["s_control"]) == row["s_control"]
+    # a later round (s_direct already set) does not embed the controls again
+    again = Embed(setup["embedder"], 40_000_000, cache_dir=str(first_pass["cache"]), controls=CONTROLS)
+    later = embed_all(again, rows)
+    assert again.stats["lookups"] == 0 and [r["s_control"] for r in later] == [r["s_control"] for r in rows]
