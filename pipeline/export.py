@@ -25,7 +25,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError
-from pipeline.report import data_files, read_manifest
+from pipeline.report import check_schema_version, data_files, read_manifest
 from stages.select import REASON, UNDECIDED
 
 FORMATS = ("preference", "contrastive", "gate")
@@ -365,6 +365,7 @@ def run(
     files = data_files(out_dir)
     if not files:
         raise SystemExit(f"no output shards in {Path(out_dir) / 'data'}")
+    check_schema_version(files)
     _check_subsets(files, subsets)
     opts = {"rationale_mode": rationale_mode, "preference_style": preference_style, "min_gap": min_gap,
             "text_only": text_only, "include_undecided": include_undecided, "images": False}

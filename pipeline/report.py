@@ -52,11 +52,25 @@ def quarantine_files(out_dir) -> list[Path]:
     return _shard_files(Path(out_dir) / "quarantine")
 
 
+def check_schema_version(files: list[Path]) -> None:
+    """The output tools read the current schema only: say so plainly for shards of another version (from the
+    footers, no data read) instead of failing on a missing column."""
+    import pyarrow.parquet as pq
+
+    from schemas import SCHEMA_VERSION
+
+    found = sorted({(pq.read_schema(f).metadata or {}).get(b"pairsel.schema_version", b"?").decode() for f in files})
+    if found != [str(SCHEMA_VERSION)]:
+        raise SystemExit(f"{files[0].parent}: shards of schema version {', '.join(found)}; this pairsel reads version "
+                         f"{SCHEMA_VERSION} (README: output schema): rerun the job with --overwrite")
+
+
 def scan_pairs(out_dir) -> pl.LazyFrame:
     """A lazy frame over every output row; nothing is read until it is collected."""
     files = data_files(out_dir)
     if not files:
         raise SystemExit(f"no output shards in {Path(out_dir) / 'data'} (is {out_dir} a pairsel output folder?)")
+    check_schema_version(files)
     return pl.scan_parquet(files)
 
 

@@ -216,3 +216,16 @@ def test_add_arguments_match_run(tmp_path):
     report.add_arguments(parser)
     n = report.run(**vars(parser.parse_args([str(tmp_path), "--max-points", "5"])))
     assert n["delta_vs_length"]["n_sampled"] <= 5
+
+
+def test_shards_of_another_schema_version_are_refused_plainly(tmp_path):
+    from pipeline import export
+    from schemas import SCHEMA_VERSION
+
+    make_output(tmp_path, n_pairs=6)
+    shard = report.data_files(tmp_path)[0]
+    table = pq.read_table(shard)
+    pq.write_table(table.replace_schema_metadata({b"pairsel.schema_version": b"1"}), shard)
+    for call in (lambda: report.run(str(tmp_path)), lambda: export.run(str(tmp_path), "gate", str(tmp_path / "g"))):
+        with pytest.raises(SystemExit, match=f"schema version 1; this pairsel reads version {SCHEMA_VERSION}"):
+            call()
