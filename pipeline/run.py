@@ -231,7 +231,7 @@ def ray_logs_dir() -> str | None:
     """Where this driver's Ray session keeps its logs (its workers', raylet's, Ray Data's)."""
     try:
         return ray._private.worker._global_node.get_logs_dir_path()  # no public API names it
-    except AttributeError:
+    except Exception:  # noqa: BLE001 - only a pointer for the user; a Ray without it is fine
         return None
 
 
