@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from schemas import v1 as schemas
+import schemas
 from scripts.make_demo_data import make as make_demo
 from stages.read import REASONS, plan_shards, read_shard, read_shards_batch
 
