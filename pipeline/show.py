@@ -130,8 +130,14 @@ def _candidates(row: dict) -> Table:
     table = Table(title="rationales", title_justify="left", expand=True)
     columns = (["#", "generator", "tokens", "finish", "s_k", "delta"] + (["delta_control"] if controls else [])
                + ["neg_delta"] + (["lse"] if pair_aware else []) + ["mark"])
+    names = [c.get("generator") or "" for c in row.get("candidates") or []]
+    widths = {"mark": max(len(MARK_REJECTED), len(MARK_INVALID)), "generator": max(map(len, names), default=9)}
     for col in columns:
-        table.add_column(col, justify="right" if col in NUMERIC else "left")
+        # the mark and the generator never wrap or shorten (they are what a reader looks for in each row); on a
+        # narrow terminal the long headers of the numbers fold onto two lines instead
+        extra = ({"no_wrap": True, "min_width": widths[col]} if col in widths
+                 else {"overflow": "fold"} if col in NUMERIC else {})
+        table.add_column(col, justify="right" if col in NUMERIC else "left", **extra)
     for k, c in enumerate(row.get("candidates") or []):
         cells = [str(k), Text(c.get("generator") or ""), str(c.get("tokens") if c.get("tokens") is not None else "-"),
                  c.get("finish_reason") or "-", _num(c.get("s_k")), _num(c.get("delta"))]
