@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from stages.write import atomic_write_json
+from stages.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 

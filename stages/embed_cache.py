@@ -7,8 +7,9 @@ Layout: ROOT/<embedder id>/<ab>/<cd>/<key>.emb, one file per vector, `key` = sha
     b"PSE1" | dim: uint32 LE | crc32 of the payload: uint32 LE | payload: dim float32 LE
 
 Safety without locks, on a local disk or a shared file system:
-- a writer writes a temporary file (a dot name that no reader opens) and renames it into place with
-  os.replace, which is atomic: a reader sees no entry or a whole one, never a half-written one;
+- a writer writes a temporary file (a dot name that no reader opens) and renames it into place
+  (stages/files.py:atomic_write_bytes; os.replace is atomic): a reader sees no entry or a whole one, never a
+  half-written one;
 - two writers of one key write the same vector and the last rename wins, so a race costs a forward, not
   correctness;
 - every read checks magic, length and checksum, so an entry torn by a power loss (the rename reached disk
@@ -21,19 +22,19 @@ thousands of times (a label shared by a whole classification subset) are not rea
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import struct
-import uuid
 import zlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from stages.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -167,21 +168,16 @@ class EmbeddingCache:
         """Best effort: a cache that cannot be written (full, read-only, deleted under us) costs forwards
         later, never the rows of this batch."""
         final = self.path(key)
-        tmp = final.with_name(f".{key}.{uuid.uuid4().hex[:12]}.tmp")
         blob = encode_entry(vector)
         try:
             try:
-                tmp.write_bytes(blob)
+                atomic_write_bytes(final, blob, durable=False)  # entries are checked on read: see above
             except FileNotFoundError:  # first entry of its folder
                 final.parent.mkdir(parents=True, exist_ok=True)
-                tmp.write_bytes(blob)
-            os.replace(tmp, final)
+                atomic_write_bytes(final, blob, durable=False)
             self.stats["writes"] += 1
         except OSError as e:
             self._io_error("write", e)
-        finally:
-            with contextlib.suppress(OSError):  # gone already: renamed into place, or never written
-                tmp.unlink()
 
     def _io_error(self, what: str, e: OSError) -> None:
         self.stats["io_errors"] += 1

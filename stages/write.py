@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -30,6 +29,7 @@ import pyarrow.parquet as pq
 
 from schemas import OUTPUT_SCHEMA, QUARANTINE_SCHEMA, conform
 from stages.faults import fault_point
+from stages.files import atomic_write_json, atomic_write_table, shard_file, shard_name  # noqa: F401 (atomic_write_json: pipeline/run.py and pipeline/manifest.py import it from here)
 
 INPUTS = ("*",)  # every WORK_SCHEMA column
 OUTPUTS = ("shard_id", "shard_size", "part", "rows", "quarantine_part", "quarantine_rows")
@@ -44,38 +44,6 @@ PART_META = pa.schema(
         pa.field("quarantine_rows", pa.int64()),
     ]
 )
-
-
-def shard_name(shard_id: int) -> str:
-    return f"shard-{shard_id:06d}"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_durably(tmp: Path, path: Path) -> None:
-    """Rename into place, with the file's bytes and then the rename on disk: a machine that dies right after
-    still has a whole file or none (a preempted VM loses what was only in its page cache)."""
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-def atomic_write_table(table: pa.Table, path: Path, compression: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp, compression=compression)
-    _replace_durably(tmp, path)
-
-
-def atomic_write_json(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    _replace_durably(tmp, path)
 
 
 def to_output_row(row: dict, provenance: dict) -> dict:
@@ -161,12 +129,12 @@ def commit_shard(out_dir: str, shard_id: int, parts: list[str], quarantine_parts
                  size: int | None = None) -> dict:
     out = Path(out_dir)
     name = shard_name(shard_id)
-    commit_path = out / "_commits" / f"{name}.json"
+    commit_path = out / "_commits" / shard_file(shard_id, ".json")
     if commit_path.is_file():  # a retry of a commit that got as far as its record
         return json.loads(commit_path.read_text())
     record = {"shard_id": shard_id, "path": None, "rows": 0, "sha256": None,
               "quarantine_path": None, "quarantine_rows": 0}
-    data_dest, quarantine_dest = out / "data" / f"{name}.parquet", out / "quarantine" / f"{name}.parquet"
+    data_dest, quarantine_dest = out / "data" / shard_file(shard_id), out / "quarantine" / shard_file(shard_id)
     good = _merge(parts, OUTPUT_SCHEMA, data_dest, compression) if parts else pa.chunked_array([], pa.int64())
     bad = (_merge(quarantine_parts, QUARANTINE_SCHEMA, quarantine_dest, compression) if quarantine_parts
            else pa.chunked_array([], pa.int64()))
@@ -178,9 +146,9 @@ def commit_shard(out_dir: str, shard_id: int, parts: list[str], quarantine_parts
             quarantine_dest.unlink(missing_ok=True)
             raise
     if parts:
-        record.update(path=f"data/{name}.parquet", rows=len(good), sha256=_sha256(data_dest))
+        record.update(path=f"data/{shard_file(shard_id)}", rows=len(good), sha256=_sha256(data_dest))
     if quarantine_parts:
-        record.update(quarantine_path=f"quarantine/{name}.parquet", quarantine_rows=len(bad))
+        record.update(quarantine_path=f"quarantine/{shard_file(shard_id)}", quarantine_rows=len(bad))
     fault_point("commit")  # the shard's files are in place, its record is not: a crash here must redo it
     commit_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(record, commit_path)  # the commit point
