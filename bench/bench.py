@@ -206,9 +206,12 @@ def model_only(data: Path, threads: int, overrides: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------ the figures
-def minimum_inputs(rows: dict, embedder: dict, image_root: Path) -> int:
+def minimum_inputs(rows: dict, embedder: dict, image_root: Path, controls=()) -> int:
     """The distinct embedder inputs the written pairs need: plain queries, rationale-augmented queries of the
-    candidates that were embedded, targets and negatives (a target that is another pair's negative once)."""
+    candidates that were embedded, the queries with each content-free control (scoring.controls), targets and
+    negatives (a target that is another pair's negative once)."""
+    from stages.embed import control_text
+
     digests: dict[str, str] = {}
 
     def image(rel):
@@ -227,6 +230,8 @@ def minimum_inputs(rows: dict, embedder: dict, image_root: Path) -> int:
         need.update((t_ins.replace("{text}", n["text"] or ""), image(n["image_path"])) for n in r["negatives"])
         need.update((r_ins.replace("{text}", q).replace("{rationale}", c["text"]), q_img)
                     for c in r["candidates"] if c["s_k"] is not None)
+        need.update((r_ins.replace("{text}", q).replace("{rationale}", control_text(c, r["query_text"])), q_img)
+                    for c in controls)
     return len(need)
 
 
@@ -376,7 +381,8 @@ def main(argv=None) -> int:
         embed = [st for st in run["stats"] if st["stage"] == "embed"]
         run["forwards"] = sum(st["forwards"] for st in embed)
         run["model_seconds"] = sum(st["model_seconds"] for st in run["stats"])
-        run["minimum"] = minimum_inputs(run["rows"], run["manifest"]["config"]["embedder"], data[s])
+        run["minimum"] = minimum_inputs(run["rows"], run["manifest"]["config"]["embedder"], data[s],
+                                        run["manifest"]["config"]["scoring"]["controls"])
         res["rounds"][s] = run
         print(f"model-only loop at {s}x ...", flush=True)
         res["loop"][s] = model_only(data[s], args.loop_threads, model_args)

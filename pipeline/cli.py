@@ -223,10 +223,17 @@ def _stopped(console: Console, job, e: BaseException) -> int:
 def print_summary(result: dict, out: str, stream) -> None:
     """The end of `pipeline run`: what was written where."""
     c = result["counts"]
-    rate = c["need_reasoning_rate"]
-    print(f"pairsel: {c['pairs_written']} pairs written to {out}/data/ ({len(result['shards'])} shards), "
-          f"need_reasoning {c['need_reasoning']}/{c['pairs_written']}" + (f" ({rate:.1%})" if rate is not None else ""),
+    n = c["pairs_written"]
+
+    def share(key: str) -> str:
+        rate = c.get(f"{key}_rate")
+        return f"{c.get(key, 0)}/{n}" + (f" ({rate:.1%})" if rate is not None else "")
+
+    print(f"pairsel: {n} pairs written to {out}/data/ ({len(result['shards'])} shards): reason "
+          f"{share('need_reasoning')}, direct {share('direct')}, undecided (no valid candidate) {share('undecided')}",
           file=stream)
+    if c.get("control_turned_direct"):
+        print(f"  the content-free control turned {c['control_turned_direct']} pairs from reason to direct", file=stream)
     for name, g in result["generators"].items():
         md = g.get("mean_delta")
         print(f"  generator {name}: {g.get('candidates', 0)} candidates, {g.get('valid', 0)} valid, "

@@ -273,6 +273,13 @@ def check(cfg: DictConfig) -> None:
         _fail("scoring.temperature", "must be > 0")
     if cfg.scoring.in_shard_negatives < 0:
         _fail("scoring.in_shard_negatives", "must be >= 0")
+    for i, control in enumerate(cfg.scoring.controls):  # a content-free control is some text, said once
+        if not str(control).strip():
+            _fail(f"scoring.controls[{i}]", "must be a non-empty text")
+        if "{rationale}" in str(control) or "{text}" in str(control):
+            _fail(f"scoring.controls[{i}]", "may hold {query} (the pair's query), not {rationale} or {text}")
+    if len(set(cfg.scoring.controls)) != len(cfg.scoring.controls):
+        _fail("scoring.controls", "lists a control twice")
 
 
 def _check_resources(key, r):

@@ -22,6 +22,7 @@ from typing import Optional
 import pyarrow as pa
 
 from schemas import WORK_SCHEMA, conform
+from stages.select import candidate_helps
 from stages.backends import generator_class
 from stages.backends.base import IMAGE_MARKER, GenRequest
 from stages.backends.parsing import classify, select_rationale
@@ -58,9 +59,11 @@ def render_prompt(template: str, row: dict) -> str:
 
 
 def satisfied(row: dict, threshold: float) -> bool:
-    """Whether a pair already has a valid, scored candidate with delta > threshold (stages/score.py)."""
-    return any(c.get("valid") and c.get("delta") is not None and c["delta"] > threshold
-               for c in row.get("candidates") or [])
+    """Whether a pair already has a candidate that helps at this threshold (stages/select.py: valid, delta >
+    threshold and, with content-free controls, delta_control > threshold), so that rounds with margin 0 keep
+    the labels of a full-K run with the controls on too."""
+    controls = bool(row.get("s_control"))
+    return any(candidate_helps(c, threshold, controls) for c in row.get("candidates") or [])
 
 
 class Generate:

@@ -11,7 +11,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from schemas import OUTPUT_SCHEMA, QUARANTINE_SCHEMA
+from schemas import OUTPUT_SCHEMA, QUARANTINE_SCHEMA, SCHEMA_VERSION
 from stages.score import score_pair
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,7 +79,7 @@ def test_shards_match_the_schema_and_manifest(job):
     for shard in m["shards"]:
         f = pq.ParquetFile(job["out"] / shard["path"])
         assert f.schema_arrow.equals(OUTPUT_SCHEMA, check_metadata=False)
-        assert f.schema_arrow.metadata[b"pairsel.schema_version"] == b"1"
+        assert f.schema_arrow.metadata[b"pairsel.schema_version"] == str(SCHEMA_VERSION).encode()
         assert f.metadata.num_rows == shard["rows"]
         assert hashlib.sha256((job["out"] / shard["path"]).read_bytes()).hexdigest() == shard["sha256"]
         if shard["quarantine_path"]:
@@ -96,16 +96,22 @@ def test_labels_recompute_from_stored_similarities(job):
         assert len(cands) == 3  # K from configs/demo.yaml
         k_ok = [c for c in cands if c["s_k"] is not None]
         s = score_pair(row["s_direct"], row["s_direct_neg"], [c["s_k"] for c in k_ok],
-                       [c["s_neg"] for c in k_ok], row["scoring_mode"], row["temperature"])
+                       [c["s_neg"] for c in k_ok], row["scoring_mode"], row["temperature"],
+                       row["s_control"] or [], row["s_control_neg"])
         np.testing.assert_allclose([c["delta"] for c in k_ok], s["delta"], rtol=0, atol=1e-12)
+        # configs/demo.yaml sets content-free controls: a rationale helps only if it beats them too
+        assert len(row["s_control"]) == len(job["manifest"]["config"]["scoring"]["controls"]) > 0
+        np.testing.assert_allclose([c["delta_control"] for c in k_ok], s["delta_control"], rtol=0, atol=1e-12)
         valid = [(c["delta"], i) for i, c in enumerate(cands) if c["valid"]]
+        helping = [(d, i) for d, i in valid if d > eps and cands[i]["delta_control"] > eps]
         if valid:
-            best = max(valid, key=lambda t: (t[0], -t[1]))
+            best = max(helping or valid, key=lambda t: (t[0], -t[1]))
             assert row["chosen"] == best[1] and row["best_delta"] == best[0]
-            assert row["need_reasoning"] == (best[0] > eps)
+            assert row["decision"] == ("reason" if helping else "direct")
+            assert row["need_reasoning"] == bool(helping)
             assert row["rejected"] == [i for d, i in valid if d <= 0 and i != best[1]]
-        else:
-            assert row["chosen"] is None and row["need_reasoning"] is False
+        else:  # reasoning was never tested: undecided, not "no reasoning needed"
+            assert row["decision"] == "undecided" and row["chosen"] is None and row["need_reasoning"] is None
         # in-shard negatives are in play: explicit ones plus 3 drawn from the shard
         assert len(row["s_direct_neg"]) == len(row["negatives"]) >= 1
 
@@ -117,7 +123,7 @@ def test_output_reads_with_polars_pyarrow_and_datasets(job, bad_input):
     ds = datasets.load_dataset("parquet", data_files=files, split="train")
     assert ds.num_rows == bad_input["valid_rows"]
     assert {"pair_id", "candidates", "need_reasoning", "s_direct"} <= set(ds.column_names)
-    lazy = pl.scan_parquet(files).select(pl.col("need_reasoning").mean()).collect()
+    lazy = pl.scan_parquet(files).select((pl.col("decision") == "reason").mean()).collect()
     assert lazy.item() == pytest.approx(job["manifest"]["counts"]["need_reasoning_rate"])
 
 
