@@ -1,10 +1,11 @@
-"""Image checks and decoding, shared by the reader (which validates) and the
+"""Image checks, decoding and identity, shared by the reader (which validates) and the
 model stages (which decode). Decoding is where untrusted bytes meet PIL, so the
 pixel limit is enforced here, not left to PIL's warning, and only the plugins
 of the allowed formats ever parse the bytes: other formats are recognised by
 their magic bytes alone (PIL's `accept` checks) to name them in the reason."""
 from __future__ import annotations
 
+import hashlib
 import io
 
 from PIL import Image
@@ -63,3 +64,11 @@ def sniff_format(data: bytes) -> str | None:
         except Exception:  # a prefix check that needs more bytes than a short file has
             continue
     return None
+
+
+def image_identity(path: str | None, data: bytes | None) -> str | None:
+    """What names an image in a pair's identity: its path, or for a path-less inline image a digest of its
+    bytes (so the same pair gets the same pair_id, and the same target is one target, in every format)."""
+    if path is not None:
+        return path
+    return None if data is None else "sha256:" + hashlib.sha256(data).hexdigest()[:16]
