@@ -26,6 +26,7 @@ import io
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -320,6 +321,8 @@ def job_figures(run: dict) -> dict:
     return {"tokens": sum(s["tokens"] for s in gen), "gen_model": sum(s["model_seconds"] for s in gen),
             "inputs": sum(s["forwards"] for s in emb), "emb_model": sum(s["model_seconds"] for s in emb),
             "gen_span": span(gen), "emb_span": span(emb),
+            # the generate stage from its engine's start to its last batch: what Ray Data LLM's wall covers
+            "gen_stage": max(s["t_last"] for s in gen) - min(s["t_init"] for s in gen),
             "span": run["timeline"]["last"] - run["timeline"]["first"], "wall": run["wall"]}
 
 
@@ -345,6 +348,8 @@ def table(res: dict, pairs: int, scales: list[int]) -> str:
     row("job on vLLM: wall time (CLI, Ray start-up and model loads included), s", each(lambda s: f"{v[s]['wall']:.1f}"))
     row("job on vLLM: model-work span (first to last model batch), s", each(lambda s: f"{v[s]['span']:.1f}"))
     row("job on vLLM: generated tokens / embedder inputs", each(lambda s: f"{v[s]['tokens']} / {v[s]['inputs']}"))
+    row("other processes' CPU during the vLLM job, cores", each(lambda s: f"{res['vllm'][s]['others']:.2f}"),
+        "0: a quiet machine")
     row("standalone vLLM: one LLM.generate + one LLM.embed call, s",
         each(lambda s: f"{st[s]['gen_seconds']:.1f} + {st[s]['emb_seconds']:.1f}"))
     row("standalone: same samples / inputs as the job", each(lambda s: f"{st[s]['samples']} / {st[s]['inputs']}"))
@@ -387,8 +392,8 @@ def table(res: dict, pairs: int, scales: list[int]) -> str:
         if "same_text" in r:
             row(f"{name}: samples identical to the job's", [f"{r['same_text']}/{r['samples']}"]
                 + ["–"] * (len(scales) - 1))
-        row(f"{name}: tokens/s over its wall / the vLLM job's tokens over its wall",
-            [f"{r['tokens'] / r['wall']:.0f} / {one['tokens'] / one['wall']:.0f}" if one else "–"]
+        row(f"{name}: tokens/s over its wall / the vLLM job's generate stage (engine start to last batch)",
+            [f"{r['tokens'] / r['wall']:.0f} / {one['tokens'] / one['gen_stage']:.0f}" if one else "–"]
             + ["–"] * (len(scales) - 1))
     rounds = res.get("rounds")
     if rounds and 1 in v:
@@ -406,8 +411,42 @@ def table(res: dict, pairs: int, scales: list[int]) -> str:
     return "\n".join(lines)
 
 
+def load_results(out: Path) -> dict:
+    """What a finished run measured (results.json), with each job's rows, stats and manifest read back from
+    its output folder."""
+    import pyarrow.parquet as pq
+
+    res = json.loads((out / "results.json").read_text())
+
+    def complete(run: dict, folder: Path) -> dict:
+        run["stats"] = [json.loads(p.read_text()) for p in sorted((folder / "_stats").glob("*.json"))]
+        run["rows"] = {r["pair_id"]: r for r in pq.read_table(folder / "data").to_pylist()}
+        run["manifest"] = json.loads((folder / "manifest.json").read_text())
+        return run
+
+    for kind in ("vllm", "hf"):
+        res[kind] = {int(s): complete(run, out / f"{kind}-{s}x") for s, run in res.get(kind, {}).items()}
+    res["standalone"] = {int(s): run for s, run in res.get("standalone", {}).items()}
+    if (out / "vllm-rounds-1x" / "manifest.json").is_file():
+        rounds = complete(res.get("rounds") or {}, out / "vllm-rounds-1x")
+        rounds.setdefault("wall", float("nan"))
+        res["rounds"] = rounds
+    return res
+
+
 MEASURES = {"standalone": standalone, "ray_data_llm": ray_data_llm, "ray_data_llm_own_images": ray_data_llm_own_images,
             "ray_data_plain": ray_data_plain}
+
+
+def failures(res: dict) -> str:
+    text = ""
+    for key, name in (("llm", "Ray Data LLM, as documented (images in messages, prepare-multimodal stage)"),
+                      ("llm_own_images", "Ray Data LLM, images as multimodal_data"),
+                      ("plain", "plain Ray Data + vllm.LLM")):
+        if "error" in res.get("ray_data", {}).get(key, {}):
+            error = re.sub(r"\x1b\[[0-9;]*m", "", res["ray_data"][key]["error"])
+            text += f"\n\n{name} failed:\n\n```\n{error}\n```"
+    return text
 
 
 def main(argv=None) -> int:
@@ -424,15 +463,21 @@ def main(argv=None) -> int:
     parser.add_argument("--job-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--report", action="store_true",
+                        help="print the table again from what a finished run left in --out (no model runs)")
     args = parser.parse_args(argv)
 
+    if args.report:
+        res = load_results(args.out.resolve())
+        print(table(res, args.pairs, args.scales) + failures(res))
+        return 0
     if args.measure:  # one measurement, in this fresh process
         fn = MEASURES[args.measure]
         try:
             result = fn(args.job_out, args.root)
-        except BaseException as e:  # the exact error goes into the table's notes
+        except BaseException as e:  # the exact error goes into the table's notes (without the log's colours)
             traceback.print_exc()
-            result = {"error": f"{type(e).__name__}: {e}".strip()[:2000]}
+            result = {"error": re.sub(r"\x1b\[[0-9;]*m", "", f"{type(e).__name__}: {e}").strip()[:2000]}
         args.result.write_text(json.dumps(result, indent=1))
         return 0 if "error" not in result else 1
 
@@ -455,6 +500,8 @@ def main(argv=None) -> int:
     def save():
         slim = {k: ({s: {m: x for m, x in r.items() if m not in ("rows", "manifest", "stats")} for s, r in d.items()}
                     if k in ("vllm", "hf") else d) for k, d in res.items() if k != "rounds"}
+        if "rounds" in res:
+            slim["rounds"] = {m: x for m, x in res["rounds"].items() if m not in ("rows", "manifest", "stats")}
         (out / "results.json").write_text(json.dumps(slim, indent=1, default=str))
 
     for s in args.scales:
@@ -488,11 +535,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"standalone vLLM failed: {errors}")
 
     text = table(res, args.pairs, args.scales)
-    for key, name in (("llm", "Ray Data LLM, as documented (images in messages, prepare-multimodal stage)"),
-                      ("llm_own_images", "Ray Data LLM, images as multimodal_data"),
-                      ("plain", "plain Ray Data + vllm.LLM")):
-        if "error" in res["ray_data"].get(key, {}):
-            text += f"\n\n{name} failed:\n\n```\n{res['ray_data'][key]['error']}\n```"
+    text += failures(res)
     text += (f"\n\nK = 8 candidates at once (no rounds) unless stated; 24 new tokens at most; the small models "
              f"(~32M parameters); the vLLM jobs take {args.vllm_batch[0]} / {args.vllm_batch[1]} rows per generate / "
              f"embed call, the transformers job bench.yaml's 8 / 16"
