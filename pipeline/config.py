@@ -50,6 +50,8 @@ class Generator:
     model: str = MISSING
     k: int = MISSING
     template: str = MISSING
+    k_target: int = MISSING
+    target_template: str = MISSING
     rationale: str = MISSING
     seed: int = MISSING
     trust_remote_code: bool = MISSING
@@ -80,6 +82,7 @@ class Embedder:
     query_instruction: str = MISSING
     reasoned_query_instruction: str = MISSING
     target_instruction: str = MISSING
+    reasoned_target_instruction: str = MISSING
     cache_dir: Optional[str] = MISSING
     resources: Resources = MISSING
 
@@ -238,6 +241,13 @@ def check(cfg: DictConfig) -> None:
             _fail(f"{key}.k", "must be >= 1")
         if g.template not in cfg.prompts:
             _fail(f"{key}.template", f"no prompt named {g.template!r} under prompts ({', '.join(cfg.prompts)})")
+        if g.k_target < 0:
+            _fail(f"{key}.k_target", "must be >= 0 (0: no target-side rationales)")
+        if g.k_target and g.target_template not in cfg.prompts:
+            _fail(f"{key}.target_template",
+                  f"no prompt named {g.target_template!r} under prompts ({', '.join(cfg.prompts)})")
+        if g.k_target and "{target}" not in cfg.prompts[g.target_template]:
+            _fail(f"{key}.target_template", "a target-side prompt must contain {target}")
         if g.sampling.max_new_tokens < 1:
             _fail(f"{key}.sampling.max_new_tokens", "must be >= 1")
         _check_resources(f"{key}.resources", g.resources)
@@ -255,11 +265,13 @@ def check(cfg: DictConfig) -> None:
     choice("embedder.pooling", cfg.embedder.pooling)
     _check_model_ref("embedder.model", cfg.embedder.model)
     _check_resources("embedder.resources", cfg.embedder.resources)
-    for side in ("query_instruction", "reasoned_query_instruction", "target_instruction"):
+    for side in ("query_instruction", "reasoned_query_instruction", "target_instruction",
+                 "reasoned_target_instruction"):
         if "{text}" not in cfg.embedder[side]:
             _fail(f"embedder.{side}", "must contain {text}")
-    if "{rationale}" not in cfg.embedder.reasoned_query_instruction:
-        _fail("embedder.reasoned_query_instruction", "must contain {rationale}")
+    for side in ("reasoned_query_instruction", "reasoned_target_instruction"):
+        if "{rationale}" not in cfg.embedder[side]:
+            _fail(f"embedder.{side}", "must contain {rationale}")
 
     if cfg.rounds.k0 is not None and cfg.rounds.k0 < 1:
         _fail("rounds.k0", "must be >= 1, or null for no rounds")

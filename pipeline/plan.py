@@ -65,17 +65,19 @@ def provenance(cfg: DictConfig) -> dict:
     }
 
 
-def round_schedule(cfg: DictConfig) -> list[dict[str, int]]:
-    """For each round, how many candidates each generator holds for a pair still unsatisfied after it.
-    No rounds (rounds.k0 null): one round, every generator's k. Otherwise round 1 reaches k0 and each later
-    round `step` more, each generator capped at its k (K_max), until every generator has reached its k."""
-    ks = {g.name: g.k for g in cfg.generators}
+def round_schedule(cfg: DictConfig, side: str = "query") -> list[dict[str, int]]:
+    """For each round, how many candidates each generator holds on this side (query: k, target: k_target) for
+    a pair whose side is still unsatisfied after it. No rounds (rounds.k0 null): one round, every generator's
+    k. Otherwise round 1 reaches k0 and each later round `step` more, each generator capped at its k (K_max),
+    until every generator has reached its k and its k_target (both sides share the rounds)."""
+    ks = {g.name: (g.k if side == "query" else g.k_target) for g in cfg.generators}
     if cfg.rounds.k0 is None:
         return [ks]
+    top = max(max(g.k, g.k_target) for g in cfg.generators)
     schedule, reach = [], cfg.rounds.k0
     while True:
         schedule.append({name: min(reach, k) for name, k in ks.items()})
-        if reach >= max(ks.values()):
+        if reach >= top:
             return schedule
         reach += cfg.rounds.step
 
@@ -90,8 +92,8 @@ def steps(cfg: DictConfig) -> list[Step]:
     threshold = cfg.scoring.epsilon + cfg.rounds.margin
     score = Step(Score, {"mode": cfg.scoring.mode, "temperature": cfg.scoring.temperature,
                          "valid_finish_reasons": list(cfg.scoring.valid_finish_reasons)})
-    out, held = [], {name: 0 for name in order}
-    for r, reach in enumerate(round_schedule(cfg)):
+    out, held, held_t = [], {name: 0 for name in order}, {name: 0 for name in order}
+    for r, (reach, reach_t) in enumerate(zip(round_schedule(cfg), round_schedule(cfg, "target"))):
         for g, g_cfg in zip(c["generators"], cfg.generators):
             if reach[g["name"]] > held[g["name"]]:
                 out.append(Step(Generate, {
@@ -99,7 +101,14 @@ def steps(cfg: DictConfig) -> list[Step]:
                     "max_image_pixels": cfg.input.max_image_pixels, "k_stop": reach[g["name"]],
                     "satisfied_above": threshold if r else None, "generator_order": order,
                     "stats_dir": stats_dir, "round_index": r}, g_cfg.resources))
-        held = reach
+        for g, g_cfg in zip(c["generators"], cfg.generators):  # the target side (k_target > 0), same rounds
+            if reach_t[g["name"]] > held_t[g["name"]]:
+                out.append(Step(Generate, {
+                    "generator": g, "template": c["prompts"][g["target_template"]],
+                    "max_image_pixels": cfg.input.max_image_pixels, "k_stop": reach_t[g["name"]],
+                    "satisfied_above": threshold if r else None, "generator_order": order,
+                    "stats_dir": stats_dir, "round_index": r, "side": "target"}, g_cfg.resources))
+        held, held_t = reach, reach_t
         out.append(Step(Embed, {"embedder": c["embedder"], "max_image_pixels": cfg.input.max_image_pixels,
                                 "cache_dir": c["embedder"]["cache_dir"], "stats_dir": stats_dir,
                                 "round_index": r, "controls": list(cfg.scoring.controls)}, cfg.embedder.resources))

@@ -13,6 +13,14 @@ once per job (a label shared by a whole subset, an image shared by many pairs, a
 negative), not once per pair or batch. Within a batch, identical inputs are looked up once, and only the
 inputs that miss are decoded (each distinct image once) and sent to the model.
 
+The target side (generators[].k_target > 0): E(t ⊕ r_t,j) in embedder.reasoned_target_instruction with the
+target's image, and with controls E(t ⊕ c_i) ("{query}" in a control stands for the target's own text there:
+the restatement that adds nothing). Stored: target_candidates[j].s_k = cos(E(q), E(t ⊕ r_t,j)),
+target_s_control[i] = cos(E(q), E(t ⊕ c_i)), and per query candidate s_joint[j] = cos(E(q ⊕ r_q,k),
+E(t ⊕ r_t,j)). A target-only rationale is the same text for every pair that shares the target
+(stages/generate.py), so its input has one cache key: embedded once per job, looked up for the other pairs.
+When a pass adds candidates on either side, every (k, j) is recomputed from vectors the cache returns.
+
 Generation in rounds (stages/generate.py) calls this stage once per round: a row whose similarities are
 already set only gets its new candidates embedded; its target and negatives come back from the cache.
 """
@@ -34,7 +42,8 @@ from stages.images import ImageError, decode_image
 
 INPUTS = ("query_text", "query_image", "target_text", "target_image", "negatives", "s_direct", "candidates.text",
           "candidates.finish_reason", "candidates.s_k")
-OUTPUTS = ("s_direct", "s_direct_neg", "s_control", "s_control_neg", "candidates.s_k", "candidates.s_neg")
+OUTPUTS = ("s_direct", "s_direct_neg", "s_control", "s_control_neg", "candidates.s_k", "candidates.s_neg",
+           "candidates.s_joint", "target_candidates.s_k", "target_s_control")
 
 log = logging.getLogger(__name__)
 
@@ -118,22 +127,37 @@ class Embed:
         cands = row.get("candidates") or []
         fresh = row.get("s_direct") is None
         new = [k for k, cand in enumerate(cands) if needs_embedding(cand)]
-        if not fresh and not new:
+        targets = row.get("target_candidates") or []
+        target_pass = bool(targets) and (fresh or bool(new) or any(needs_embedding(t) for t in targets))
+        if not fresh and not new and not target_pass:
             return None
         q_text = row.get("query_text") or ""
         q_image = row.get("query_image")
         q_digest = image_digest(q_image)
         plan = {
-            "q": inputs.add(_fill(c["query_instruction"], q_text), q_image, q_digest) if fresh else None,
+            "q": inputs.add(_fill(c["query_instruction"], q_text), q_image, q_digest) if fresh or target_pass else None,
             "t": inputs.add(_fill(c["target_instruction"], row.get("target_text")), row.get("target_image"),
                             image_digest(row.get("target_image"))),
             "negs": [inputs.add(_fill(c["target_instruction"], n.get("text")), n.get("image"), image_digest(n.get("image")))
                      for n in row.get("negatives") or []],
             "cands": {k: inputs.add(_fill(c["reasoned_query_instruction"], q_text, cands[k]["text"]), q_image, q_digest)
                       for k in new},
+            "fresh": fresh,
             "controls": [inputs.add(_fill(c["reasoned_query_instruction"], q_text, control_text(text, q_text)), q_image,
                                     q_digest) for text in self.controls] if fresh else [],
         }
+        if target_pass:  # every embeddable candidate of both sides: the joint needs them all (old ones: cache hits)
+            t_text, t_image = row.get("target_text"), row.get("target_image")
+            t_digest = image_digest(t_image)
+            reasoned = c["reasoned_target_instruction"]
+            plan["targets"] = {j: inputs.add(_fill(reasoned, t_text, tc["text"]), t_image, t_digest)
+                               for j, tc in enumerate(targets) if embeddable(tc)}
+            plan["joint_q"] = {k: plan["cands"][k] if k in plan["cands"] else
+                               inputs.add(_fill(c["reasoned_query_instruction"], q_text, cand["text"]), q_image, q_digest)
+                               for k, cand in enumerate(cands) if embeddable(cand)}
+            plan["target_controls"] = [
+                inputs.add(_fill(reasoned, t_text, control_text(text, t_text)), t_image, t_digest)
+                for text in self.controls] if row.get("target_s_control") is None else []
         return plan
 
     def _vectors(self, inputs: _Inputs) -> list[np.ndarray]:
@@ -169,7 +193,7 @@ class Embed:
                 continue
             t = vecs[p["t"]]
             negs = np.stack([vecs[j] for j in p["negs"]]) if p["negs"] else np.zeros((0, len(t)), np.float32)
-            if p["q"] is not None:
+            if p["fresh"]:
                 q = vecs[p["q"]]
                 row["s_direct"] = float(q @ t)
                 row["s_direct_neg"] = [float(x) for x in negs @ q]
@@ -184,6 +208,25 @@ class Embed:
                     cand["s_neg"] = [float(x) for x in negs @ r]
                 elif not embeddable(cand):
                     cand["s_k"], cand["s_neg"] = None, None
+            if "targets" in p:
+                self._fill_target_side(row, p, vecs)
+
+    @staticmethod
+    def _fill_target_side(row: dict, p: dict, vecs: list) -> None:
+        q = vecs[p["q"]]
+        targets = row["target_candidates"]
+        for j, tc in enumerate(targets):
+            tc["s_k"] = float(vecs[p["targets"][j]] @ q) if j in p["targets"] else None
+            tc["s_neg"] = None
+        if p["target_controls"]:
+            row["target_s_control"] = [float(vecs[i] @ q) for i in p["target_controls"]]
+        for k, cand in enumerate(row.get("candidates") or []):
+            if k not in p["joint_q"]:
+                cand["s_joint"] = None
+                continue
+            r = vecs[p["joint_q"][k]]
+            cand["s_joint"] = [float(vecs[p["targets"][j]] @ r) if j in p["targets"] else None
+                               for j in range(len(targets))]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.stats.batch_started()

@@ -11,6 +11,16 @@ samples the next candidates only for pairs that have no valid candidate with del
 candidate_seed(seed, generator, pair_id, k), so a pair that runs to the last round has exactly the candidates
 of a run without rounds, and a pair stops early only once it has a rationale above epsilon: need_reasoning
 is the same either way.
+
+The target side (generators[].k_target > 0, side="target"): the same stage samples the target's rationales
+into `target_candidates` with the generator's `target_template`, shown the target's image. Rounds apply per
+side (a pair stops getting target rationales once one helps the target side). Seeds: with a pair-aware
+target prompt (one that holds {query}) candidate j gets candidate_seed(seed, "<generator>|target", pair_id, j);
+with a target-only prompt the pair_id is replaced by a digest of the target's content (text and image bytes),
+so every pair that shares a target asks for the same (prompt, image, seeds): the batch sends each distinct
+request once, and the embedding cache then embeds each distinct t ⊕ r_t,j once per job. A target-only
+rationale is a function of the target alone: pairs that share a target share its rationales and its
+target-side label. (Seeding from pair_id would give a shared target one set of rationales per pair.)
 """
 from __future__ import annotations
 
@@ -35,9 +45,11 @@ from stages.images import ImageError, decode_image
 # would spare that; base.py has none yet.)
 ANSWER_BY_POSITION = frozenset({"precomputed"})
 
-INPUTS = ("pair_id", "query_text", "query_image", "target_text", "target_image_path", "candidates",
-          "candidates.valid", "candidates.delta")
-OUTPUTS = ("candidates",)
+INPUTS = ("pair_id", "query_text", "query_image", "target_text", "target_image", "target_image_path", "candidates",
+          "candidates.valid", "candidates.delta", "target_candidates")
+OUTPUTS = ("candidates", "target_candidates")
+
+SIDES = {"query": "candidates", "target": "target_candidates"}
 
 
 def candidate_seed(base_seed: int, generator: str, pair_id: str, k: int) -> int:
@@ -45,6 +57,29 @@ def candidate_seed(base_seed: int, generator: str, pair_id: str, k: int) -> int:
     resumed runs sample the same rationales."""
     digest = hashlib.sha256(f"{base_seed}|{generator}|{pair_id}|{k}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def target_only(template: str) -> bool:
+    """A target-side prompt that does not show the query: its rationale depends on the target alone."""
+    return "{query}" not in template
+
+
+def target_key(row: dict) -> str:
+    """The target's content, for seeding target-only rationales: equal targets get equal seeds."""
+    h = hashlib.sha256((row.get("target_text") or "").encode())
+    h.update(b"\0" + (row.get("target_image") or b""))
+    return "target:" + h.hexdigest()[:32]
+
+
+def render_target_prompt(template: str, row: dict) -> str:
+    """Fill {target} (with its image marker: the generator is shown the target's image) and {query} (text
+    only; an image-only query reads as "[image]")."""
+    query = (row.get("query_text") or "").replace(IMAGE_MARKER, "").strip()
+    if not query and row.get("query_image") is not None:
+        query = "[image]"
+    target = with_image_marker((row.get("target_text") or "").replace(IMAGE_MARKER, "").strip(),
+                               row.get("target_image") is not None)
+    return template.replace("{target}", target).replace("{query}", query)
 
 
 def render_prompt(template: str, row: dict) -> str:
@@ -58,12 +93,12 @@ def render_prompt(template: str, row: dict) -> str:
     return template.replace("{query}", query).replace("{target}", target)
 
 
-def satisfied(row: dict, threshold: float) -> bool:
-    """Whether a pair already has a candidate that helps at this threshold (stages/select.py: valid, delta >
-    threshold and, with content-free controls, delta_control > threshold), so that rounds with margin 0 keep
-    the labels of a full-K run with the controls on too."""
-    controls = bool(row.get("s_control"))
-    return any(candidate_helps(c, threshold, controls) for c in row.get("candidates") or [])
+def satisfied(row: dict, threshold: float, side: str = "query") -> bool:
+    """Whether a pair already has a candidate on this side that helps at this threshold (stages/select.py:
+    valid, delta > threshold and, with content-free controls, delta_control > threshold), so that rounds with
+    margin 0 keep the labels of a full-K run with the controls on too."""
+    controls = bool(row.get("s_control" if side == "query" else "target_s_control"))
+    return any(candidate_helps(c, threshold, controls) for c in row.get(SIDES[side]) or [])
 
 
 class Generate:
@@ -76,10 +111,14 @@ class Generate:
 
     def __init__(self, generator: dict, template: str, max_image_pixels: int, k_stop: Optional[int] = None,
                  satisfied_above: Optional[float] = None, generator_order: Optional[list[str]] = None,
-                 stats_dir: Optional[str] = None, round_index: int = 0):
-        self.stats = StageCounters(stats_dir, f"generate-{generator['name']}", stage="generate",
+                 stats_dir: Optional[str] = None, round_index: int = 0, side: str = "query"):
+        self.side = side
+        self.field = SIDES[side]
+        suffix = "" if side == "query" else "-target"
+        self.stats = StageCounters(stats_dir, f"generate-{generator['name']}{suffix}", stage="generate",
                                    generator=generator["name"], round=round_index, rows_satisfied=0, requests=0,
-                                   samples=0, tokens=0)
+                                   samples=0, tokens=0, **({} if side == "query" else {"side": side,
+                                                                                     "requests_shared": 0}))
         self.cfg = generator
         self.template = template
         self.max_image_pixels = max_image_pixels
@@ -90,7 +129,8 @@ class Generate:
         self.sampling = dict(generator["sampling"])
         self.sampling_json = json.dumps(self.sampling, sort_keys=True)
         # rounds
-        self.k_stop = generator["k"] if k_stop is None else min(k_stop, generator["k"])
+        k_max = generator["k"] if side == "query" else generator["k_target"]
+        self.k_stop = k_max if k_stop is None else min(k_stop, k_max)
         self.satisfied_above = satisfied_above
         self.rank = {name: i for i, name in enumerate(generator_order or [generator["name"]])}
         self.stats.ready()
@@ -103,36 +143,48 @@ class Generate:
             if row.get("quarantine_reason"):
                 continue
             self.stats["rows"] += 1
-            if self.satisfied_above is not None and satisfied(row, self.satisfied_above):
+            if self.satisfied_above is not None and satisfied(row, self.satisfied_above, self.side):
                 self.stats["rows_satisfied"] += 1
                 continue
-            have = sum(1 for c in row.get("candidates") or [] if c.get("generator") == self.cfg["name"])
+            have = sum(1 for c in row.get(self.field) or [] if c.get("generator") == self.cfg["name"])
             if have >= self.k_stop:
                 continue
+            image_bytes = row["query_image"] if self.side == "query" else row.get("target_image")
             try:
-                image = None if row["query_image"] is None else decode_image(row["query_image"], self.max_image_pixels)
+                image = None if image_bytes is None else decode_image(image_bytes, self.max_image_pixels)
             except ImageError as e:  # the reader validated it; only a changed file gets here
                 row["quarantine_reason"], row["quarantine_detail"] = e.reason, e.detail
                 continue
             first = 0 if self.cfg["backend"] in ANSWER_BY_POSITION else have
-            seeds = [candidate_seed(self.cfg["seed"], self.cfg["name"], row["pair_id"], k) for k in range(first, self.k_stop)]
+            if self.side == "query":
+                seeds = [candidate_seed(self.cfg["seed"], self.cfg["name"], row["pair_id"], k)
+                         for k in range(first, self.k_stop)]
+                prompt, key_id = render_prompt(self.template, row), row["pair_id"]
+            else:
+                shared = target_only(self.template) and self.cfg["backend"] not in ANSWER_BY_POSITION
+                key_id = target_key(row) if shared else row["pair_id"]
+                seeds = [candidate_seed(self.cfg["seed"], f"{self.cfg['name']}|target", key_id, k)
+                         for k in range(first, self.k_stop)]
+                # precomputed target rationales are looked up under "<pair_id>#target"
+                prompt = render_target_prompt(self.template, row)
+                key_id = key_id if shared else f"{row['pair_id']}#target"
             requests.append(
                 GenRequest(
-                    prompt=render_prompt(self.template, row),
+                    prompt=prompt,
                     image=image,
                     seeds=seeds,
                     temperature=self.sampling["temperature"],
                     top_p=self.sampling["top_p"],
                     max_new_tokens=self.sampling["max_new_tokens"],
-                    pair_id=row["pair_id"],
+                    pair_id=row["pair_id"] if self.side == "query" else key_id,
                 )
             )
             owners.append((row, have - first))
         t0 = time.perf_counter()
-        results = self.backend.generate(requests) if requests else []
+        results = self._generate(requests)
         self.stats["model_seconds"] += time.perf_counter() - t0
         for (row, skip), request, generations in zip(owners, requests, results):
-            pool = list(row.get("candidates") or [])
+            pool = list(row.get(self.field) or [])
             for seed, g in zip(request.seeds[skip:], generations[skip:]):
                 # thinking models: keep the part the config names; cut-off, empty or echoed output is marked
                 rationale = select_rationale(g.text, self.cfg["rationale"])
@@ -141,7 +193,7 @@ class Generate:
                         "text": rationale,
                         "generator": self.cfg["name"],
                         "model": self.backend.model_id,
-                        "template": self.cfg["template"],
+                        "template": self.cfg["template" if self.side == "query" else "target_template"],
                         "seed": seed,
                         "sampling": self.sampling_json,
                         "tokens": g.tokens,
@@ -150,9 +202,31 @@ class Generate:
                     }
                 )
             # generator order, then candidate index (a stable sort keeps each generator's own order)
-            row["candidates"] = sorted(pool, key=lambda c: self.rank.get(c["generator"], len(self.rank)))
+            row[self.field] = sorted(pool, key=lambda c: self.rank.get(c["generator"], len(self.rank)))
             self.stats["requests"] += 1
             self.stats["samples"] += len(request.seeds) - skip
             self.stats["tokens"] += sum(g.tokens or 0 for g in generations[skip:])
         self.stats.save()
         return conform(rows, WORK_SCHEMA)
+
+    def _generate(self, requests: list[GenRequest]) -> list:
+        """The backend's answers; on the target side each distinct (prompt, image, seeds, key) is sent once (a
+        target shared by many pairs of the batch, with a target-only prompt), its answer given to every pair."""
+        if not requests:
+            return []
+        if self.side == "query":
+            return self.backend.generate(requests)
+        distinct: dict = {}
+        for r in requests:
+            key = (r.prompt, None if r.image is None else image_key(r.image), tuple(r.seeds), r.pair_id)
+            distinct.setdefault(key, r)
+        keys = list(distinct)
+        self.stats["requests_shared"] += len(requests) - len(keys)
+        answers = dict(zip(keys, self.backend.generate([distinct[k] for k in keys])))
+        return [answers[(r.prompt, None if r.image is None else image_key(r.image), tuple(r.seeds), r.pair_id)]
+                for r in requests]
+
+
+def image_key(image) -> bytes:
+    """A decoded image's content, for telling equal requests apart."""
+    return hashlib.sha256(image.tobytes()).digest() + repr((image.size, image.mode)).encode()

@@ -15,6 +15,20 @@ Outputs: lse_direct, lse_control, control_delta, and per candidate lse, delta, d
   delta_control_k = delta_k - max_i control_delta_i = score(q ⊕ r_k) - max_i score(q ⊕ c_i)
                (null without controls): what rationale k adds over the best content-free text.
 
+The target side (generators[].k_target > 0), in the same units and modes, by the same score_pair:
+  target_s_k[j] = cos(E(q), E(t ⊕ r_t,j)),  target_s_control[i] = cos(E(q), E(t ⊕ c_i))
+  delta_t,j = score(q, t ⊕ r_t,j) - score(q, t)
+  pair_aware: the softmax is over the plain query's similarity to {t ⊕ r_t,j} ∪ negatives, the negatives as
+               embedded for the query side (plain, target template: s_direct_neg). Why not reasoned negatives:
+               a negative would need rationales of its own (k_target generations per negative per pair) and
+               which one to use would be a choice again; what plain negatives favour (any text appended to the
+               positive moves it) is what the target-side control measures: t ⊕ c_i against the same negatives,
+               so a target rationale helps only if it beats the controls too. neg_delta is null on the target
+               side (the plain query's view of the negatives does not move).
+  joint:      delta_joint[k][j] = score(q ⊕ r_q,k, t ⊕ r_t,j) - score(q, t), from s_joint[k][j] =
+               cos(E(q ⊕ r_q,k), E(t ⊕ r_t,j)) and, pair-aware, the negatives as embedded for the query side
+               against q ⊕ r_q,k (candidates.s_neg[k]).
+
 Every input is stored in the output, so each delta can be recomputed from the shards alone.
 """
 from __future__ import annotations
@@ -25,9 +39,12 @@ import pyarrow as pa
 from schemas import WORK_SCHEMA, conform
 
 INPUTS = ("s_direct", "s_direct_neg", "s_control", "s_control_neg", "candidates.s_k", "candidates.s_neg",
-          "candidates.finish_reason")
+          "candidates.finish_reason", "candidates.s_joint", "target_candidates.s_k", "target_candidates.finish_reason",
+          "target_s_control")
 OUTPUTS = ("lse_direct", "lse_control", "control_delta", "scoring_mode", "temperature", "candidates.lse",
-           "candidates.delta", "candidates.delta_control", "candidates.neg_delta", "candidates.valid")
+           "candidates.delta", "candidates.delta_control", "candidates.neg_delta", "candidates.valid",
+           "candidates.delta_joint", "target_lse_control", "target_control_delta", "target_candidates.lse",
+           "target_candidates.delta", "target_candidates.delta_control", "target_candidates.valid")
 
 # By default only a candidate that finished normally is a rationale; cut-off, empty, echoed or failed ones are
 # kept for auditing but never chosen (scoring.valid_finish_reasons).
@@ -90,6 +107,30 @@ def score_pair(
             "lse_control": lse_control, "control_delta": control_delta, "delta_control": delta_control}
 
 
+def score_target_side(s_direct: float, s_direct_neg: np.ndarray, s_t: np.ndarray, mode: str, temperature: float,
+                      s_control=()) -> dict:
+    """The target side's scores: score_pair with the plain query against t ⊕ r_t,j (and t ⊕ c_i), every
+    reasoned target against the same plain negatives (s_direct_neg). neg_delta is left out (always 0)."""
+    s_direct_neg = np.asarray(s_direct_neg, dtype=np.float64).reshape(-1)
+    s_t = np.asarray(s_t, dtype=np.float64).reshape(-1)
+    s_control = np.asarray(s_control, dtype=np.float64).reshape(-1)
+    scores = score_pair(s_direct, s_direct_neg, s_t, np.tile(s_direct_neg, (len(s_t), 1)), mode, temperature,
+                        s_control, np.tile(s_direct_neg, (len(s_control), 1)))
+    scores["neg_delta"] = np.full(len(s_t), np.nan)
+    return scores
+
+
+def joint_deltas(s_direct: float, s_direct_neg: np.ndarray, s_joint: np.ndarray, s_neg: np.ndarray, mode: str,
+                 temperature: float) -> np.ndarray:
+    """delta_joint (K, J): score(q ⊕ r_q,k, t ⊕ r_t,j) - score(q, t). s_joint: (K, J) = cos(E(q ⊕ r_q,k),
+    E(t ⊕ r_t,j)); s_neg: (K, N) = cos(E(q ⊕ r_q,k), E(t-_n)), the query candidates' own s_neg."""
+    s_direct_neg = np.asarray(s_direct_neg, dtype=np.float64).reshape(-1)
+    s_joint = np.asarray(s_joint, dtype=np.float64)
+    s_neg = np.asarray(s_neg, dtype=np.float64).reshape(len(s_joint), len(s_direct_neg))
+    return np.stack([score_pair(s_direct, s_direct_neg, s_joint[k], np.tile(s_neg[k], (s_joint.shape[1], 1)), mode,
+                                temperature)["delta"] for k in range(len(s_joint))]).reshape(s_joint.shape)
+
+
 def _none_if_nan(x: float):
     return None if x is None or not np.isfinite(x) else float(x)
 
@@ -126,7 +167,32 @@ def score_rows(rows: list[dict], mode: str, temperature: float, valid_finish=VAL
             c["delta_control"] = _none_if_nan(scores["delta_control"][k])
             c["neg_delta"] = _none_if_nan(scores["neg_delta"][k])
             c["valid"] = c.get("finish_reason") in valid_finish and c["delta"] is not None
+        targets = row.get("target_candidates") or []
+        if targets:
+            _score_target(row, targets, cands, s_direct_neg, s_neg, mode, temperature, valid_finish)
     return rows
+
+
+def _score_target(row, targets, cands, s_direct_neg, s_neg, mode, temperature, valid_finish) -> None:
+    nan = float("nan")
+    s_t = np.array([nan if c["s_k"] is None else c["s_k"] for c in targets], dtype=np.float64)
+    s_control = np.array([nan if s is None else s for s in row.get("target_s_control") or []], dtype=np.float64)
+    scores = score_target_side(row["s_direct"], s_direct_neg, s_t, mode, temperature, s_control)
+    if len(s_control):
+        row["target_lse_control"] = [_none_if_nan(x) for x in scores["lse_control"]]
+        row["target_control_delta"] = [_none_if_nan(x) for x in scores["control_delta"]]
+    for j, c in enumerate(targets):
+        c["lse"] = _none_if_nan(scores["lse"][j])
+        c["delta"] = _none_if_nan(scores["delta"][j])
+        c["delta_control"] = _none_if_nan(scores["delta_control"][j])
+        c["neg_delta"] = None
+        c["valid"] = c.get("finish_reason") in valid_finish and c["delta"] is not None
+    if cands:
+        s_joint = np.array([[nan if x is None else x for x in (c.get("s_joint") or [None] * len(targets))]
+                            for c in cands], dtype=np.float64).reshape(len(cands), len(targets))
+        delta_joint = joint_deltas(row["s_direct"], s_direct_neg, s_joint, s_neg, mode, temperature)
+        for k, c in enumerate(cands):
+            c["delta_joint"] = [_none_if_nan(x) for x in delta_joint[k]] if c.get("s_joint") is not None else None
 
 
 class Score:

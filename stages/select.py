@@ -18,6 +18,14 @@ A pair whose every candidate failed with an error (a server down, a model that r
 but quarantined as `generation_failed`: nothing produced text, the cause lies outside the data, and a rerun
 once the generator is back redoes it. A pair with any output (even only cut-off text) is labelled, undecided
 if nothing of it is valid.
+
+The target side (generators[].k_target > 0) is labelled by the same rule over `target_candidates` (its own
+control, target_s_control): target_decision, target_chosen, target_best_delta, target_need_reasoning,
+target_rejected. A target-side rationale that failed everywhere does not quarantine the pair (its query side
+still carries a label): the target side is then undecided. The joint choice is the valid (k, j), both
+candidates valid, with the largest delta_joint (ties: lowest k, then lowest j); it *beats* a side when
+joint_delta > that side's choice + epsilon, a side's choice being its best_delta when its decision is reason
+and 0 (no rationale: the plain input) otherwise. Null when no valid (k, j) exists.
 """
 from __future__ import annotations
 
@@ -71,6 +79,26 @@ def select(delta, valid, epsilon: float, delta_control=None,
     return (REASON if need else DIRECT), chosen, float(delta[chosen]), need, rejected
 
 
+def select_joint(delta_joint, valid_query, valid_target, query_value: float, target_value: float, epsilon: float,
+                 ) -> tuple[Optional[int], Optional[int], Optional[float], Optional[bool], Optional[bool]]:
+    """(joint_query, joint_target, joint_delta, beats_query, beats_target). delta_joint: (K, J); the values are
+    what each side alone chose (best_delta of a reason side, else 0)."""
+    dj = np.asarray(delta_joint, dtype=np.float64)
+    usable = (np.asarray(valid_query, dtype=bool)[:, None] & np.asarray(valid_target, dtype=bool)[None, :]
+              & np.isfinite(dj))
+    if not usable.any():
+        return None, None, None, None, None
+    k, j = np.unravel_index(int(np.argmax(np.where(usable, dj, -np.inf))), dj.shape)  # first max: lowest k, j
+    best = float(dj[k, j])
+    return int(k), int(j), best, best > query_value + epsilon, best > target_value + epsilon
+
+
+def side_value(decision: Optional[str], best_delta: Optional[float]) -> float:
+    """What one side's choice scores, in delta units: its chosen rationale's delta when it reasons, else 0
+    (the input without a rationale)."""
+    return float(best_delta) if decision == REASON else 0.0
+
+
 def _nan(x) -> float:
     return np.nan if x is None else x
 
@@ -94,7 +122,30 @@ def select_rows(rows: list[dict], epsilon: float) -> list[dict]:
         row["best_delta"] = best
         row["need_reasoning"] = need
         row["rejected"] = rejected
+        targets = row.get("target_candidates") or []
+        if targets:
+            _select_target(row, cands, targets, epsilon)
     return rows
+
+
+def _select_target(row: dict, cands: list, targets: list, epsilon: float) -> None:
+    controls = bool(row.get("target_s_control"))
+    decision, chosen, best, need, rejected = select(
+        [_nan(c.get("delta")) for c in targets], [bool(c.get("valid")) for c in targets], epsilon,
+        [_nan(c.get("delta_control")) for c in targets] if controls else None)
+    row["target_decision"] = decision
+    row["target_chosen"] = chosen
+    row["target_chosen_generator"] = None if chosen is None else targets[chosen]["generator"]
+    row["target_best_delta"] = best
+    row["target_need_reasoning"] = need
+    row["target_rejected"] = rejected
+    if not cands:
+        return
+    delta_joint = [[_nan(x) for x in (c.get("delta_joint") or [None] * len(targets))] for c in cands]
+    (row["joint_query"], row["joint_target"], row["joint_delta"], row["joint_beats_query"],
+     row["joint_beats_target"]) = select_joint(
+        delta_joint, [bool(c.get("valid")) for c in cands], [bool(c.get("valid")) for c in targets],
+        side_value(row["decision"], row["best_delta"]), side_value(decision, best), epsilon)
 
 
 def turned_direct_by_control(epsilon: float) -> pl.Expr:
