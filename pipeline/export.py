@@ -30,6 +30,9 @@ from stages.select import REASON, UNDECIDED
 
 FORMATS = ("preference", "contrastive", "gate")
 RATIONALE_MODES = ("append", "column")
+SIDES = ("query", "target")  # preference --side: whose rationales the rows are about
+RATIONALE_SIDES = ("query", "target", "both")  # contrastive --rationale-side: which side gets its rationale
+GATE_SIDES = ("query", "both")  # gate --sides: the query's row per pair, or one row per (pair, side)
 PREFERENCE_STYLES = ("conversational", "standard")
 IMAGE_MARKER = "<|image_1|>"  # MMEB's image placeholder (stages/backends/base.py); kept in contrastive/gate text
 # How a chosen rationale is appended to the query in contrastive exports (rationale_mode="append"): the same
@@ -185,6 +188,20 @@ def _filters(lf: pl.LazyFrame, subsets, min_delta, need_reasoning) -> pl.LazyFra
     return lf
 
 
+def as_side(lf: pl.LazyFrame, side: str) -> pl.LazyFrame:
+    """The target side in the query side's column names, so that one preference query serves both: the
+    target's candidates, label and content stand where the query's are (the prompt shows the target, the
+    input the rationale is about; a target-only rationale does not depend on the query)."""
+    if side == "query":
+        return lf
+    if side != "target":
+        raise ValueError(f"side must be one of {SIDES}, not {side!r}")
+    return lf.with_columns(*(pl.col(f"target_{c}").alias(c) for c in ("candidates", "chosen", "rejected", "decision",
+                                                                     "best_delta", "need_reasoning")),
+                           pl.col("target_text").alias("query_text"),
+                           pl.col("target_image_path").alias("query_image_path"))
+
+
 def preference_pairs(lf: pl.LazyFrame, text_only: bool = False) -> pl.LazyFrame:
     """The source pairs of preference rows: the chosen rationale helps, there is a rejected one."""
     lf = lf.filter((pl.col("decision") == REASON) & pl.col("chosen").is_not_null() & (pl.col("rejected").list.len() > 0))
@@ -192,11 +209,12 @@ def preference_pairs(lf: pl.LazyFrame, text_only: bool = False) -> pl.LazyFrame:
 
 
 def preference(lf: pl.LazyFrame, style: str = "conversational", images: bool = True, min_gap: float = 0.0,
-               text_only: bool = False) -> pl.LazyFrame:
+               text_only: bool = False, side: str = "query") -> pl.LazyFrame:
     """images: whether the export carries image parts and an `images` column (False when no exported query
-    has an image; run() decides, over the whole export, so that every part file has the same columns)."""
+    has an image; run() decides, over the whole export, so that every part file has the same columns).
+    side="target": target-side preference pairs (the prompt is the target, the completions its rationales)."""
     rows = (
-        preference_pairs(lf, text_only)
+        preference_pairs(as_side(lf, side), text_only)
         .with_columns(_candidate("chosen").alias("_chosen"))
         .explode("rejected")
         .with_columns(_candidate("rejected").alias("_rejected"))
@@ -236,37 +254,67 @@ def preference(lf: pl.LazyFrame, style: str = "conversational", images: bool = T
     )
 
 
-def contrastive(lf: pl.LazyFrame, rationale_mode: str = "append") -> pl.LazyFrame:
+def _side_rationale(side: str) -> pl.Expr:
+    """The chosen rationale of one side where that side's decision is reason, else null."""
+    if side == "query":
+        return pl.when(pl.col("decision") == REASON).then(_candidate("chosen").struct.field("text"))
+    chosen = pl.col("target_candidates").list.get(pl.col("target_chosen"), null_on_oob=True)
+    return pl.when(pl.col("target_decision") == REASON).then(chosen.struct.field("text"))
+
+
+def contrastive(lf: pl.LazyFrame, rationale_mode: str = "append", rationale_side: str = "query") -> pl.LazyFrame:
     if rationale_mode not in RATIONALE_MODES:
         raise ValueError(f"rationale_mode must be one of {RATIONALE_MODES}, not {rationale_mode!r}")
+    if rationale_side not in RATIONALE_SIDES:
+        raise ValueError(f"rationale_side must be one of {RATIONALE_SIDES}, not {rationale_side!r}")
     explicit = pl.col("negatives").list.filter(pl.element().struct.field("origin") == "explicit").list.first()
-    rationale = pl.when(pl.col("decision") == REASON).then(_candidate("chosen").struct.field("text"))
+    rationale = _side_rationale("query")
+    pos_rationale = _side_rationale("target")
     query = pl.col("query_text").fill_null("")
+    target = pl.col("target_text").fill_null("")
+    on_query = rationale_side in ("query", "both")
+    on_target = rationale_side in ("target", "both")
+    qry, pos = query, target
     if rationale_mode == "append":
-        qry = pl.when(rationale.is_not_null()).then(query + RATIONALE_SEPARATOR + rationale).otherwise(query)
-    else:
-        qry = query
+        if on_query:
+            qry = pl.when(rationale.is_not_null()).then(query + RATIONALE_SEPARATOR + rationale).otherwise(query)
+        if on_target:
+            pos = pl.when(pos_rationale.is_not_null()).then(target + RATIONALE_SEPARATOR + pos_rationale).otherwise(target)
     columns = [
         qry.alias("qry"),
         pl.col("query_image_path").fill_null("").alias("qry_image_path"),
-        pl.col("target_text").fill_null("").alias("pos_text"),
+        pos.alias("pos_text"),
         pl.col("target_image_path").fill_null("").alias("pos_image_path"),
         explicit.struct.field("text").fill_null("").alias("neg_text"),
         explicit.struct.field("image_path").fill_null("").alias("neg_image_path"),
         "pair_id", "subset", "decision", "need_reasoning",
     ]
+    if on_target:
+        columns += ["target_decision", "target_need_reasoning"]
     if rationale_mode == "column":
-        columns.append(rationale.alias("rationale"))
+        if on_query:
+            columns.append(rationale.alias("rationale"))
+        if on_target:
+            columns.append(pos_rationale.alias("pos_rationale"))
     return lf.select(columns)
 
 
-def gate(lf: pl.LazyFrame, include_undecided: bool = False) -> pl.LazyFrame:
-    if not include_undecided:
-        lf = lf.filter(pl.col("decision") != UNDECIDED)
-    return lf.select("pair_id", "subset",
-                     *(pl.col(c).fill_null("") for c in ("query_text", "query_image_path", "target_text",
-                                                         "target_image_path")),
-                     "decision", "need_reasoning", "best_delta", "s_direct", "scoring_mode")
+def gate(lf: pl.LazyFrame, include_undecided: bool = False, sides: str = "query") -> pl.LazyFrame:
+    """sides="query": one row per pair (the query's decision). sides="both": one row per (pair, side), the
+    unit an inference-time gate decides on, with a `side` column; the target rows carry the target side's
+    decision, need_reasoning and best_delta (pairs without target candidates give no target row)."""
+    if sides not in GATE_SIDES:
+        raise ValueError(f"sides must be one of {GATE_SIDES}, not {sides!r}")
+    texts = [pl.col(c).fill_null("") for c in ("query_text", "query_image_path", "target_text", "target_image_path")]
+    label = ("decision", "need_reasoning", "best_delta")
+    query = lf.select("pair_id", "subset", *texts, *label, "s_direct", "scoring_mode")
+    if sides == "both":
+        target = (lf.filter(pl.col("target_decision").is_not_null())
+                  .select("pair_id", "subset", *texts, *(pl.col(f"target_{c}").alias(c) for c in label),
+                          "s_direct", "scoring_mode"))
+        query = pl.concat([query.with_columns(pl.lit("query").alias("side")),
+                           target.with_columns(pl.lit("target").alias("side"))]).sort("pair_id", "side")
+    return query if include_undecided else query.filter(pl.col("decision") != UNDECIDED)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -296,11 +344,12 @@ def _count(path: Path, jsonl: bool) -> int:
 
 def _query(fmt: str, lf: pl.LazyFrame, opts: dict) -> pl.LazyFrame:
     if fmt == "preference":
-        return preference(lf, opts["preference_style"], opts["images"], opts["min_gap"], opts["text_only"])
+        return preference(lf, opts["preference_style"], opts["images"], opts["min_gap"], opts["text_only"],
+                          opts["side"])
     if fmt == "contrastive":
-        return contrastive(lf, opts["rationale_mode"])
+        return contrastive(lf, opts["rationale_mode"], opts["rationale_side"])
     if fmt == "gate":
-        return gate(lf, opts["include_undecided"])
+        return gate(lf, opts["include_undecided"], opts["gate_sides"])
     raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
 
 
@@ -332,6 +381,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="contrastive: append the chosen rationale to qry, or put it in a `rationale` column")
     parser.add_argument("--preference-style", dest="preference_style", choices=PREFERENCE_STYLES,
                         default="conversational", help="preference: TRL conversational (vision) or standard rows")
+    parser.add_argument("--side", dest="side", choices=SIDES, default="query",
+                        help="preference: rationales about the query (default) or the target (k_target > 0)")
+    parser.add_argument("--rationale-side", dest="rationale_side", choices=RATIONALE_SIDES, default="query",
+                        help="contrastive: attach the chosen rationale to qry (default), pos_text, or both")
+    parser.add_argument("--sides", dest="gate_sides", choices=GATE_SIDES, default="query",
+                        help="gate: one row per pair (query side), or one per (pair, side) with a side column")
     parser.add_argument("--rows-per-part", dest="rows_per_part", type=int, default=DEFAULT_ROWS_PER_PART,
                         help="about this many input pairs per output file")
     parser.add_argument("--jsonl", action="store_true", help="write JSON lines instead of Parquet")
@@ -358,6 +413,9 @@ def run(
     min_gap: float = 0.0,
     text_only: bool = False,
     include_undecided: bool = False,
+    side: str = "query",
+    rationale_side: str = "query",
+    gate_sides: str = "query",
 ) -> dict:
     """Write the export; return {"format", "out", "files", "rows", "pairs", "filters"}."""
     if fmt not in FORMATS:
@@ -368,10 +426,11 @@ def run(
     check_schema_version(files)
     _check_subsets(files, subsets)
     opts = {"rationale_mode": rationale_mode, "preference_style": preference_style, "min_gap": min_gap,
-            "text_only": text_only, "include_undecided": include_undecided, "images": False}
+            "text_only": text_only, "include_undecided": include_undecided, "images": False, "side": side,
+            "rationale_side": rationale_side, "gate_sides": gate_sides}
     if fmt == "preference" and not text_only:
         # one pass over a single column: does any exported query have an image? (then every part has images)
-        pairs = preference_pairs(_filters(pl.scan_parquet(files), subsets, min_delta, need_reasoning))
+        pairs = preference_pairs(_filters(as_side(pl.scan_parquet(files), side), subsets, min_delta, need_reasoning))
         opts["images"] = bool(pairs.select(pl.col("query_image_path").is_not_null().any()).collect().item())
     dest = Path(out)
     dest.mkdir(parents=True, exist_ok=True)
@@ -381,7 +440,9 @@ def run(
 
     written = []
     for i, group in enumerate(_parts(files, rows_per_part)):
-        lf = _filters(pl.scan_parquet(group), subsets, min_delta, need_reasoning)
+        lf = pl.scan_parquet(group)
+        # preference --side target: --min-delta and --need-reasoning filter on the target side's label
+        lf = _filters(as_side(lf, side) if fmt == "preference" else lf, subsets, min_delta, need_reasoning)
         lf = _query(fmt, lf, opts)
         path = dest / f"part-{i:05d}.{ext}"
         if jsonl:
@@ -401,11 +462,17 @@ def run(
     filters = {"subsets": list(subsets) if subsets else None, "min_delta": min_delta, "need_reasoning": need_reasoning}
     if fmt == "contrastive":
         filters["rationale_mode"] = rationale_mode
+        if rationale_side != "query":
+            filters["rationale_side"] = rationale_side
     if fmt == "preference":
         filters.update(preference_style=preference_style, min_gap=min_gap, text_only=text_only,
                        images=opts["images"])
+        if side != "query":
+            filters["side"] = side
     if fmt == "gate":
         filters["include_undecided"] = include_undecided
+        if gate_sides != "query":
+            filters["sides"] = gate_sides
     result = {"format": fmt, "out": str(dest), "files": [str(p) for p in kept], "rows": rows, "pairs": pairs,
               "filters": filters}
     (dest / "README.md").write_text(_readme(fmt, out_dir, filters, result))

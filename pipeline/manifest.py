@@ -41,15 +41,51 @@ def outcome_counts(pairs: int, reason: int, direct: int, undecided: int, turned:
             "undecided_rate": _rate(undecided, pairs), "control_turned_direct": turned}
 
 
-def outcomes_by_subset(pairs: pl.LazyFrame, epsilon: float) -> pl.LazyFrame:
-    """Per subset: pairs, need_reasoning (decision reason), direct, undecided, control_turned_direct."""
+def outcomes_by_subset(pairs: pl.LazyFrame, epsilon: float, side: str = "query") -> pl.LazyFrame:
+    """Per subset: pairs, need_reasoning (decision reason), direct, undecided, control_turned_direct, of one
+    side (query: `decision`; target: `target_decision`, over the pairs that have target candidates)."""
+    decision = pl.col("decision" if side == "query" else "target_decision")
+    if side == "target":
+        pairs = pairs.filter(pl.col("target_candidates").list.len().fill_null(0) > 0)
     return (pairs.group_by("subset")
             .agg(pl.len().alias("pairs"),
-                 (pl.col("decision") == REASON).sum().alias("need_reasoning"),
-                 (pl.col("decision") == DIRECT).sum().alias("direct"),
-                 (pl.col("decision") == UNDECIDED).sum().alias("undecided"),
-                 turned_direct_by_control(epsilon).sum().alias("control_turned_direct"))
+                 (decision == REASON).sum().alias("need_reasoning"),
+                 (decision == DIRECT).sum().alias("direct"),
+                 (decision == UNDECIDED).sum().alias("undecided"),
+                 turned_direct_by_control(epsilon, side).sum().alias("control_turned_direct"))
             .sort("subset"))
+
+
+def joint_by_subset(pairs: pl.LazyFrame) -> pl.LazyFrame:
+    """Per subset, over pairs with a joint choice (a valid candidate on both sides): how often the joint
+    (k, j) beats the query side's choice, the target side's, and both."""
+    return (pairs.filter(pl.col("joint_delta").is_not_null()).group_by("subset")
+            .agg(pl.len().alias("pairs_with_joint"),
+                 pl.col("joint_beats_query").sum().alias("beats_query"),
+                 pl.col("joint_beats_target").sum().alias("beats_target"),
+                 (pl.col("joint_beats_query") & pl.col("joint_beats_target")).sum().alias("beats_both"))
+            .sort("subset"))
+
+
+OUTCOME_KEYS = ("pairs", "need_reasoning", "direct", "undecided", "control_turned_direct")
+JOINT_KEYS = ("pairs_with_joint", "beats_query", "beats_target", "beats_both")
+
+
+def target_side_stats(pairs: pl.LazyFrame, epsilon: float) -> dict | None:
+    """The target side's outcomes (overall and per subset) and the joint choice's wins, or None when no pair
+    has target candidates (generators[].k_target 0: the manifest of a query-side job is unchanged)."""
+    subsets = outcomes_by_subset(pairs, epsilon, "target").collect()
+    if subsets.is_empty():
+        return None
+    joint = {r["subset"]: {k: int(r[k]) for k in JOINT_KEYS} for r in joint_by_subset(pairs).collect().iter_rows(named=True)}
+    none = dict.fromkeys(JOINT_KEYS, 0)
+    out = {"counts": {**outcome_counts(*(int(subsets[k].sum()) for k in OUTCOME_KEYS)),
+                      "joint": {k: sum(j[k] for j in joint.values()) for k in JOINT_KEYS}},
+           "subsets": {}}
+    for s in subsets.iter_rows(named=True):
+        out["subsets"][s["subset"]] = {**outcome_counts(*(int(s[k]) for k in OUTCOME_KEYS)),
+                                       "joint": joint.get(s["subset"], none)}
+    return out
 
 
 def _stats(out_dir: Path, records: list[dict], epsilon: float) -> dict:
@@ -78,13 +114,16 @@ def _stats(out_dir: Path, records: list[dict], epsilon: float) -> dict:
     if not data:
         return stats
     pairs = pl.scan_parquet(data)
-    keys = ("pairs", "need_reasoning", "direct", "undecided", "control_turned_direct")
+    keys = OUTCOME_KEYS
     subsets = outcomes_by_subset(pairs, epsilon).collect()
     for s in subsets.iter_rows(named=True):
         stats["subsets"][s["subset"]] = outcome_counts(*(int(s[k]) for k in keys))
     total = outcome_counts(*(int(subsets[k].sum()) for k in keys))
     counts.update({k: v for k, v in total.items() if k != "pairs"})
 
+    target = target_side_stats(pairs, epsilon)
+    if target is not None:
+        stats["target_side"] = target
     cands = (pairs.select(pl.col("candidates").explode()).unnest("candidates")
              .filter(pl.col("generator").is_not_null()))  # a pair without candidates explodes to one null
     stats["generators"] = generator_stats(pairs, cands)

@@ -148,12 +148,13 @@ def _select_target(row: dict, cands: list, targets: list, epsilon: float) -> Non
         side_value(row["decision"], row["best_delta"]), side_value(decision, best), epsilon)
 
 
-def turned_direct_by_control(epsilon: float) -> pl.Expr:
-    """Over output rows: pairs the control turned from reason to direct (some valid candidate has
-    delta > epsilon, so the rule without controls says reason, but none beats the controls)."""
+def turned_direct_by_control(epsilon: float, side: str = "query") -> pl.Expr:
+    """Over output rows: pairs the control turned from reason to direct on this side (query | target): some
+    valid candidate has delta > epsilon, so the rule without controls says reason, but none beats the controls."""
+    prefix = "" if side == "query" else "target_"
     cand = pl.element().struct
-    above = pl.col("candidates").list.eval(cand.field("valid").fill_null(False) & (cand.field("delta") > epsilon))
-    return (pl.col("decision") == DIRECT) & above.list.any().fill_null(False)
+    above = pl.col(f"{prefix}candidates").list.eval(cand.field("valid").fill_null(False) & (cand.field("delta") > epsilon))
+    return (pl.col(f"{prefix}decision") == DIRECT) & above.list.any().fill_null(False)
 
 
 class Select:
