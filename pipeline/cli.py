@@ -279,7 +279,9 @@ def _warn_if_images_failed(console: Console, cfg, result: dict) -> None:
 def _first_detail(out: Path, reason: str) -> str | None:
     import pyarrow.parquet as pq
 
-    for f in sorted((out / "quarantine").glob("shard-*.parquet")):
+    from stages.files import SHARD_GLOB
+
+    for f in sorted((out / "quarantine").glob(f"{SHARD_GLOB}.parquet")):
         t = pq.read_table(f, columns=["reason", "detail"]).to_pylist()
         for row in t:
             if row["reason"] == reason:

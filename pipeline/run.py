@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import tarfile
@@ -40,7 +39,8 @@ from pipeline.config import REPO_ROOT, ConfigError, config_hash, label_config, t
 from pipeline.plan import build_dataset
 from stages import faults
 from stages.read import find_duplicates, index_pair_ids, plan_shards
-from stages.write import atomic_write_json, commit_shard
+from stages.files import SHARD_FILE, SHARD_GLOB, TEMP_SHARD_FILE, atomic_write_json, shard_file
+from stages.write import commit_shard
 
 log = logging.getLogger("pairsel")
 
@@ -75,8 +75,6 @@ def plan_fingerprint(specs: list[dict]) -> dict:
 # notes, another tool's files) is left alone, and a non-empty folder without pairsel's marker is refused.
 OWN_FOLDERS = ("_staging", "_index", "_stats", "_cache", "_logs")  # wholly pairsel's; _commits goes last
 OWN_FILES = ("manifest.json", "report.html")
-SHARD_FILE = re.compile(r"shard-(\d+)\.parquet")  # stages/write.py:shard_name + .parquet
-TEMP_SHARD_FILE = re.compile(r"\.shard-\d+\.parquet\.[0-9a-f]{32}\.tmp")  # atomic_write_table's temporary name
 JOB_RECORD = Path("_commits") / "job.json"
 
 
@@ -120,7 +118,7 @@ def check_output_dir(out_dir: Path) -> None:
 def _shard_files(out_dir: Path, keep: set[int] = frozenset()):
     """pairsel's shard files (and their temporary names) in data/ and quarantine/, but those of `keep`."""
     for sub in ("data", "quarantine"):
-        for f in sorted((out_dir / sub).glob("*shard-*")):
+        for f in sorted((out_dir / sub).glob(f"*{SHARD_GLOB}")):
             m = SHARD_FILE.fullmatch(f.name)
             if (m and int(m[1]) not in keep) or TEMP_SHARD_FILE.fullmatch(f.name):
                 yield f
@@ -147,7 +145,7 @@ def remove_own_output(out_dir: Path, cache_dir: str | None) -> None:
     if is_pairsel_card(out_dir / "README.md"):
         (out_dir / "README.md").unlink()
     commits = out_dir / "_commits"
-    for f in sorted(commits.glob("shard-*.json")) + sorted(commits.glob(".*.tmp")):
+    for f in sorted(commits.glob(f"{SHARD_GLOB}.json")) + sorted(commits.glob(".*.tmp")):
         f.unlink()
     (out_dir / JOB_RECORD).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
@@ -189,7 +187,7 @@ def prepare_output(out_dir: Path, cfg: DictConfig, overwrite: bool, force: bool,
         if all((out_dir / f).is_file() for f in files):
             committed.add(record["shard_id"])
         else:  # a record without its files cannot be trusted: redo the shard
-            (commits / f"shard-{record['shard_id']:06d}.json").unlink()
+            (commits / shard_file(record["shard_id"], ".json")).unlink()
     # Parts of unfinished shards and shard files never committed are leftovers of a crash; nothing else is.
     shutil.rmtree(out_dir / "_staging", ignore_errors=True)
     for f in _shard_files(out_dir, keep=committed):
@@ -261,7 +259,7 @@ def _find_duplicates_after(index_dir: str, dest: str, *indexed: int) -> dict:
 
 
 def start_duplicate_index(cfg: DictConfig, specs: list[dict], out_dir: Path) -> ray.ObjectRef | None:
-    """Start finding the rows whose pair_id an earlier shard holds (stages/read.py), and return at once a
+    """Start finding the rows whose pair_id an earlier shard holds (stages/duplicates.py), and return at once a
     reference to {"path": the file that lists them, "rows": how many}; None when one shard is all there is.
 
     It runs as tasks beside the job rather than before it: the model actors load their models meanwhile
@@ -271,7 +269,7 @@ def start_duplicate_index(cfg: DictConfig, specs: list[dict], out_dir: Path) -> 
         return None
     keys = out_dir / "_index" / "pair_ids"
     keys.mkdir(parents=True, exist_ok=True)
-    missing = [s for s in specs if not (keys / f"shard-{s['shard_id']:06d}.parquet").is_file()]
+    missing = [s for s in specs if not (keys / shard_file(s["shard_id"])).is_file()]
     task = {"num_cpus": cfg.ray.read_num_cpus, "max_retries": -1}
     index = ray.remote(**task)(index_pair_ids)
     input_cfg = to_dict(cfg)["input"]
@@ -340,7 +338,7 @@ class JobStopped(Exception):
 
 def plan_input(cfg: DictConfig) -> list[dict]:
     """The shard plan; an input that is missing or not what input.format says is a user error, said in one line
-    that names the key (stages/read.py starts its messages with it)."""
+    that names the key (stages/inputs/ starts its messages with it)."""
     try:
         return plan_shards(to_dict(cfg)["input"])
     except (ValueError, OSError, tarfile.TarError) as e:
