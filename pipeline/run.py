@@ -37,6 +37,7 @@ from omegaconf import DictConfig
 from pipeline import card, manifest
 from pipeline.config import REPO_ROOT, ConfigError, config_hash, label_config, to_dict
 from pipeline.plan import build_dataset
+from schemas import SCHEMA_VERSION
 from stages import faults
 from stages.read import find_duplicates, index_pair_ids, plan_shards
 from stages.files import SHARD_FILE, SHARD_GLOB, TEMP_SHARD_FILE, atomic_write_json, shard_file
@@ -161,11 +162,15 @@ def prepare_output(out_dir: Path, cfg: DictConfig, overwrite: bool, force: bool,
     commits = out_dir / "_commits"
     commits.mkdir(parents=True, exist_ok=True)
     job = out_dir / JOB_RECORD
-    current = {"label_config": label_config(cfg), "config_hash": config_hash(cfg)}
+    current = {"label_config": label_config(cfg), "config_hash": config_hash(cfg), "schema_version": SCHEMA_VERSION}
     if specs is not None:
         current["input_plan"] = plan_fingerprint(specs)
     if job.exists():
         previous = json.loads(job.read_text())
+        written = previous.get("schema_version", 1)  # records before this key were all version 1
+        if written != SCHEMA_VERSION:  # not even --force: one output holds one schema version
+            raise ConfigError(f"output.dir: holds shards of schema version {written} and this pairsel writes "
+                              f"version {SCHEMA_VERSION}; use --overwrite to start afresh, or another output.dir")
         diff = config_diff(previous["label_config"], current["label_config"])
         if specs is not None and previous.get("input_plan", current["input_plan"]) != current["input_plan"]:
             old, new = previous["input_plan"], current["input_plan"]

@@ -103,3 +103,22 @@ def test_a_readme_of_the_users_in_its_output_is_not_overwritten_by_the_card(tmp_
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (out / "README.md").read_text() == "# My own notes on this output\n"
         assert "README.md is not pairsel's dataset card" in proc.stderr
+
+
+def test_a_resume_into_an_output_of_another_schema_version_is_refused_even_forced(tmp_path):
+    """One output holds one schema version: a version-1 output (its job record has no schema_version) is not
+    resumed by a pairsel that writes another version, --force or not; --overwrite starts it afresh."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "out"
+    assert run_pipeline([f"input.path={empty}", f"output.dir={out}"], timeout=120).returncode == 0
+    job = out / "_commits" / "job.json"
+    record = json.loads(job.read_text())
+    del record["schema_version"]  # as pairsel 0.1 wrote it, for schema version 1
+    job.write_text(json.dumps(record))
+    before = checksums(out)
+    proc = run_pipeline([f"input.path={empty}", f"output.dir={out}", "--force"], timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().startswith("pairsel: config error: output.dir: holds shards of schema version 1")
+    assert checksums(out) == before
+    assert run_pipeline([f"input.path={empty}", f"output.dir={out}", "--overwrite"], timeout=120).returncode == 0
