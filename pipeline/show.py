@@ -124,10 +124,10 @@ def _negatives(row: dict) -> Optional[Table]:
 NUMERIC = ("#", "tokens", "s_k", "delta", "delta_control", "neg_delta", "lse")
 
 
-def _candidates(row: dict) -> Table:
+def _candidates(row: dict, title: str = "rationales") -> Table:
     pair_aware = row.get("scoring_mode") == "pair_aware"
     controls = bool(row.get("s_control"))
-    table = Table(title="rationales", title_justify="left", expand=True)
+    table = Table(title=title, title_justify="left", expand=True)
     columns = (["#", "generator", "tokens", "finish", "s_k", "delta"] + (["delta_control"] if controls else [])
                + ["neg_delta"] + (["lse"] if pair_aware else []) + ["mark"])
     names = [c.get("generator") or "" for c in row.get("candidates") or []]
@@ -150,13 +150,14 @@ def _candidates(row: dict) -> Table:
     return table
 
 
-def _controls(row: dict) -> Optional[Table]:
-    """The content-free controls' scores: what any text appended to the query does for this pair."""
+def _controls(row: dict, side: str = "query") -> Optional[Table]:
+    """The content-free controls' scores: what any text appended to the query (or target) does for this pair."""
     s_control = row.get("s_control") or []
     if not s_control:
         return None
     pair_aware = row.get("scoring_mode") == "pair_aware"
-    table = Table(title="content-free controls (scoring.controls, in config order)", title_justify="left", expand=True)
+    table = Table(title=f"content-free controls on the {side} side (scoring.controls, in config order)",
+                  title_justify="left", expand=True)
     for col in ["#", "s_control", "control_delta"] + (["lse_control"] if pair_aware else []):
         table.add_column(col, justify="right")
     deltas, lses = row.get("control_delta") or [], row.get("lse_control") or []
@@ -180,6 +181,58 @@ def _rationale_texts(row: dict) -> Group:
     return Group(*parts)
 
 
+TARGET_VIEW = {"candidates": "target_candidates", "chosen": "target_chosen", "rejected": "target_rejected",
+               "decision": "target_decision", "best_delta": "target_best_delta", "s_control": "target_s_control",
+               "control_delta": "target_control_delta", "lse_control": "target_lse_control"}
+
+
+def target_view(row: dict) -> dict:
+    """The target side in the query side's names, so that the same tables and decision line show it."""
+    return {**row, **{name: row.get(column) for name, column in TARGET_VIEW.items()}}
+
+
+def joint_line(row: dict) -> str:
+    """One line: the joint choice and whether it beats each side alone."""
+    if row.get("joint_delta") is None:
+        return "joint: no valid candidate on both sides -> no joint choice"
+    eps = _epsilon(row)
+
+    def beats(flag) -> str:
+        return "beats" if flag else "does not beat"
+    return (f"joint: query #{row['joint_query']} with target #{row['joint_target']}, delta {_num(row['joint_delta'])}: "
+            f"{beats(row.get('joint_beats_query'))} the query side's choice and {beats(row.get('joint_beats_target'))} "
+            f"the target side's (by more than epsilon {eps:g})")
+
+
+def _joint(row: dict) -> Table:
+    """delta_joint of every (query rationale k, target rationale j)."""
+    targets = row.get("target_candidates") or []
+    table = Table(title="joint delta_joint (k: query rationale, j: target rationale)", title_justify="left", expand=True)
+    table.add_column("k", justify="right")
+    for j in range(len(targets)):
+        table.add_column(f"j={j}", justify="right")
+    for k, c in enumerate(row.get("candidates") or []):
+        values = c.get("delta_joint") or [None] * len(targets)
+        cells = [Text(_num(v), style="bold green" if (k, j) == (row.get("joint_query"), row.get("joint_target")) else None)
+                 for j, v in enumerate(values)]
+        table.add_row(str(k), *cells)
+    return table
+
+
+def _render_target_side(row: dict, console: Console) -> None:
+    view = target_view(row)
+    console.rule(Text("target side", style="bold"))
+    controls = _controls(view, "target")
+    if controls is not None:
+        console.print(controls)
+    console.print(_candidates(view, "target rationales (s_k = cos(E(q), E(t ⊕ r_t,j)))"))
+    console.print(Panel(_rationale_texts(view), title="target rationale texts", title_align="left"))
+    style = {REASON: "bold green", UNDECIDED: "bold magenta"}.get(view.get("decision"), "bold yellow")
+    console.print(Text("target decision: " + decision(view), style=style))
+    console.print(_joint(row))
+    console.print(Text(joint_line(row), style="bold"))
+
+
 def render(row: dict, console: Console) -> None:
     title = (f"{row['pair_id']}  subset {row.get('subset')}  "
              f"(shard {row.get('shard_id')}, row {row.get('row_index')}, {row.get('source')})")
@@ -201,6 +254,8 @@ def render(row: dict, console: Console) -> None:
     console.print(Panel(_rationale_texts(row), title="rationale texts", title_align="left"))
     style = {REASON: "bold green", UNDECIDED: "bold magenta"}.get(row.get("decision"), "bold yellow")
     console.print(Text("decision: " + decision(row), style=style))
+    if row.get("target_candidates"):
+        _render_target_side(row, console)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

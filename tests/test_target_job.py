@@ -120,3 +120,26 @@ def test_exports_of_the_target_side(target_job, tmp_path):
     assert len(gate) == sum((r["decision"] != "undecided") + (r["target_decision"] != "undecided") for r in rows.values())
     for r in gate.filter(pl.col("side") == "target").iter_rows(named=True):
         assert r["need_reasoning"] == rows[r["pair_id"]]["target_need_reasoning"]
+
+
+def test_report_and_show_give_both_sides(target_job, capsys):
+    from rich.console import Console
+
+    from pipeline import report, show
+
+    numbers = report.run(str(target_job["out"]))
+    side = numbers["target_side"]
+    assert side == target_job["manifest"]["target_side"]  # one query for both (pipeline/manifest.py)
+    html = (target_job["out"] / "report.html").read_text()
+    assert "Target side and the joint choice" in html and "joint beats both" in html
+    for subset in side["subsets"]:
+        assert f"<td>{subset}</td>" in html
+    out = capsys.readouterr().out
+    assert "target side: reason" in out and "joint choice (" in out
+    rows = pq.read_table(target_job["out"] / "data").to_pylist()
+    row = next(r for r in rows if r["joint_delta"] is not None)
+    console = Console(record=True, width=160)
+    show.run(str(target_job["out"]), row["pair_id"], console=console)
+    text = console.export_text()
+    assert "target rationales" in text and "target decision: " in text and show.joint_line(row) in text.replace("\n", " ")
+    assert f"query #{row['joint_query']} with target #{row['joint_target']}" in text
