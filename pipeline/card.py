@@ -91,6 +91,21 @@ def body(manifest: dict) -> str:
           for name, g in generators.items()),
         "",
     ]
+    target = manifest.get("target_side")
+    if target:  # generators[].k_target > 0
+        lines += ["## Target side", "",
+                  "Rationales about the target too: each pair's target side has its own decision (`target_decision`,",
+                  "`target_chosen`, ...), and the joint choice (`joint_query`, `joint_target`, `joint_delta`) says",
+                  "whether a rationale on both sides beats each side alone.", "",
+                  "| subset | pairs | target reason | target direct | target undecided | pairs with a joint choice |"
+                  " joint beats query side | joint beats target side | joint beats both |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+                  *(f"| {_md(name)} | {s['pairs']} | {s['need_reasoning']} ({_rate(s['need_reasoning_rate'])}) |"
+                    f" {s['direct']} ({_rate(s['direct_rate'])}) | {s['undecided']} ({_rate(s['undecided_rate'])}) |"
+                    f" {s['joint']['pairs_with_joint']} | {s['joint']['beats_query']} | {s['joint']['beats_target']} |"
+                    f" {s['joint']['beats_both']} |"
+                    for name, s in sorted(target["subsets"].items())),
+                  ""]
     reasons = counts.get("quarantined_by_reason") or {}
     if reasons:
         lines += ["Quarantined rows by reason: " + ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())), ""]
@@ -100,7 +115,10 @@ def body(manifest: dict) -> str:
         f"- `data/shard-NNNNNN.parquet`: one row per pair (schema version {SCHEMA_VERSION}, `schemas/` OUTPUT_SCHEMA):",
         "  the pair, its negatives, `candidates` (text, generator, tokens, finish_reason, s_k, delta,",
         "  delta_control, neg_delta, valid, ...), `s_direct`, `s_control`, `control_delta`, `decision`, `chosen`,",
-        "  `best_delta`, `need_reasoning`, `rejected`, `provenance`",
+        "  `best_delta`, `need_reasoning`, `rejected`, `provenance`; with target rationales (k_target > 0) also",
+        "  `target_candidates`, `target_s_control`, `target_decision`, `target_chosen`, `target_best_delta`,",
+        "  `target_need_reasoning`, `target_rejected`, `joint_query`, `joint_target`, `joint_delta`,",
+        "  `joint_beats_query`, `joint_beats_target`, and per query candidate `s_joint` and `delta_joint`",
         "- `quarantine/shard-NNNNNN.parquet`: rows that could not be processed, with a reason",
         "- `manifest.json`: the full resolved config, counts and per-shard checksums",
         "- image columns hold the paths the input gave (MMEB: relative to the job's `input.image_root`); images",

@@ -86,6 +86,12 @@ def test_manifest_counts_both_sides(target_job):
     assert joint["beats_both"] == sum(bool(r["joint_beats_query"] and r["joint_beats_target"]) for r in rows)
     assert sum(s["pairs"] for s in side["subsets"].values()) == len(rows)
     assert target_job["manifest"]["counts"]["need_reasoning"] == sum(r["decision"] == "reason" for r in rows)
+    from pipeline.card import body
+
+    card = body(target_job["manifest"])
+    assert "## Target side" in card and "joint beats both" in card
+    for name, s in side["subsets"].items():
+        assert f"| {name} | {s['pairs']} | {s['need_reasoning']} (" in card
 
 
 def test_exports_of_the_target_side(target_job, tmp_path):
