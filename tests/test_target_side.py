@@ -198,3 +198,40 @@ def _write_demo(tmp_path) -> Path:
     path = tmp_path / "demo.yaml"
     path.write_text((REPO / "configs" / "demo.yaml").read_text())
     return path
+
+
+def test_rounds_apply_per_side_and_keep_the_labels(tmp_path, tiny_models):
+    """Rounds (k0 1, step 1, margin 0) on both sides: the same need_reasoning per side as a full-K run, the
+    same target candidates where a side ran to its last round, and fewer target samples overall or equal."""
+    from pipeline.plan import run_local, steps
+    from scripts.make_demo_data import make
+    from stages.generate import Generate
+    from stages.read import plan_shards
+
+    data = tmp_path / "data"
+    path = make(data, n_pairs=16, seed=5)
+    common = [f"input.path={path}", f"input.image_root={data}", f"generators.0.model={tiny_models['generator']}",
+              f"embedder.model={tiny_models['embedder']}", f"output.dir={tmp_path / 'out'}",
+              "input.rows_per_shard=16", "generators.0.k=2", "generators.0.k_target=3",
+              "generators.0.sampling.max_new_tokens=8"]
+
+    def job(*extra):
+        cfg = config.load(_write_demo(tmp_path), [*common, *extra])
+        config.resolve_paths(cfg)
+        return cfg, {r["pair_id"]: r for r in run_local(cfg, plan_shards(config.to_dict(cfg)["input"]))}
+
+    cfg, rounds = job("rounds.k0=1", "rounds.step=1")
+    target_steps = [s.kwargs["k_stop"] for s in steps(cfg) if s.stage is Generate and s.kwargs.get("side") == "target"]
+    assert target_steps == [1, 2, 3]
+    _, full = job()
+    for pid, f in full.items():
+        r = rounds[pid]
+        assert r["need_reasoning"] == f["need_reasoning"] and r["target_need_reasoning"] == f["target_need_reasoning"]
+        ft, rt = f["target_candidates"], r["target_candidates"]
+        assert [(c["seed"], c["text"]) for c in rt] == [(c["seed"], c["text"]) for c in ft[:len(rt)]]
+        if len(rt) < len(ft):  # stopped early: only once a target rationale helped
+            assert r["target_decision"] == "reason"
+        for c, cf in zip(rt, ft):
+            assert c["delta"] == pytest.approx(cf["delta"], abs=1e-6) if cf["delta"] is not None else c["delta"] is None
+        if r["joint_delta"] is not None and len(rt) == len(ft) and len(r["candidates"]) == len(f["candidates"]):
+            assert (r["joint_query"], r["joint_target"]) == (f["joint_query"], f["joint_target"])
