@@ -112,40 +112,37 @@ def select_rows(rows: list[dict], epsilon: float) -> list[dict]:
             row["quarantine_reason"] = "generation_failed"
             row["quarantine_detail"] = f"all {len(cands)} candidates failed; first error: {cands[0].get('error')}"[:1000]
             continue
-        controls = bool(row.get("s_control"))
-        decision, chosen, best, need, rejected = select(
-            [_nan(c.get("delta")) for c in cands], [bool(c.get("valid")) for c in cands], epsilon,
-            [_nan(c.get("delta_control")) for c in cands] if controls else None)
-        row["decision"] = decision
-        row["chosen"] = chosen
-        row["chosen_generator"] = None if chosen is None else cands[chosen]["generator"]
-        row["best_delta"] = best
-        row["need_reasoning"] = need
-        row["rejected"] = rejected
+        label_side(row, cands, "", epsilon)
         targets = row.get("target_candidates") or []
         if targets:
-            _select_target(row, cands, targets, epsilon)
+            label_side(row, targets, "target_", epsilon)
+            if cands:
+                _select_joint(row, cands, targets, epsilon)
     return rows
 
 
-def _select_target(row: dict, cands: list, targets: list, epsilon: float) -> None:
-    controls = bool(row.get("target_s_control"))
+def label_side(row: dict, cands: list, prefix: str, epsilon: float) -> None:
+    """One side's label columns (prefix "" for the query side, "target_" for the target side), with that
+    side's own controls (s_control / target_s_control)."""
+    controls = bool(row.get(f"{prefix}s_control"))
     decision, chosen, best, need, rejected = select(
-        [_nan(c.get("delta")) for c in targets], [bool(c.get("valid")) for c in targets], epsilon,
-        [_nan(c.get("delta_control")) for c in targets] if controls else None)
-    row["target_decision"] = decision
-    row["target_chosen"] = chosen
-    row["target_chosen_generator"] = None if chosen is None else targets[chosen]["generator"]
-    row["target_best_delta"] = best
-    row["target_need_reasoning"] = need
-    row["target_rejected"] = rejected
-    if not cands:
-        return
+        [_nan(c.get("delta")) for c in cands], [bool(c.get("valid")) for c in cands], epsilon,
+        [_nan(c.get("delta_control")) for c in cands] if controls else None)
+    row[f"{prefix}decision"] = decision
+    row[f"{prefix}chosen"] = chosen
+    row[f"{prefix}chosen_generator"] = None if chosen is None else cands[chosen]["generator"]
+    row[f"{prefix}best_delta"] = best
+    row[f"{prefix}need_reasoning"] = need
+    row[f"{prefix}rejected"] = rejected
+
+
+def _select_joint(row: dict, cands: list, targets: list, epsilon: float) -> None:
     delta_joint = [[_nan(x) for x in (c.get("delta_joint") or [None] * len(targets))] for c in cands]
     (row["joint_query"], row["joint_target"], row["joint_delta"], row["joint_beats_query"],
      row["joint_beats_target"]) = select_joint(
         delta_joint, [bool(c.get("valid")) for c in cands], [bool(c.get("valid")) for c in targets],
-        side_value(row["decision"], row["best_delta"]), side_value(decision, best), epsilon)
+        side_value(row["decision"], row["best_delta"]), side_value(row["target_decision"], row["target_best_delta"]),
+        epsilon)
 
 
 def turned_direct_by_control(epsilon: float, side: str = "query") -> pl.Expr:
