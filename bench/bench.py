@@ -209,7 +209,8 @@ def model_only(data: Path, threads: int, overrides: list[str]) -> dict:
 def minimum_inputs(rows: dict, embedder: dict, image_root: Path, controls=()) -> int:
     """The distinct embedder inputs the written pairs need: plain queries, rationale-augmented queries of the
     candidates that were embedded, the queries with each content-free control (scoring.controls), targets and
-    negatives (a target that is another pair's negative once)."""
+    negatives (a target that is another pair's negative once), and with target rationales the targets with
+    each rationale and each control."""
     from stages.embed import control_text
 
     digests: dict[str, str] = {}
@@ -232,6 +233,15 @@ def minimum_inputs(rows: dict, embedder: dict, image_root: Path, controls=()) ->
                     for c in r["candidates"] if c["s_k"] is not None)
         need.update((r_ins.replace("{text}", q).replace("{rationale}", control_text(c, r["query_text"])), q_img)
                     for c in controls)
+        # target rationales (generators[].k_target): the target with each rationale, and with each control
+        rt_ins = embedder.get("reasoned_target_instruction")
+        t, t_img = r["target_text"] or "", image(r["target_image_path"])
+        targets = r.get("target_candidates") or []
+        need.update((rt_ins.replace("{text}", t).replace("{rationale}", c["text"]), t_img)
+                    for c in targets if c["s_k"] is not None)
+        if targets:
+            need.update((rt_ins.replace("{text}", t).replace("{rationale}", control_text(c, r["target_text"])), t_img)
+                        for c in controls)
     return len(need)
 
 
@@ -323,6 +333,8 @@ def table(res: dict, n: int) -> str:
         row("minimum inputs (distinct q + rationales + targets ∪ negatives)", one["minimum"], four["minimum"]),
         row("**embedder inputs per pair over the minimum**", f"**{one['forwards'] / one['minimum']:.2f}**",
             f"**{four['forwards'] / four['minimum']:.2f}**", "1.00"),
+        row("**embedder inputs per pair over the minimum, target rationales (k_target 2, full K)**",
+            f"**{res['target']['forwards'] / res['target']['minimum']:.2f}**", "–", "1.00"),
         row("rows the embedder model ran per input (padding copies included; loop)",
             f"{loop1['embedder_rows'] / max(1, loop1['forwards']):.2f}",
             f"{loop4['embedder_rows'] / max(1, loop4['forwards']):.2f}"),
@@ -375,15 +387,17 @@ def main(argv=None) -> int:
                 for k, d in res.items() if k in ("rounds", "loop")}
         (out / "results.json").write_text(json.dumps(slim, indent=1, default=str))
 
-    for s in SCALES:  # each job right before its loop, so that both meet the same machine
-        print(f"job with rounds at {s}x ({s * args.pairs} pairs) ...", flush=True)
-        run = run_job(data[s], out / f"rounds-{s}x", *model_args)
+    def count_inputs(run: dict, s: int) -> dict:
         embed = [st for st in run["stats"] if st["stage"] == "embed"]
         run["forwards"] = sum(st["forwards"] for st in embed)
         run["model_seconds"] = sum(st["model_seconds"] for st in run["stats"])
         run["minimum"] = minimum_inputs(run["rows"], run["manifest"]["config"]["embedder"], data[s],
                                         run["manifest"]["config"]["scoring"]["controls"])
-        res["rounds"][s] = run
+        return run
+
+    for s in SCALES:  # each job right before its loop, so that both meet the same machine
+        print(f"job with rounds at {s}x ({s * args.pairs} pairs) ...", flush=True)
+        res["rounds"][s] = count_inputs(run_job(data[s], out / f"rounds-{s}x", *model_args), s)
         print(f"model-only loop at {s}x ...", flush=True)
         res["loop"][s] = model_only(data[s], args.loop_threads, model_args)
         save()
@@ -391,6 +405,9 @@ def main(argv=None) -> int:
             print("job with every candidate at once (full K) at 1x, and its model-only loop ...", flush=True)
             res["full"] = run_job(data[1], out / "full-1x", *model_args, "rounds.k0=null")
             res["loop"]["full"] = model_only(data[1], args.loop_threads, model_args + ["rounds.k0=null"])
+            print("job with target rationales (k_target 2, full K) at 1x ...", flush=True)
+            res["target"] = count_inputs(run_job(data[1], out / "target-1x", *model_args, "rounds.k0=null",
+                                                 "generators.0.k_target=2"), 1)
             save()
     res["labels"] = compare_labels(res["rounds"][1]["rows"], res["full"]["rows"])
 

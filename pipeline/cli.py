@@ -234,6 +234,13 @@ def print_summary(result: dict, out: str, stream) -> None:
           file=stream)
     if c.get("control_turned_direct"):
         print(f"  the content-free control turned {c['control_turned_direct']} pairs from reason to direct", file=stream)
+    target = result.get("target_side")
+    if target:  # target rationales (generators[].k_target > 0)
+        t, j = target["counts"], target["counts"]["joint"]
+        print(f"  target side: reason {t['need_reasoning']}/{t['pairs']} ({t['need_reasoning_rate']:.1%}), direct "
+              f"{t['direct']}/{t['pairs']}, undecided {t['undecided']}/{t['pairs']}; the joint choice beats the query "
+              f"side in {j['beats_query']}/{j['pairs_with_joint']} pairs, the target side in {j['beats_target']}, "
+              f"both in {j['beats_both']}", file=stream)
     for name, g in result["generators"].items():
         md = g.get("mean_delta")
         print(f"  generator {name}: {g.get('candidates', 0)} candidates, {g.get('valid', 0)} valid, "
