@@ -6,8 +6,6 @@ built from the manifest alone, so the card says exactly what the job recorded.
 """
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import yaml
@@ -15,6 +13,7 @@ import yaml
 from pipeline.export import format_docs
 from pipeline.report import percent
 from schemas import SCHEMA_VERSION
+from stages.files import atomic_write_text
 
 FRONT_MATTER = {
     "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}],
@@ -149,7 +148,5 @@ def body(manifest: dict) -> str:
 def write_card(out_dir: str, manifest: dict) -> Path:
     """Write OUT/README.md (atomically) and return its path."""
     path = Path(out_dir) / "README.md"
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(front_matter() + "\n" + body(manifest), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, front_matter() + "\n" + body(manifest))
     return path

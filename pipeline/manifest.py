@@ -15,7 +15,7 @@ from pipeline import version
 from pipeline.config import config_hash, to_dict
 from schemas import SCHEMA_VERSION
 from stages.select import DIRECT, REASON, UNDECIDED, turned_direct_by_control
-from stages.write import atomic_write_json
+from stages.files import SHARD_GLOB, atomic_write_json
 
 
 def now_iso() -> str:
@@ -24,7 +24,7 @@ def now_iso() -> str:
 
 def commit_records(out_dir: Path) -> list[dict]:
     return sorted(
-        (json.loads(p.read_text()) for p in (out_dir / "_commits").glob("shard-*.json")),
+        (json.loads(p.read_text()) for p in (out_dir / "_commits").glob(f"{SHARD_GLOB}.json")),
         key=lambda r: r["shard_id"],
     )
 

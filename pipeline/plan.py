@@ -132,7 +132,7 @@ def _warn_if_pools_do_not_fit(cfg: DictConfig, plan: list[Step]) -> None:
 
 
 def build_dataset(cfg: DictConfig, specs: list[dict], duplicates=None) -> ray.data.Dataset:
-    """The job over `specs`. `duplicates`: the file of stages/read.py:find_duplicates, or a Ray reference
+    """The job over `specs`. `duplicates`: the file of stages/duplicates.py:find_duplicates, or a Ray reference
     to the task that writes it (pipeline/run.py:start_duplicate_index), which the read tasks wait for."""
     c = to_dict(cfg)
     task = {"batch_format": "pyarrow", "num_cpus": cfg.ray.write_num_cpus}
