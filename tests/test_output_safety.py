@@ -7,7 +7,23 @@ from pathlib import Path
 
 import pytest
 
-from tests.job_runs import checksums, run_pipeline
+from tests.job_runs import checksums
+from tests.job_runs import run_pipeline as run_cli
+
+# A fresh clone has neither models/ nor data/demo/: every run names the tiny models and a real input, so that it
+# gets as far as the output folder (the config check comes first).
+REAL_INPUT_AND_MODELS: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def real_input_and_models(tiny_models, demo_data):
+    REAL_INPUT_AND_MODELS[:] = [f"input.path={demo_data['path']}", f"input.image_root={demo_data['root']}",
+                                f"generators.0.model={tiny_models['generator']}",
+                                f"embedder.model={tiny_models['embedder']}"]
+
+
+def run_pipeline(args: list[str], **kwargs):
+    return run_cli([*REAL_INPUT_AND_MODELS, *args], **kwargs)
 
 
 def user_folder(root: Path) -> Path:

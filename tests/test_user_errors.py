@@ -12,8 +12,9 @@ from tests.job_runs import REPO, checksums, free_port, run_pipeline
 
 
 @pytest.fixture
-def user(tmp_path, demo_data):
-    """A user's input and a fresh output path; what is there before, to compare after."""
+def user(tmp_path, demo_data, tiny_models):
+    """A user's input and a fresh output path; what is there before, to compare after. The tiny models are
+    built (models/, which a fresh clone lacks), so that only the mistake under test is wrong."""
     return {"out": tmp_path / "out", "input": demo_data["path"], "root": demo_data["root"],
             "before": checksums(tmp_path) | {"input": checksums(os.path.dirname(demo_data["path"]))}}
 
