@@ -118,7 +118,8 @@ def test_labels_recompute_from_stored_scores():
 def _load(tmp_path, *overrides):
     path = tmp_path / "job.yaml"
     path.write_text((REPO / "configs" / "demo.yaml").read_text())
-    return config.load(path, ["input.path=data/demo/pairs.jsonl", *overrides])
+    # input.image_root: a folder that exists in a fresh clone too (data/demo/ is built by make demo-data)
+    return config.load(path, ["input.path=data/demo/pairs.jsonl", f"input.image_root={tmp_path}", *overrides])
 
 
 @pytest.mark.parametrize("override, key", [
