@@ -169,10 +169,7 @@ def _run(args) -> int:
         from pipeline import run as job_run  # Ray and the stages load only once the config is good
 
         job = job_run.prepare(cfg, overwrite=args.overwrite, force=args.force)
-    except ConfigError as e:
-        print(f"pairsel: config error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a ConfigError goes up to main(), which says it for every command
         print("pairsel: interrupted before the job started; nothing was run", file=sys.stderr)
         return EXIT_INTERRUPTED
 
