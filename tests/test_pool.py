@@ -243,27 +243,6 @@ def test_cluster_config_checks_and_fits_four_gpus():
         config.load(REPO / "configs" / "cluster-qwen25vl-7b.yaml")
 
 
-def test_cluster_generator_requests_are_what_vllm_takes():
-    """The cluster config's generator, as the Generate stage hands it to the vLLM backend, checked against
-    vLLM's own SamplingParams and EngineArgs (only where vllm imports: .venv-vllm, or the [vllm] extra)."""
-    vllm = pytest.importorskip("vllm", reason="vllm is not installed here (make test runs tests/real_vllm in .venv-vllm)")
-    import dataclasses
-
-    from pipeline import config
-    from stages.backends.vllm import build_generate_requests, engine_kwargs
-
-    cfg = config.load(REPO / "configs" / "cluster-qwen25vl-7b.yaml", ["input.path=/x", "output.dir=/y"])
-    (gen,) = cfg.generators
-    seeds = [candidate_seed(gen.seed, gen.name, "pair-1", k) for k in range(gen.k)]
-    request = GenRequest("Query: <|image_1|> what is this?", Image.new("RGB", (32, 32)), seeds,
-                         gen.sampling.temperature, gen.sampling.top_p, gen.sampling.max_new_tokens)
-    batch = build_generate_requests([request], lambda messages: "rendered")
-    params = [vllm.SamplingParams(**kw) for kw in batch.params]
-    assert [p.seed for p in params] == seeds and {p.max_tokens for p in params} == {256}
-    assert set(engine_kwargs(**dict(gen.options))) <= {f.name for f in dataclasses.fields(vllm.EngineArgs)}
-    assert batch.prompts[0]["multi_modal_data"]["image"].size == (32, 32)
-
-
 def test_a_pair_that_no_generator_answered_is_quarantined_not_labelled(tiny_models, demo_data, tmp_path):
     """A served generator that is down: every candidate is an error, so nothing was tested, and the pairs go to
     quarantine as generation_failed instead of being written with need_reasoning = false."""
