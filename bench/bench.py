@@ -424,13 +424,23 @@ def main(argv=None) -> int:
     text += (f"\n\nRounds {schedule} of K_max = {k_max}, margin {margin:g}, valid finish reasons {list(valid)}. "
              f"The same rounds replayed on the full-K run at 1x:\n\n" + "\n".join(replays))
     text += (f"\n\nModel-only loop: {args.loop_threads} torch thread(s), one model call at a time; the job's model "
-             f"actors run 1 thread each, several at a time. Machine: {os.cpu_count()} cores, {platform.machine()}, "
-             f"Python {platform.python_version()}; load average {load[0]:.1f} at the start, "
-             f"{os.getloadavg()[0]:.1f} at the end. Bench total {time.perf_counter() - started:.0f} s.")
+             f"actors run 1 thread each, several at a time. " + machine_line(load, started))
+    publish(text, out)
+    return 0
+
+
+def machine_line(load: tuple, started: float) -> str:
+    """The machine and how busy it was, for the end of a bench's table."""
+    return (f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}; load "
+            f"average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end. "
+            f"Bench total {time.perf_counter() - started:.0f} s.")
+
+
+def publish(text: str, out: Path) -> None:
+    """Print the table and keep it as OUT/table.md."""
     print()
     print(text)
     (out / "table.md").write_text(text + "\n")
-    return 0
 
 
 if __name__ == "__main__":

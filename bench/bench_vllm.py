@@ -25,7 +25,6 @@ import importlib.util
 import io
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -540,12 +539,8 @@ def main(argv=None) -> int:
              f"(~32M parameters); the vLLM jobs take {args.vllm_batch[0]} / {args.vllm_batch[1]} rows per generate / "
              f"embed call, the transformers job bench.yaml's 8 / 16"
              f"; each model actor of the job and each standalone engine with 1 torch thread. "
-             f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}; load "
-             f"average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end. "
-             f"Bench total {time.perf_counter() - started:.0f} s.")
-    print()
-    print(text)
-    (out / "table.md").write_text(text + "\n")
+             + base.machine_line(load, started))
+    base.publish(text, out)
     return 0
 
 
