@@ -17,6 +17,20 @@ _EMBEDDERS = {
     "vllm": "stages.backends.vllm:VLLMEmbedder",
 }
 
+# The backend names a config may choose (pipeline/config.py validates against these).
+GENERATOR_BACKENDS = tuple(_GENERATORS)
+EMBEDDER_BACKENDS = tuple(_EMBEDDERS)
+
+# Backends that load a model from a local folder or the Hugging Face hub (config checks that the folder exists
+# before Ray starts); a served (openai) model's name belongs to its server, and precomputed rationales name no
+# model at all.
+LOCAL_MODEL_BACKENDS = ("transformers", "sentence_transformers", "vllm")
+
+# Options of the served (openai) backend that say how to reach the server and how hard to retry, not what it
+# samples: they do not change labels, so a resumed run may use another port, timeout or key variable.
+NOT_LABEL_OPTIONS = ("base_url", "api_key_env", "max_in_flight", "timeout_s", "max_retries", "backoff_s",
+                     "max_backoff_s")
+
 
 def _load(table: dict, backend: str):
     module, _, name = table[backend].partition(":")
