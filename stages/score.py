@@ -36,15 +36,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from schemas import WORK_SCHEMA, conform
-
-INPUTS = ("s_direct", "s_direct_neg", "s_control", "s_control_neg", "candidates.s_k", "candidates.s_neg",
-          "candidates.finish_reason", "candidates.s_joint", "target_candidates.s_k", "target_candidates.finish_reason",
-          "target_s_control")
-OUTPUTS = ("lse_direct", "lse_control", "control_delta", "scoring_mode", "temperature", "candidates.lse",
-           "candidates.delta", "candidates.delta_control", "candidates.neg_delta", "candidates.valid",
-           "candidates.delta_joint", "target_lse_control", "target_control_delta", "target_candidates.lse",
-           "target_candidates.delta", "target_candidates.delta_control", "target_candidates.valid")
+from stages.contract import Contract
 
 # By default only a candidate that finished normally is a rationale; cut-off, empty, echoed or failed ones are
 # kept for auditing but never chosen (scoring.valid_finish_reasons).
@@ -196,12 +188,31 @@ def _score_target(row, targets, cands, s_direct_neg, s_neg, mode, temperature, v
 
 
 class Score:
-    """Ray Data stage (a plain function would do; a class keeps the config in one place)."""
+    """Ray Data stage over a batch: score_rows on the columns its contract names (pure numpy, no model)."""
 
-    def __init__(self, mode: str, temperature: float, valid_finish_reasons=VALID_FINISH):
+    @staticmethod
+    def contract(mode: str = "cosine", temperature: float = 1.0, valid_finish_reasons=VALID_FINISH,
+                 target_side: bool = True) -> Contract:
+        reads = ["quarantine_reason", "s_direct", "s_direct_neg", "s_control", "s_control_neg", "candidates.s_k",
+                 "candidates.s_neg", "candidates.finish_reason"]
+        writes = ["lse_direct", "lse_control", "control_delta", "scoring_mode", "temperature", "candidates.lse",
+                  "candidates.delta", "candidates.delta_control", "candidates.neg_delta", "candidates.valid"]
+        # target_side: some generator has k_target > 0 (the plan passes False otherwise: then nothing writes the
+        # target columns, and check_chain would refuse a stage that reads them)
+        if target_side:
+            reads += ["candidates.s_joint", "target_s_control", "target_candidates.s_k",
+                      "target_candidates.finish_reason"]
+            writes += ["candidates.delta_joint", "target_lse_control", "target_control_delta", "target_candidates.lse",
+                       "target_candidates.delta", "target_candidates.delta_control", "target_candidates.neg_delta",
+                       "target_candidates.valid"]
+        return Contract("score", tuple(reads), tuple(writes))
+
+    def __init__(self, mode: str, temperature: float, valid_finish_reasons=VALID_FINISH, target_side: bool = True):
         self.mode = mode
         self.temperature = temperature
         self.valid_finish = tuple(valid_finish_reasons)
+        self._contract = Score.contract(mode, temperature, valid_finish_reasons, target_side)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return conform(score_rows(batch.to_pylist(), self.mode, self.temperature, self.valid_finish), WORK_SCHEMA)
+        return self._contract.apply(batch, lambda rows: score_rows(rows, self.mode, self.temperature,
+                                                                   self.valid_finish))

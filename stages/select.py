@@ -35,11 +35,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from schemas import WORK_SCHEMA, conform
-
-INPUTS = ("s_control", "candidates.delta", "candidates.delta_control", "candidates.valid", "candidates.generator",
-          "candidates.finish_reason")
-OUTPUTS = ("decision", "chosen", "chosen_generator", "best_delta", "need_reasoning", "rejected", "quarantine_reason")
+from stages.contract import Contract
 
 REASON, DIRECT, UNDECIDED = "reason", "direct", "undecided"
 DECISIONS = (REASON, DIRECT, UNDECIDED)
@@ -155,8 +151,28 @@ def turned_direct_by_control(epsilon: float, side: str = "query") -> pl.Expr:
 
 
 class Select:
-    def __init__(self, epsilon: float):
+    """Ray Data stage over a batch: select_rows on the columns its contract names (pure numpy, no model)."""
+
+    @staticmethod
+    def contract(epsilon: float = 0.0, target_side: bool = True) -> Contract:
+        reads = ["quarantine_reason", "s_control", "candidates.delta", "candidates.delta_control",
+                 "candidates.valid", "candidates.generator", "candidates.finish_reason", "candidates.error"]
+        # generation_failed: a pair whose every candidate errored is quarantined here
+        writes = ["decision", "chosen", "chosen_generator", "best_delta", "need_reasoning", "rejected",
+                  "quarantine_reason", "quarantine_detail"]
+        # target_side: some generator has k_target > 0 (the plan passes False otherwise: then nothing writes the
+        # target columns, and check_chain would refuse a stage that reads them)
+        if target_side:
+            reads += ["target_s_control", "target_candidates.delta", "target_candidates.delta_control",
+                      "target_candidates.valid", "target_candidates.generator", "candidates.delta_joint"]
+            writes += ["target_decision", "target_chosen", "target_chosen_generator", "target_best_delta",
+                       "target_need_reasoning", "target_rejected", "joint_query", "joint_target", "joint_delta",
+                       "joint_beats_query", "joint_beats_target"]
+        return Contract("select", tuple(reads), tuple(writes))
+
+    def __init__(self, epsilon: float, target_side: bool = True):
         self.epsilon = epsilon
+        self._contract = Select.contract(epsilon, target_side)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return conform(select_rows(batch.to_pylist(), self.epsilon), WORK_SCHEMA)
+        return self._contract.apply(batch, lambda rows: select_rows(rows, self.epsilon))
