@@ -37,7 +37,8 @@ class StubServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with stub._lock:
                     index = len(stub.calls)
-                    stub.calls.append((time.monotonic(), body, dict(self.headers)))
+                    # header names as lower case: HTTP names are case-insensitive and clients differ
+                    stub.calls.append((time.monotonic(), body, {k.lower(): v for k, v in self.headers.items()}))
                     stub.in_flight += 1
                     stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
                 try:
@@ -128,8 +129,9 @@ def request(prompt="Query: a dog", seeds=(11, 12, 13), image=None, **kw):
 
 
 def fast(url, **kw):
-    """A client with retries that do not slow the tests down."""
-    return OpenAIGenerator("stub-model", base_url=url, **{"backoff_s": 0.01, "timeout_s": 5, **kw})
+    """A client that gives up on a silent server soon. Retries wait what the openai client waits (0.5 s, then
+    doubling, or Retry-After): pairsel no longer sets the backoff."""
+    return OpenAIGenerator("stub-model", base_url=url, **{"timeout_s": 5, **kw})
 
 
 # -- normal answers -----------------------------------------------------------
@@ -293,7 +295,7 @@ def test_api_key_is_sent_and_never_leaks(serve, monkeypatch, caplog):
     gen = fast(server.url, api_key_env="PAIRSEL_TEST_KEY", max_retries=1, use_n=False)
     with caplog.at_level(logging.DEBUG):
         out = gen.generate([request("good", seeds=[1]), request("bad", seeds=[1]), request("flaky", seeds=[1])])
-    assert {headers["Authorization"] for _, _, headers in server.calls} == {f"Bearer {SECRET}"}
+    assert {headers["authorization"] for _, _, headers in server.calls} == {f"Bearer {SECRET}"}
     good, bad, flaky = (gens[0] for gens in out)
     assert good.text == "fine"
     assert bad.finish_reason == "error" and "HTTP 400" in bad.error and "Bearer ***" in bad.error
@@ -301,6 +303,18 @@ def test_api_key_is_sent_and_never_leaks(serve, monkeypatch, caplog):
     assert "Bearer ***" in caplog.text  # the retry warning, redacted
     everything = repr(out) + repr(gen) + str(gen) + caplog.text
     assert SECRET not in everything
+
+
+def test_without_api_key_env_no_key_is_sent(serve, monkeypatch):
+    """OPENAI_API_KEY is OpenAI's key: a job without api_key_env must not hand it to whatever server base_url
+    names (the openai client would read it by default)."""
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    server = serve(ok)
+    # backoff_s and max_backoff_s are still accepted (configs written before the openai client set them)
+    out = fast(server.url, backoff_s=0.5, max_backoff_s=60).generate([request("hello", seeds=[1])])
+    assert out[0][0].text == "answer to hello"
+    ((_, _, headers),) = server.calls
+    assert "authorization" not in headers and SECRET not in json.dumps(headers)
 
 
 def test_missing_api_key_env_fails_fast(monkeypatch):

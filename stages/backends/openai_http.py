@@ -1,9 +1,12 @@
 """A generator behind any OpenAI-compatible chat-completions server (vLLM,
-SGLang, TGI, `transformers serve`, hosted APIs).
+SGLang, TGI, `transformers serve`, hosted APIs), on the `openai` client.
 
-Only the standard library: one urllib call per HTTP request, run in a thread
-pool bounded by `max_in_flight`. A request that keeps failing becomes error
-Generations for its pair only; the job goes on.
+The client does the HTTP: timeouts, retries of 408/409/429/5xx, timeouts and
+dropped connections with exponential backoff and jitter, Retry-After. This
+module adds what pairsel needs on top: per-candidate seeds (one request with
+`n`, or one per seed when the server ignores `n`), at most `max_in_flight`
+requests at once (a thread pool; the client is thread-safe), and a request
+that still fails becomes error Generations for its pair only; the job goes on.
 
 The API key is read from an environment variable, sent only in the
 Authorization header, and scrubbed from every message this module produces
@@ -12,20 +15,15 @@ Authorization header, and scrubbed from every message this module produces
 from __future__ import annotations
 
 import base64
-import email.utils
-import http.client
 import io
 import json
 import logging
 import os
-import random
-import socket
-import time
-import urllib.error
-import urllib.request
+import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Optional
 
+import openai
 from PIL import Image
 
 from stages.backends.base import GenRequest, Generation
@@ -38,16 +36,6 @@ _BODY_SNIPPET = 300  # characters of an error body kept in a message
 
 class MalformedResponse(ValueError):
     """The server answered 2xx with something that is not a chat completion."""
-
-
-class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: Optional[float] = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class _Failed(Exception):
-    """Not worth retrying (4xx, malformed answer)."""
 
 
 def image_data_url(image: Image.Image) -> str:
@@ -88,7 +76,11 @@ def _split_total(total: int, texts: list[str]) -> list[int]:
 def parse_chat_response(body: bytes | str | dict, expected: int) -> list[Generation]:
     """`expected` Generations from a chat-completions body, in choice-index order.
     Raises MalformedResponse when the body is not a usable completion; a body
-    with fewer choices than expected gives fewer Generations (the caller decides)."""
+    with fewer choices than expected gives fewer Generations (the caller decides).
+
+    The raw body, not the client's ChatCompletion model: the client builds its
+    models leniently (a body without choices would pass), and servers put the
+    thinking of a reasoning parser in fields the model does not declare."""
     if isinstance(body, (bytes, str)):
         try:
             body = json.loads(body)
@@ -135,21 +127,6 @@ def parse_chat_response(body: bytes | str | dict, expected: int) -> list[Generat
     return [Generation(text=text, tokens=n, finish_reason=finish) for (_, text, finish), n in zip(parsed, tokens)]
 
 
-def _retry_after_seconds(value: Optional[str]) -> Optional[float]:
-    """Retry-After is either seconds or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 class OpenAIGenerator:
     def __init__(
         self,
@@ -160,31 +137,36 @@ class OpenAIGenerator:
         max_in_flight: int = 8,
         timeout_s: float = 60,
         max_retries: int = 4,
-        backoff_s: float = 0.5,
+        backoff_s: Optional[float] = None,
         use_n: bool = True,
         send_seed: bool = True,
-        max_backoff_s: float = 60,
+        max_backoff_s: Optional[float] = None,
         extra_body: Optional[dict] = None,
         **options,
     ):
         """`extra_body` is merged into every request body (e.g.
         {"chat_template_kwargs": {"enable_thinking": true}} for vLLM).
         `timeout_s` bounds each wait on the socket (connect, each read), not a
-        whole answer. `trust_remote_code` means nothing for a remote server."""
+        whole answer; `max_retries` is the client's: retries after the first
+        attempt. `backoff_s` and `max_backoff_s` are still accepted (old configs
+        set them) but mean nothing now: the client waits 0.5 s doubling up to
+        8 s, with jitter, or what a Retry-After of up to 2 minutes says.
+        `trust_remote_code` means nothing for a remote server."""
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
         if options:
             log.warning("openai backend ignores unknown options: %s", ", ".join(sorted(options)))
+        if backoff_s is not None or max_backoff_s is not None:
+            log.info("openai backend: backoff_s and max_backoff_s no longer apply; the openai client backs off "
+                     "0.5 s doubling up to 8 s and honours Retry-After")
         self.model = model
         self.base_url = base_url.rstrip("/")
         self.model_id = f"openai:{model}@{self.base_url}"
         self.max_in_flight = max_in_flight
         self.timeout_s = timeout_s
         self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
         self.use_n = use_n
         self.send_seed = send_seed
         self.extra_body = dict(extra_body or {})
@@ -196,8 +178,18 @@ class OpenAIGenerator:
         # Flipped off the first time the server returns fewer choices than `n`.
         self._server_honours_n = True
         self._url = self.base_url + "/chat/completions"
-        self._opener = urllib.request.build_opener()
-        self._random = random.Random()
+        # HTTP attempts of the request this thread is making (the client retries inside one call): an httpx
+        # request hook counts them, so a failure can say how many attempts it took.
+        self._attempts = threading.local()
+        self._client = openai.OpenAI(
+            base_url=self.base_url,
+            # always this key, never OPENAI_API_KEY from the environment: that key is for OpenAI, not for
+            # whatever server base_url names. Without a key, _post omits the Authorization header.
+            api_key=self._api_key or "no-key",
+            timeout=timeout_s,
+            max_retries=max_retries,
+            http_client=openai.DefaultHttpxClient(event_hooks={"request": [self._count_attempt]}),
+        )
 
     def __repr__(self) -> str:
         return f"OpenAIGenerator(model_id={self.model_id!r}, api_key={'set' if self._api_key else 'none'})"
@@ -205,78 +197,50 @@ class OpenAIGenerator:
     def _redact(self, message: str) -> str:
         return message.replace(self._api_key, "***") if self._api_key else message
 
-    # -- one HTTP exchange -------------------------------------------------
-
-    def _post(self, payload: dict) -> bytes:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        req = urllib.request.Request(self._url, data=json.dumps(payload).encode(), headers=headers, method="POST")
-        try:
-            with self._opener.open(req, timeout=self.timeout_s) as resp:
-                return resp.read()
-        except urllib.error.HTTPError as e:
-            try:
-                detail = e.read().decode("utf-8", "replace")[:_BODY_SNIPPET]
-            except Exception:  # the body of an error is best effort
-                detail = ""
-            message = f"HTTP {e.code} from {self._url}" + (f": {detail}" if detail.strip() else "")
-            if e.code == 429 or e.code >= 500:
-                raise _Retryable(message, _retry_after_seconds(e.headers.get("Retry-After"))) from None
-            raise _Failed(message) from None
-        except (TimeoutError, socket.timeout):
-            raise _Retryable(f"no answer from {self._url} within {self.timeout_s} s") from None
-        except urllib.error.URLError as e:
-            reason = e.reason
-            if isinstance(reason, (TimeoutError, socket.timeout)):
-                raise _Retryable(f"no answer from {self._url} within {self.timeout_s} s") from None
-            raise _Retryable(f"cannot reach {self._url}: {reason}") from None
-        except (ConnectionError, http.client.HTTPException, OSError) as e:
-            raise _Retryable(f"connection to {self._url} failed: {type(e).__name__}: {e}") from None
-
-    def _post_with_retries(self, payload: dict) -> bytes:
-        for attempt in range(self.max_retries + 1):
-            try:
-                return self._post(payload)
-            except _Retryable as e:
-                if attempt == self.max_retries:
-                    raise _Failed(f"{e} (gave up after {attempt + 1} attempts)") from None
-                delay = self.backoff_s * 2**attempt * self._random.uniform(0.5, 1.5)
-                if e.retry_after is not None:
-                    delay = max(delay, e.retry_after)
-                delay = min(delay, self.max_backoff_s)
-                log.warning("%s; retry %d/%d in %.2f s", self._redact(str(e)), attempt + 1, self.max_retries, delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+    def _count_attempt(self, request) -> None:
+        self._attempts.count = getattr(self._attempts, "count", 0) + 1
 
     # -- one chat completion (one or all seeds of a request) ----------------
 
-    def _payload(self, request: GenRequest, content, seeds: list[int]) -> dict:
-        payload = {
-            **self.extra_body,
-            "model": self.model,
-            "messages": [{"role": "user", "content": content}],
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-            "max_tokens": request.max_new_tokens,
-        }
+    def _post(self, request: GenRequest, content, seeds: list[int]) -> bytes:
+        """The raw answer body of one chat completion; raises the client's errors once its retries are spent."""
+        sampling = {"temperature": request.temperature, "top_p": request.top_p, "max_tokens": request.max_new_tokens}
         if len(seeds) > 1:
-            payload["n"] = len(seeds)
+            sampling["n"] = len(seeds)
         if self.send_seed:
-            payload["seed"] = seeds[0]
-        return payload
+            sampling["seed"] = seeds[0]
+        raw = self._client.chat.completions.with_raw_response.create(
+            model=self.model, messages=[{"role": "user", "content": content}], extra_body=self.extra_body or None,
+            extra_headers=None if self._api_key else {"Authorization": openai.omit}, **sampling)
+        return raw.http_response.content
+
+    def _describe(self, e: openai.APIError) -> str:
+        if isinstance(e, openai.APIStatusError):
+            detail = e.response.text[:_BODY_SNIPPET]
+            message = f"HTTP {e.status_code} from {self._url}" + (f": {detail}" if detail.strip() else "")
+        elif isinstance(e, openai.APITimeoutError):
+            message = f"no answer from {self._url} within {self.timeout_s} s"
+        elif isinstance(e, openai.APIConnectionError):
+            message = f"cannot reach {self._url}: {e.__cause__ or e}"
+        else:
+            message = f"{type(e).__name__}: {e}"
+        attempts = getattr(self._attempts, "count", 1)
+        return message + (f" (gave up after {attempts} attempts)" if attempts > 1 else "")
 
     def _complete(self, request: GenRequest, content, slots: list[int]) -> Optional[list[Generation]]:
         """Generations for the seeds at `slots` (all of them with `n`, else one),
         or None when the server ignored `n` (the caller then asks seed by seed).
         Never raises."""
+        self._attempts.count = 0
         try:
-            seeds = [request.seeds[k] for k in slots]
-            body = self._post_with_retries(self._payload(request, content, seeds))
+            body = self._post(request, content, [request.seeds[k] for k in slots])
             generations = parse_chat_response(body, expected=len(slots))
-        except (_Failed, MalformedResponse) as e:
-            kind = "malformed response: " if isinstance(e, MalformedResponse) else ""
-            return _errors(self._redact(kind + str(e)), len(slots))
+        except openai.APIError as e:
+            message = self._redact(self._describe(e))
+            log.warning("%s", message)
+            return _errors(message, len(slots))
+        except MalformedResponse as e:
+            return _errors(self._redact(f"malformed response: {e}"), len(slots))
         except Exception as e:  # a bug here must not end the job
             return _errors(self._redact(f"{type(e).__name__}: {e}"), len(slots))
         if len(generations) < len(slots):
