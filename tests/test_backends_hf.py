@@ -6,7 +6,8 @@ from PIL import Image
 
 from stages.backends import embedder_class, generator_class
 from stages.backends.base import IMAGE_MARKER, EmbedInput, GenRequest
-from stages.backends.hf import SentenceTransformersEmbedder, TransformersEmbedder, TransformersGenerator
+from stages.backends.hf.embedders import SentenceTransformersEmbedder, TransformersEmbedder
+from stages.backends.hf.generator import TransformersGenerator
 
 MAX_NEW = 24
 

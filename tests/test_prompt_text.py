@@ -45,7 +45,7 @@ def test_the_generator_prompt_keeps_the_querys_image_where_the_query_is():
 
 @pytest.fixture(scope="module")
 def model_inputs(tiny_models):
-    from stages.backends.hf import ModelInputs
+    from stages.backends.hf.inputs import ModelInputs
 
     return {role: ModelInputs(str(tiny_models[role])) for role in ("generator", "embedder")}
 

@@ -6,14 +6,14 @@ import importlib
 from stages.backends.base import EmbedderBackend, GeneratorBackend  # noqa: F401
 
 _GENERATORS = {
-    "transformers": "stages.backends.hf:TransformersGenerator",
+    "transformers": "stages.backends.hf.generator:TransformersGenerator",
     "vllm": "stages.backends.vllm:VLLMGenerator",
     "openai": "stages.backends.openai_http:OpenAIGenerator",
     "precomputed": "stages.backends.precomputed:PrecomputedGenerator",
 }
 _EMBEDDERS = {
-    "transformers": "stages.backends.hf:TransformersEmbedder",
-    "sentence_transformers": "stages.backends.hf:SentenceTransformersEmbedder",
+    "transformers": "stages.backends.hf.embedders:TransformersEmbedder",
+    "sentence_transformers": "stages.backends.hf.embedders:SentenceTransformersEmbedder",
     "vllm": "stages.backends.vllm:VLLMEmbedder",
 }
 

@@ -279,7 +279,7 @@ def build_embed_prompts(inputs: list[EmbedInput], image_placeholder: str,
 
 def truncate_text_tokens(ids: list[int], max_length: int, image_token_id: Optional[int]) -> list[int]:
     """The first `max_length` text tokens and every image token, in order, as the transformers embedder
-    cuts (hf.ModelInputs._truncate): the image is never cut, so both backends see the same tokens."""
+    cuts (hf/inputs.py, ModelInputs._truncate): the image is never cut, so both backends see the same tokens."""
     out, text_tokens = [], 0
     for t in ids:
         if t != image_token_id:

@@ -32,7 +32,7 @@ def generator(tiny_models):
 def embedders(tiny_models):
     """vLLM and transformers embedders of the tiny embedder, float32 both, last and mean pooling, text cut at
     16 tokens."""
-    from stages.backends.hf import TransformersEmbedder
+    from stages.backends.hf.embedders import TransformersEmbedder
 
     out = {}
     for pooling in ("last", "mean"):
