@@ -159,12 +159,12 @@ class ProgressLine:
 
 # ---------------------------------------------------------------- pipeline run
 def _run(args) -> int:
-    from pipeline import config
+    from pipeline import availability, config
 
     console = Console(verbose=args.verbose)
     try:
         cfg = config.load(args.config, args.overrides)  # fails fast, before Ray or any model
-        config.check_available(cfg)  # the input and every model exist (a typo fails here, not in an actor)
+        availability.check_available(cfg)  # the input and every model exist (a typo fails here, not in an actor)
         config.resolve_paths(cfg)
         from pipeline import run as job_run  # Ray and the stages load only once the config is good
 

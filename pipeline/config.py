@@ -8,7 +8,6 @@ Everything is checked before Ray starts or any model loads.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
 import json
 import os
@@ -20,12 +19,14 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.availability import check_model_ref
+from pipeline.errors import ConfigError, fail  # callers import ConfigError from here too
+# The registry maps names to "module:Class" strings: importing it loads no backend and needs no extra.
+from stages.backends import EMBEDDER_BACKENDS, GENERATOR_BACKENDS, LOCAL_MODEL_BACKENDS, NOT_LABEL_OPTIONS
+from stages.backends.parsing import USES as RATIONALE_USES
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
-
-
-class ConfigError(ValueError):
-    """A config problem; the message starts with the offending key."""
 
 
 @dataclass
@@ -132,9 +133,9 @@ class JobConfig:
 
 CHOICES = {
     "input.format": ("mmeb", "hf", "webdataset"),
-    "generators[].backend": ("transformers", "vllm", "openai", "precomputed"),
-    "generators[].rationale": ("thinking", "answer", "both"),
-    "embedder.backend": ("transformers", "sentence_transformers", "vllm"),
+    "generators[].backend": GENERATOR_BACKENDS,  # the backend registry's names (stages/backends/__init__.py)
+    "generators[].rationale": RATIONALE_USES,  # the parts of an output that parsing.py can take as the rationale
+    "embedder.backend": EMBEDDER_BACKENDS,
     "embedder.pooling": ("last", "mean"),
     "scoring.mode": ("cosine", "pair_aware"),
 }
@@ -143,14 +144,6 @@ CHOICES = {
 LABEL_KEYS = ("input.rows_per_shard", "generators", "prompts", "embedder", "rounds", "scoring")
 # Keys under those that change where or how fast work runs, not the labels.
 _NOT_LABELS = ("resources", "cache_dir")
-# Backend options that say how to reach a served model and how hard to retry (stages/backends/openai_http.py),
-# not what it samples: a resumed run may use another port, timeout or key variable.
-_NOT_LABEL_OPTIONS = ("base_url", "api_key_env", "max_in_flight", "timeout_s", "max_retries", "backoff_s",
-                      "max_backoff_s")
-
-
-def _fail(key: str, msg: str):
-    raise ConfigError(f"{key}: {msg}")
 
 
 def _as_config_error(e: OmegaConfBaseException, prefix: str = "") -> ConfigError:
@@ -214,182 +207,93 @@ def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> DictConfi
 def check(cfg: DictConfig) -> None:
     missing = OmegaConf.missing_keys(cfg)
     if missing:
-        _fail(sorted(missing)[0], "is required and has no value")
+        fail(sorted(missing)[0], "is required and has no value")
 
     def choice(key, value, rule=None):
         allowed = CHOICES[rule or key]
         if value not in allowed:
-            _fail(key, f"must be one of {', '.join(allowed)}; got {value!r}")
+            fail(key, f"must be one of {', '.join(allowed)}; got {value!r}")
 
     choice("input.format", cfg.input.format)
     if cfg.input.rows_per_shard < 1:
-        _fail("input.rows_per_shard", "must be >= 1")
+        fail("input.rows_per_shard", "must be >= 1")
     if cfg.input.image_root is not None and not Path(cfg.input.image_root).is_dir():
-        _fail("input.image_root", f"not a directory: {cfg.input.image_root}")
+        fail("input.image_root", f"not a directory: {cfg.input.image_root}")
 
     if not cfg.generators:
-        _fail("generators", "needs at least one generator")
+        fail("generators", "needs at least one generator")
     names = set()
     for i, g in enumerate(cfg.generators):
         key = f"generators[{i}]"
         choice(f"{key}.backend", g.backend, rule="generators[].backend")
         choice(f"{key}.rationale", g.rationale, rule="generators[].rationale")
         if g.name in names:
-            _fail(f"{key}.name", f"duplicate generator name {g.name!r}")
+            fail(f"{key}.name", f"duplicate generator name {g.name!r}")
         names.add(g.name)
         if g.k < 1:
-            _fail(f"{key}.k", "must be >= 1")
+            fail(f"{key}.k", "must be >= 1")
         if g.template not in cfg.prompts:
-            _fail(f"{key}.template", f"no prompt named {g.template!r} under prompts ({', '.join(cfg.prompts)})")
+            fail(f"{key}.template", f"no prompt named {g.template!r} under prompts ({', '.join(cfg.prompts)})")
         if g.k_target < 0:
-            _fail(f"{key}.k_target", "must be >= 0 (0: no target-side rationales)")
+            fail(f"{key}.k_target", "must be >= 0 (0: no target-side rationales)")
         if g.k_target and g.target_template not in cfg.prompts:
-            _fail(f"{key}.target_template",
+            fail(f"{key}.target_template",
                   f"no prompt named {g.target_template!r} under prompts ({', '.join(cfg.prompts)})")
         if g.k_target and "{target}" not in cfg.prompts[g.target_template]:
-            _fail(f"{key}.target_template", "a target-side prompt must contain {target}")
+            fail(f"{key}.target_template", "a target-side prompt must contain {target}")
         if g.sampling.max_new_tokens < 1:
-            _fail(f"{key}.sampling.max_new_tokens", "must be >= 1")
+            fail(f"{key}.sampling.max_new_tokens", "must be >= 1")
         _check_resources(f"{key}.resources", g.resources)
         if g.backend == "precomputed" and not Path(str(g.options.get("path", ""))).is_file():
-            _fail(f"{key}.options.path", f"precomputed rationales file not found: {g.options.get('path')}")
-        if g.backend in _LOCAL_MODEL_BACKENDS:
-            _check_model_ref(f"{key}.model", g.model)
+            fail(f"{key}.options.path", f"precomputed rationales file not found: {g.options.get('path')}")
+        if g.backend in LOCAL_MODEL_BACKENDS:
+            check_model_ref(f"{key}.model", g.model)
         if g.backend == "openai" and cfg.rounds.k0 is not None and g.options.get("use_n", True):
             # one request with n choices samples them all from the first candidate's seed: a later round
             # could not sample candidate k as a run without rounds does, and need_reasoning could change
-            _fail(f"{key}.options.use_n", "must be false with rounds (rounds.k0 is set): rounds need each "
+            fail(f"{key}.options.use_n", "must be false with rounds (rounds.k0 is set): rounds need each "
                                           "candidate sampled from its own seed")
 
     choice("embedder.backend", cfg.embedder.backend)
     choice("embedder.pooling", cfg.embedder.pooling)
-    _check_model_ref("embedder.model", cfg.embedder.model)
+    check_model_ref("embedder.model", cfg.embedder.model)
     _check_resources("embedder.resources", cfg.embedder.resources)
     for side in ("query_instruction", "reasoned_query_instruction", "target_instruction",
                  "reasoned_target_instruction"):
         if "{text}" not in cfg.embedder[side]:
-            _fail(f"embedder.{side}", "must contain {text}")
+            fail(f"embedder.{side}", "must contain {text}")
     for side in ("reasoned_query_instruction", "reasoned_target_instruction"):
         if "{rationale}" not in cfg.embedder[side]:
-            _fail(f"embedder.{side}", "must contain {rationale}")
+            fail(f"embedder.{side}", "must contain {rationale}")
 
     if cfg.rounds.k0 is not None and cfg.rounds.k0 < 1:
-        _fail("rounds.k0", "must be >= 1, or null for no rounds")
+        fail("rounds.k0", "must be >= 1, or null for no rounds")
     if cfg.rounds.step < 1:
-        _fail("rounds.step", "must be >= 1")
+        fail("rounds.step", "must be >= 1")
     if not cfg.rounds.margin >= 0:  # a negative margin would stop pairs below epsilon and change need_reasoning
-        _fail("rounds.margin", "must be >= 0")
+        fail("rounds.margin", "must be >= 0")
 
     choice("scoring.mode", cfg.scoring.mode)
     if not cfg.scoring.temperature > 0:
-        _fail("scoring.temperature", "must be > 0")
+        fail("scoring.temperature", "must be > 0")
     if cfg.scoring.in_shard_negatives < 0:
-        _fail("scoring.in_shard_negatives", "must be >= 0")
+        fail("scoring.in_shard_negatives", "must be >= 0")
     for i, control in enumerate(cfg.scoring.controls):  # a content-free control is some text, said once
         if not str(control).strip():
-            _fail(f"scoring.controls[{i}]", "must be a non-empty text")
+            fail(f"scoring.controls[{i}]", "must be a non-empty text")
         if "{rationale}" in str(control) or "{text}" in str(control):
-            _fail(f"scoring.controls[{i}]", "may hold {query} (the pair's query), not {rationale} or {text}")
+            fail(f"scoring.controls[{i}]", "may hold {query} (the pair's query), not {rationale} or {text}")
     if len(set(cfg.scoring.controls)) != len(cfg.scoring.controls):
-        _fail("scoring.controls", "lists a control twice")
+        fail("scoring.controls", "lists a control twice")
 
 
 def _check_resources(key, r):
     if r.num_cpus < 0 or r.num_gpus < 0:
-        _fail(key, "num_cpus and num_gpus must be >= 0")
+        fail(key, "num_cpus and num_gpus must be >= 0")
     if r.pool_size < 1:
-        _fail(f"{key}.pool_size", "must be >= 1")
+        fail(f"{key}.pool_size", "must be >= 1")
     if r.batch_size < 1:
-        _fail(f"{key}.batch_size", "must be >= 1")
-
-
-# Backends that load a model from a local folder or the Hugging Face hub; a served (openai) model's name
-# belongs to its server, and precomputed rationales name no model at all.
-_LOCAL_MODEL_BACKENDS = ("transformers", "sentence_transformers", "vllm")
-
-
-def _model_keys(cfg: DictConfig) -> list[tuple[str, str]]:
-    """(key, model) of every model that this process or its actors load themselves."""
-    keys = [(f"generators[{i}].model", g.model) for i, g in enumerate(cfg.generators)
-            if g.backend in _LOCAL_MODEL_BACKENDS]
-    return keys + [("embedder.model", cfg.embedder.model)]
-
-
-def _looks_like_a_folder(ref: str) -> bool:
-    """models/tiny-qwen2vl, ./m, /data/m, ~/m: a path. org/name: a hub id, unless `org` is a folder here (a
-    typo in models/<name> must not send the job to the hub)."""
-    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
-        return True
-    return "/" in ref and Path(ref.split("/")[0]).expanduser().is_dir()
-
-
-def _did_you_mean(path: Path) -> str:
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        return ""
-    close = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir() if p.is_dir()], n=1)
-    return f" (did you mean {path.parent / close[0]}?)" if close else ""
-
-
-def _check_model_ref(key, ref):
-    """A model is a local folder or a hub id (org/name). A path-looking value that does not exist is almost
-    always a mistake (a typo, or `make models` not run): say so now, not after Ray tried the hub for minutes."""
-    p = Path(ref).expanduser()
-    if _looks_like_a_folder(ref) and not p.exists():  # a file is fine: vLLM loads a .gguf
-        _fail(key, f"model folder not found: {ref}{_did_you_mean(p)}")
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    flags = (os.environ.get(name, "").upper() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return bool(constants.HF_HUB_OFFLINE) or any(f in ("1", "ON", "YES", "TRUE") for f in flags)
-
-
-HUB_TIMEOUT_S = 10
-
-
-def _check_hub_model(key: str, ref: str) -> None:
-    """A model that is not a local folder must be in the Hugging Face cache, or on a hub this machine reaches
-    (one request, HUB_TIMEOUT_S at most; none at all with HF_HUB_OFFLINE=1)."""
-    from huggingface_hub import HfApi, constants, try_to_load_from_cache
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
-    if isinstance(try_to_load_from_cache(ref, "config.json"), str):
-        return
-    where = f"not a local folder and not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
-    if _hub_offline():
-        _fail(key, f"{ref}: {where}, and the hub is off (HF_HUB_OFFLINE=1); give a local folder, or download it")
-    try:
-        HfApi().model_info(ref, timeout=HUB_TIMEOUT_S)
-    except GatedRepoError:  # it exists; loading it needs the user's token, which the backend reads
-        return
-    except RepositoryNotFoundError:
-        _fail(key, f"{ref}: {where}, and no such model on {constants.ENDPOINT}")
-    except Exception as e:  # noqa: BLE001 - no network, DNS, proxy, timeout: all say "cannot reach"
-        _fail(key, f"{ref}: {where}, and {constants.ENDPOINT} cannot be reached ({type(e).__name__}: "
-                   f"{str(e).splitlines()[0] if str(e) else ''}); give a local folder, or download it first")
-
-
-# Every model folder that transformers, sentence-transformers or vLLM load holds one of these.
-MODEL_FOLDER_MARKERS = ("config.json", "modules.json", "params.json")
-
-
-def check_available(cfg: DictConfig) -> None:
-    """What the config names exists on this machine: the input, and every model (a local folder, a cached hub
-    model, or one the hub has). Run by `pipeline run` after `load`, before Ray starts; `load` alone stays free of
-    the filesystem and the network so that a config can be checked anywhere (e.g. for a cluster)."""
-    if not any(ch in cfg.input.path for ch in "*?[") and not Path(cfg.input.path).expanduser().exists():
-        _fail("input.path", f"no such file or folder: {cfg.input.path}")
-    for key, ref in _model_keys(cfg):
-        _check_model_ref(key, ref)
-        folder = Path(ref).expanduser()
-        if folder.is_dir() and not any((folder / name).is_file() for name in MODEL_FOLDER_MARKERS):
-            _fail(key, f"{ref} is not a model folder (it has no {' or '.join(MODEL_FOLDER_MARKERS)})")
-        if not folder.exists():
-            if key == "embedder.model" and cfg.embedder.backend == "sentence_transformers" and "/" not in ref:
-                ref = f"sentence-transformers/{ref}"  # how sentence-transformers resolves a bare name
-            _check_hub_model(key, ref)
+        fail(f"{key}.batch_size", "must be >= 1")
 
 
 def resolve_paths(cfg: DictConfig) -> None:
@@ -427,8 +331,9 @@ def label_config(cfg: DictConfig) -> dict[str, Any]:
         for part in key.split("."):
             node = node[part]
         out[key] = node
+    # NOT_LABEL_OPTIONS (the registry's): how to reach a served model, which a resumed run may change
     out["generators"] = [{**{k: v for k, v in g.items() if k not in _NOT_LABELS},
-                          "options": {k: v for k, v in g["options"].items() if k not in _NOT_LABEL_OPTIONS}}
+                          "options": {k: v for k, v in g["options"].items() if k not in NOT_LABEL_OPTIONS}}
                          for g in out["generators"]]
     out["embedder"] = {k: v for k, v in out["embedder"].items() if k not in _NOT_LABELS}
     if out["rounds"]["k0"] is None:  # no rounds: the labels, and so the hash, of a plain run

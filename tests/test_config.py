@@ -6,6 +6,7 @@ import pytest
 
 from pipeline import config
 from pipeline.config import ConfigError
+from stages.backends import EMBEDDER_BACKENDS, GENERATOR_BACKENDS, NOT_LABEL_OPTIONS
 
 REPO = config.REPO_ROOT
 
@@ -56,6 +57,28 @@ def test_bad_value_names_the_key(job, override, key):
     assert str(e.value).startswith(f"{key}:"), str(e.value)
 
 
+@pytest.mark.parametrize("backend", GENERATOR_BACKENDS)
+def test_every_registered_generator_backend_is_a_choice(job, tmp_path, backend):
+    rationales = tmp_path / "rationales.jsonl"  # what the precomputed backend reads; the others ignore it
+    rationales.write_text("")
+    cfg = config.load(job, [f"generators.0.backend={backend}", f"generators.0.options.path={rationales}"])
+    assert cfg.generators[0].backend == backend
+
+
+@pytest.mark.parametrize("backend", EMBEDDER_BACKENDS)
+def test_every_registered_embedder_backend_is_a_choice(job, backend):
+    assert config.load(job, [f"embedder.backend={backend}"]).embedder.backend == backend
+
+
+def test_an_unknown_backend_lists_the_registered_ones(job):
+    with pytest.raises(ConfigError) as e:
+        config.load(job, ["generators.0.backend=tgi"])
+    assert str(e.value) == f"generators[0].backend: must be one of {', '.join(GENERATOR_BACKENDS)}; got 'tgi'"
+    with pytest.raises(ConfigError) as e:
+        config.load(job, ["embedder.backend=tgi"])
+    assert str(e.value) == f"embedder.backend: must be one of {', '.join(EMBEDDER_BACKENDS)}; got 'tgi'"
+
+
 def test_missing_required_key(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text("output: {dir: out}\n")
@@ -77,6 +100,8 @@ def test_hash_follows_label_keys_only(job):
     assert config.config_hash(a) == config.config_hash(config.load(
         job, ["generators.0.options.base_url=http://127.0.0.1:9001/v1", "generators.0.options.timeout_s=5"]))
     assert config.config_hash(a) != config.config_hash(config.load(job, ["generators.0.options.use_n=false"]))
+    for option in NOT_LABEL_OPTIONS:  # the backend registry says which options these are
+        assert config.config_hash(a) == config.config_hash(config.load(job, [f"generators.0.options.{option}=7"]))
 
 
 def test_cli_fails_fast_with_exit_2_and_the_key(job):
