@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.export import format_docs
-from pipeline.report import percent
+from pipeline.export_formats import format_docs
+from pipeline.report_numbers import percent
 from schemas import SCHEMA_VERSION
 from stages.files import atomic_write_text
 

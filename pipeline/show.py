@@ -16,7 +16,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.report import quarantine_files, scan_pairs
+from pipeline.read_output import quarantine_files, scan_pairs
 from stages.select import REASON, UNDECIDED
 
 MARK_CHOSEN = "★ chosen"

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from pipeline import card
-from pipeline.report import data_files, read_manifest
+from pipeline.read_output import data_files, read_manifest
 from tests.synthetic_output import output_for
 
 

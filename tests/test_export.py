@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch.utils.data
 
-from pipeline import export
+from pipeline import export, export_formats
 from pipeline.config import ConfigError
-from pipeline.report import data_files
+from pipeline.read_output import data_files
 from tests.synthetic_output import make_output, output_for
 
 
@@ -110,7 +110,7 @@ def test_preference_conversational(out, rows, tmp_path, jsonl):
             assert kinds.count("image") == 1 and r["images"] == [src["query_image_path"]]
         else:
             assert "image" not in kinds and r["images"] == []
-        query_words = src["query_text"].replace(export.IMAGE_MARKER, " ").split()
+        query_words = src["query_text"].replace(export_formats.IMAGE_MARKER, " ").split()
         assert _content_text(r["prompt"]).split() == query_words
     assert result["pairs"] == len({k[0] for k in expected})
 
@@ -154,7 +154,7 @@ def test_text_only_preference_export_has_no_images_column(out, rows, tmp_path, s
             assert r["rejected"] == [{"role": "assistant", "content": rejected_text}]
         else:
             # prompt + completion reads apart, as the embedder saw it: "QUERY\nReasoning: RATIONALE"
-            assert r["prompt"] == query + export.STANDARD_PROMPT_END and r["prompt"].endswith("\nReasoning: ")
+            assert r["prompt"] == query + export_formats.STANDARD_PROMPT_END and r["prompt"].endswith("\nReasoning: ")
             assert (r["chosen"], r["rejected"]) == (chosen_text, rejected_text)
 
 
@@ -183,8 +183,8 @@ def test_preference_standard_with_filters(out, rows, tmp_path):
     for r in got:
         assert (r["chosen"], r["rejected"]) == expected[(r["pair_id"], r["chosen_index"], r["rejected_index"])]
         assert r["subset"] in subsets
-        assert isinstance(r["prompt"], str) and r["prompt"].endswith(export.STANDARD_PROMPT_END)
-        assert (export.IMAGE_MARKER in r["prompt"]) == bool(r.get("images"))
+        assert isinstance(r["prompt"], str) and r["prompt"].endswith(export_formats.STANDARD_PROMPT_END)
+        assert (export_formats.IMAGE_MARKER in r["prompt"]) == bool(r.get("images"))
 
 
 def _expected_contrastive(src: dict, mode: str) -> dict:
@@ -192,7 +192,7 @@ def _expected_contrastive(src: dict, mode: str) -> dict:
     rationale = src["candidates"][src["chosen"]]["text"] if src["decision"] == "reason" else None
     qry = src["query_text"] or ""
     if mode == "append" and rationale is not None:
-        qry = qry + export.RATIONALE_SEPARATOR + rationale
+        qry = qry + export_formats.RATIONALE_SEPARATOR + rationale
     row = {"qry": qry, "qry_image_path": src["query_image_path"] or "", "pos_text": src["target_text"] or "",
            "pos_image_path": src["target_image_path"] or "",
            "neg_text": (explicit[0]["text"] or "") if explicit else "",
@@ -312,8 +312,8 @@ def test_unknown_subset_exits_2_with_one_line(out, tmp_path):
 
 
 def test_format_docs_cover_every_format():
-    docs = export.format_docs()
-    for fmt in export.FORMATS:
+    docs = export_formats.format_docs()
+    for fmt in export_formats.FORMATS:
         assert f"{fmt}:" in docs
-    assert docs.count("load_dataset(") >= 2 and "DPOTrainer" in docs and repr(export.RATIONALE_SEPARATOR) in docs
+    assert docs.count("load_dataset(") >= 2 and "DPOTrainer" in docs and repr(export_formats.RATIONALE_SEPARATOR) in docs
     assert "RewardTrainer" in docs and "undecided" in docs

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import report
+from pipeline import read_output, report, report_figures, report_numbers
 from tests.synthetic_output import make_output, output_for
 
 
@@ -26,11 +26,11 @@ def numbers(out):
 
 
 def _rows(out):
-    return pq.read_table(report.data_files(out)).to_pylist()
+    return pq.read_table(read_output.data_files(out)).to_pylist()
 
 
 def test_pairs_and_need_reasoning_per_subset(out, numbers):
-    table = pq.read_table(report.data_files(out), columns=["subset", "need_reasoning"])
+    table = pq.read_table(read_output.data_files(out), columns=["subset", "need_reasoning"])
     rows = table.to_pylist()
     expected_pairs = Counter(r["subset"] for r in rows)
     expected_rate = {s: sum(r["need_reasoning"] is True for r in rows if r["subset"] == s) / n
@@ -58,7 +58,7 @@ def test_three_outcomes_per_subset(out, numbers):
             r["decision"] == "direct" and any(c["delta"] > eps for c in v) for r, v in zip(mine, valid))
         for key in ("need_reasoning", "direct", "undecided"):
             assert o[f"{key}_rate"] == pytest.approx(o[key] / n)
-    manifest = report.read_manifest(out)
+    manifest = read_output.read_manifest(out)
     if manifest:  # the manifest counts what the report counts
         for subset, o in numbers["outcomes_per_subset"].items():
             for key in ("need_reasoning", "direct", "undecided", "control_turned_direct"):
@@ -80,8 +80,8 @@ def test_best_delta_histogram_counts_every_pair_with_a_best_delta(out, numbers):
 def test_percentages_are_written_one_way(out, numbers):
     page = (out / "report.html").read_text()
     for subset, o in numbers["outcomes_per_subset"].items():
-        assert f"<td>{o['undecided']} ({report.percent(o['undecided_rate'])})</td>" in page
-    assert report.percent(0.5) == "50.0%" and report.percent(None) == "n/a"
+        assert f"<td>{o['undecided']} ({report_numbers.percent(o['undecided_rate'])})</td>" in page
+    assert report_numbers.percent(0.5) == "50.0%" and report_numbers.percent(None) == "n/a"
     body = page.split("</style>", 1)[1]
     for text in (body, report.summary_text(numbers)):
         shares = re.findall(r"[\d.,]+%", text)
@@ -122,12 +122,12 @@ def test_generators_tokens_and_chosen_share(out, numbers):
 
 
 def test_quarantine_and_provenance(out, numbers):
-    files = report.quarantine_files(out)
+    files = read_output.quarantine_files(out)
     reasons = Counter(pq.read_table(files, columns=["reason"])["reason"].to_pylist()) if files else Counter()
     assert numbers["quarantine_by_reason"] == dict(reasons)
-    manifest = report.read_manifest(out)
+    manifest = read_output.read_manifest(out)
     prov = numbers["provenance"]
-    hashes = sorted(set(pc.struct_field(pq.read_table(report.data_files(out))["provenance"], "config_hash").to_pylist()))
+    hashes = sorted(set(pc.struct_field(pq.read_table(read_output.data_files(out))["provenance"], "config_hash").to_pylist()))
     assert prov["config_hashes_in_data"] == hashes
     if manifest:
         assert prov["config_hash"] == manifest["config_hash"]
@@ -138,7 +138,7 @@ def test_delta_vs_length_uses_every_scored_candidate_below_the_cap(out, numbers)
     scored = [c for r in _rows(out) for c in r["candidates"] if c["delta"] is not None]
     d = numbers["delta_vs_length"]
     assert d["n_scored"] == len(scored)
-    if len(scored) <= report.DEFAULT_MAX_POINTS:
+    if len(scored) <= report_numbers.DEFAULT_MAX_POINTS:
         assert d["n_sampled"] == len(scored)
         assert sorted(d["delta"]) == pytest.approx(sorted(c["delta"] for c in scored))
         # valid and invalid candidates are told apart in the figure
@@ -147,8 +147,8 @@ def test_delta_vs_length_uses_every_scored_candidate_below_the_cap(out, numbers)
 
 
 def test_delta_vs_length_sample_is_capped_and_seeded(out):
-    a = report.compute(str(out), max_points=40)["delta_vs_length"]
-    b = report.compute(str(out), max_points=40)["delta_vs_length"]
+    a = report_numbers.compute(str(out), max_points=40)["delta_vs_length"]
+    b = report_numbers.compute(str(out), max_points=40)["delta_vs_length"]
     assert 0 < a["n_sampled"] <= 40
     assert a["delta"] == b["delta"]  # same seed, same sample
     scored = {c["delta"] for r in _rows(out) for c in r["candidates"] if c["delta"] is not None}
@@ -159,7 +159,7 @@ def test_html_embeds_every_figure(out, numbers):
     page = (out / "report.html").read_text()
     assert numbers["html"] == str(out / "report.html")
     uris = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(uris) == len(report.FIGURES) == len(numbers["figures"])
+    assert len(uris) == len(report_figures.FIGURES) == len(numbers["figures"])
     for uri in uris:
         image = Image.open(io.BytesIO(base64.b64decode(uri)))
         assert image.format == "PNG" and image.width >= 600 and image.height >= 200
@@ -194,7 +194,7 @@ def test_one_subset_no_quarantine_no_manifest(tmp_path, capsys):
     assert n["quarantine_by_reason"] == {}
     assert n["provenance"]["manifest"] is False
     assert "no manifest.json" in capsys.readouterr().out
-    assert (tmp_path / "report.html").read_text().count("data:image/png;base64,") == len(report.FIGURES)
+    assert (tmp_path / "report.html").read_text().count("data:image/png;base64,") == len(report_figures.FIGURES)
 
 
 def test_nothing_chosen_anywhere(tmp_path):
@@ -223,7 +223,7 @@ def test_shards_of_another_schema_version_are_refused_plainly(tmp_path):
     from schemas import SCHEMA_VERSION
 
     make_output(tmp_path, n_pairs=6)
-    shard = report.data_files(tmp_path)[0]
+    shard = read_output.data_files(tmp_path)[0]
     table = pq.read_table(shard)
     pq.write_table(table.replace_schema_metadata({b"pairsel.schema_version": b"1"}), shard)
     for call in (lambda: report.run(str(tmp_path)), lambda: export.run(str(tmp_path), "gate", str(tmp_path / "g"))):

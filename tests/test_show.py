@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 from pipeline import show
-from pipeline.report import data_files
+from pipeline.read_output import data_files
 from tests.synthetic_output import make_output, output_for
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""Real trainers on the exports, loaded exactly as the README shows (pipeline/export.py PREFERENCE_DOC) and with
+"""Real trainers on the exports, loaded exactly as the README shows (pipeline/export_formats.py PREFERENCE_DOC) and with
 no column changes: TRL's DPOTrainer and RewardTrainer train a few steps on a text-only preference export, in
 both styles, on a tiny random causal LM built here offline with the project's own tokenizer.
 
