@@ -26,6 +26,7 @@ from pipeline.config import config_hash, to_dict
 from schemas import SCHEMA_VERSION, WORK_SCHEMA, conform
 from stages.embed import Embed
 from stages.generate import Generate
+from stages.images import IMAGES_DIR
 from stages.read import read_shard, read_shards_batch
 from stages.score import Score
 from stages.select import Select
@@ -63,6 +64,12 @@ def provenance(cfg: DictConfig) -> dict:
         "generators": [f"{g.name}={g.model}" for g in cfg.generators],
         "epsilon": float(cfg.scoring.epsilon),
     }
+
+
+def with_images_dir(cfg: DictConfig, specs: list[dict]) -> list[dict]:
+    """The specs, each naming where its read stores the inline image bytes that no input file holds as they are
+    (stages/images.py:InlineStore): OUTPUT/_images/, which the model stages read from while the job runs."""
+    return [{**spec, "images_dir": f"{cfg.output.dir}/{IMAGES_DIR}"} for spec in specs]
 
 
 def round_schedule(cfg: DictConfig, side: str = "query") -> list[dict[str, int]]:
@@ -138,7 +145,7 @@ def build_dataset(cfg: DictConfig, specs: list[dict], duplicates=None) -> ray.da
     task = {"batch_format": "pyarrow", "num_cpus": cfg.ray.write_num_cpus}
     plan = steps(cfg)
     _warn_if_pools_do_not_fit(cfg, plan)
-    ds = ray.data.from_items(specs, override_num_blocks=max(1, len(specs)))
+    ds = ray.data.from_items(with_images_dir(cfg, specs), override_num_blocks=max(1, len(specs)))
     ds = ds.map_batches(
         read_shards_batch,
         batch_size=1,
@@ -168,7 +175,8 @@ def run_local(cfg: DictConfig, specs: list[dict], instrument: Optional[Callable[
     fed the shard's rows in batches of the step's batch_size. Returns the labelled rows (nothing is written
     but the embedding cache and stage counters). `instrument(stage)` sees every stage once it is built."""
     c = to_dict(cfg)
-    shards = [read_shard(spec, c["input"], cfg.scoring.in_shard_negatives, cfg.scoring.seed) for spec in specs]
+    shards = [read_shard(spec, c["input"], cfg.scoring.in_shard_negatives, cfg.scoring.seed)
+              for spec in with_images_dir(cfg, specs)]
     for step in steps(cfg):
         stage = step.stage(**step.kwargs)
         if instrument is not None:

@@ -1,11 +1,17 @@
-"""Arrow schemas of pairsel's records: the current version's module, re-exported here. Changing any schema
-means a new version module (vN.py, SCHEMA_VERSION = N) whose docstring says what changed; the old module goes,
-since nothing reads another version (report, show and export refuse it) and git keeps it."""
+"""Arrow schemas of pairsel's records: the current version's module, re-exported here. Changing what users read
+(OUTPUT_SCHEMA, QUARANTINE_SCHEMA) means a new version module (vN.py, SCHEMA_VERSION = N) whose docstring says
+what changed; the old module goes, since nothing reads another version (report, show and export refuse it) and
+git keeps it. The internal schemas (WORK_SCHEMA between stages, the bookkeeping files) may change within a
+version, as long as the version's docstring says so and the output stays the same."""
 from schemas.v3 import (  # noqa: F401
     CANDIDATE,
+    DUPLICATES,
+    IMAGE_REF,
     NEGATIVE,
     OUTPUT_SCHEMA,
     PAIR_COLUMNS,
+    PAIR_KEYS,
+    PART_META,
     PROVENANCE,
     QUARANTINE_SCHEMA,
     SCHEMA_VERSION,

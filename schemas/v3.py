@@ -1,5 +1,11 @@
 """pairsel record schemas, version 3.
 
+Images by reference (issue 13): the work schema (internal: what travels between stages) changed, the output did
+not. `query_image`, `target_image` and `negatives[].image` are an IMAGE_REF, not the image's bytes: the reader
+validates each image once and records where its bytes are and their digest; the model stages load the bytes
+through stages/images.py, which checks the digest. OUTPUT_SCHEMA and QUARANTINE_SCHEMA hold no image column and
+are unchanged, so schema_version stays 3 and output shards are byte-identical to those of before.
+
 Version 3 (from 2): rationales for the target side too (generators[].k_target). Each pair gains
 `target_candidates` (the target's rationales r_t,j, scored as delta_t,j = score(q, t ⊕ r_t,j) - score(q, t)),
 the target-side control (`target_s_control`, `target_lse_control`, `target_control_delta`), the target-side
@@ -18,18 +24,32 @@ pair columns; each later stage fills its own columns and leaves the rest alone.
 A row whose `quarantine_reason` is set is passed through untouched by every
 model stage and lands in the quarantine shard instead of the output.
 
-OUTPUT_SCHEMA is what users read: WORK_SCHEMA without image bytes and
+OUTPUT_SCHEMA is what users read: WORK_SCHEMA without image references and
 bookkeeping, plus provenance. QUARANTINE_SCHEMA is the quarantine shard.
 """
 import pyarrow as pa
 
 SCHEMA_VERSION = 3
 
+# Where an image's bytes are, after the read: `size` bytes from `offset` of the file at `path` (absolute). A plain
+# image file: offset 0, its size; a member of an uncompressed tar: the member's data; inline bytes that cannot be
+# referenced in place (HF datasets, Parquet, .tar.gz) are stored once per digest under OUTPUT/_images/ (see
+# stages/images.py). `digest` ("sha256:<hex>" of the bytes) is checked on every load: a file changed since the read
+# is never used silently.
+IMAGE_REF = pa.struct(
+    [
+        pa.field("path", pa.string()),
+        pa.field("offset", pa.int64()),
+        pa.field("size", pa.int64()),
+        pa.field("digest", pa.string()),
+    ]
+)
+
 NEGATIVE = pa.struct(
     [
         pa.field("text", pa.string()),
         pa.field("image_path", pa.string()),
-        pa.field("image", pa.binary()),
+        pa.field("image", IMAGE_REF),
         # "explicit" (from the input) or "in_shard" (another pair's target,
         # drawn with a seed from the same input shard)
         pa.field("origin", pa.string()),
@@ -77,10 +97,10 @@ PAIR_FIELDS = [
     pa.field("shard_size", pa.int64()),  # rows read from the shard, valid or not: the commit count
     pa.field("query_text", pa.string()),
     pa.field("query_image_path", pa.string()),
-    pa.field("query_image", pa.binary()),
+    pa.field("query_image", IMAGE_REF),
     pa.field("target_text", pa.string()),
     pa.field("target_image_path", pa.string()),
-    pa.field("target_image", pa.binary()),
+    pa.field("target_image", IMAGE_REF),
     pa.field("negatives", pa.list_(NEGATIVE)),
     pa.field("quarantine_reason", pa.string()),
     pa.field("quarantine_detail", pa.string()),
@@ -168,6 +188,28 @@ QUARANTINE_SCHEMA = pa.schema(
     metadata={b"pairsel.schema_version": str(SCHEMA_VERSION).encode()},
 )
 
+
+# ---- job bookkeeping files (internal, never read by users; not part of the output contract)
+
+# stages/write.py: what WriteParts returns to the driver for each part it staged
+PART_META = pa.schema(
+    [
+        pa.field("shard_id", pa.int64()),
+        pa.field("shard_size", pa.int64()),
+        pa.field("part", pa.string()),
+        pa.field("rows", pa.int64()),
+        pa.field("quarantine_part", pa.string()),
+        pa.field("quarantine_rows", pa.int64()),
+    ]
+)
+
+# stages/duplicates.py: the pair_id index, one file per shard (the pair_ids its rows own), and the rows whose
+# pair_id an earlier shard owns
+PAIR_KEYS = pa.schema([pa.field("pair_id", pa.string()), pa.field("shard_id", pa.int64()),
+                       pa.field("row_index", pa.int64())])
+DUPLICATES = pa.schema([pa.field("shard_id", pa.int64()), pa.field("row_index", pa.int64()),
+                        pa.field("pair_id", pa.string()), pa.field("first_shard_id", pa.int64()),
+                        pa.field("first_row_index", pa.int64())])
 
 def conform(rows: list, schema: pa.Schema) -> pa.Table:
     """Build a table of exactly `schema` from row dicts; missing keys become null,

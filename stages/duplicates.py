@@ -14,17 +14,12 @@ from typing import Optional
 
 import pyarrow as pa
 
+# the index files: one per shard (PAIR_KEYS, `pair_keys`), and the list of repeats (DUPLICATES, `find_duplicates`)
+from schemas import DUPLICATES, PAIR_KEYS
 from stages.files import SHARD_GLOB, atomic_write_table, shard_file
 from stages.inputs import records
 from stages.inputs.base import Bad
-from stages.validate import ImageStore, blank_row, limits, parse_row
-
-# the index files: one per shard (`pair_keys`), and the list of repeats (`find_duplicates`)
-PAIR_KEYS = pa.schema([pa.field("pair_id", pa.string()), pa.field("shard_id", pa.int64()),
-                       pa.field("row_index", pa.int64())])
-DUPLICATES = pa.schema([pa.field("shard_id", pa.int64()), pa.field("row_index", pa.int64()),
-                        pa.field("pair_id", pa.string()), pa.field("first_shard_id", pa.int64()),
-                        pa.field("first_row_index", pa.int64())])
+from stages.validate import ImageChecker, blank_row, limits, parse_row
 
 
 class Owners:
@@ -61,9 +56,9 @@ def _earlier_owners(spec: dict) -> dict[int, str]:
 def pair_keys(spec: dict, input_cfg) -> pa.Table:
     """The pair_id of every row of the shard that owns it within the shard (PAIR_KEYS)."""
     max_pixels, max_query_chars = limits(input_cfg)
-    store = ImageStore(Path(spec["image_root"]), max_pixels)
+    checker = ImageChecker(Path(spec["image_root"]), max_pixels)
     owned: dict[str, int] = {}
-    for row_index, record in enumerate(records(spec, store.max_bytes)):  # the store opens no image here
+    for row_index, record in enumerate(records(spec, checker.max_bytes)):  # the checker opens no image here
         if record.error is not None:
             continue
         row = blank_row(spec, row_index)

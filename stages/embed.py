@@ -6,12 +6,13 @@ rationale (so a control differs from a candidate only by its content).
 Vectors are L2-normalised, so cos is a dot product. Only similarities leave this stage: a pair's
 vectors would be (K + 2 + J) x dim floats, its similarities are (K + 1) x (J + 1).
 
-The least model work: every input is keyed by its content (embedder identity, instruction-filled text, image
-bytes; stages/embed_cache.py) and looked up in the embedding cache before anything runs. With the disk cache
+The least model work: every input is keyed by its content (embedder identity, instruction-filled text, the
+image's digest, which its reference carries; stages/embed_cache.py) and looked up in the embedding cache before anything runs. With the disk cache
 on, the cache is shared by every Embed actor of the job and by later jobs, so each distinct input is embedded
 once per job (a label shared by a whole subset, an image shared by many pairs, a target that is another pair's
 negative), not once per pair or batch. Within a batch, identical inputs are looked up once, and only the
-inputs that miss are decoded (each distinct image once) and sent to the model.
+inputs that miss load their images (stages/images.py:ImageLoader: read once, digest checked, kept decoded in
+a small per-actor cache) and are sent to the model.
 
 The target side (generators[].k_target > 0): E(t ⊕ r_t,j) in embedder.reasoned_target_instruction with the
 target's image, and with controls E(t ⊕ c_i) ("{query}" in a control stands for the target's own text there:
@@ -37,8 +38,8 @@ from schemas import WORK_SCHEMA, conform
 from stages.backends import embedder_class
 from stages.backends.base import IMAGE_MARKER, EmbedInput
 from stages.counters import StageCounters
-from stages.embed_cache import EmbeddingCache, embedder_identity, image_digest
-from stages.images import ImageError, decode_image
+from stages.embed_cache import EmbeddingCache, embedder_identity
+from stages.images import ImageError, ImageLoader, digest_bytes
 
 INPUTS = ("query_text", "query_image", "target_text", "target_image", "negatives", "s_direct", "candidates.text",
           "candidates.finish_reason", "candidates.s_k")
@@ -82,14 +83,14 @@ class _Inputs:
         self.cache = cache
         self.keys: list[str] = []
         self.index: dict[str, int] = {}
-        self.sources: list[tuple[str, Optional[bytes], Optional[bytes]]] = []  # text, image bytes, digest
+        self.sources: list[tuple[str, Optional[dict]]] = []  # text, image reference
 
-    def add(self, text: str, image: Optional[bytes], digest: Optional[bytes]) -> int:
-        key = self.cache.key(text, digest)
+    def add(self, text: str, image: Optional[dict]) -> int:
+        key = self.cache.key(text, digest_bytes(image))
         if key not in self.index:
             self.index[key] = len(self.keys)
             self.keys.append(key)
-            self.sources.append((text, image, digest))
+            self.sources.append((text, image))
         return self.index[key]
 
 
@@ -107,7 +108,7 @@ class Embed:
                  stats_dir: Optional[str] = None, round_index: int = 0, controls=()):
         self.stats = StageCounters(stats_dir, "embed", stage="embed", round=round_index, lookups=0, forwards=0)
         self.cfg = embedder
-        self.max_image_pixels = max_image_pixels
+        self.images = ImageLoader(max_image_pixels)  # this actor's images, loaded from their references
         self.controls = list(controls or ())
         backend_cls = embedder_class(embedder["backend"])
         self.backend = backend_cls(
@@ -133,30 +134,27 @@ class Embed:
             return None
         q_text = row.get("query_text") or ""
         q_image = row.get("query_image")
-        q_digest = image_digest(q_image)
         plan = {
-            "q": inputs.add(_fill(c["query_instruction"], q_text), q_image, q_digest) if fresh or target_pass else None,
-            "t": inputs.add(_fill(c["target_instruction"], row.get("target_text")), row.get("target_image"),
-                            image_digest(row.get("target_image"))),
-            "negs": [inputs.add(_fill(c["target_instruction"], n.get("text")), n.get("image"), image_digest(n.get("image")))
+            "q": inputs.add(_fill(c["query_instruction"], q_text), q_image) if fresh or target_pass else None,
+            "t": inputs.add(_fill(c["target_instruction"], row.get("target_text")), row.get("target_image")),
+            "negs": [inputs.add(_fill(c["target_instruction"], n.get("text")), n.get("image"))
                      for n in row.get("negatives") or []],
-            "cands": {k: inputs.add(_fill(c["reasoned_query_instruction"], q_text, cands[k]["text"]), q_image, q_digest)
+            "cands": {k: inputs.add(_fill(c["reasoned_query_instruction"], q_text, cands[k]["text"]), q_image)
                       for k in new},
             "fresh": fresh,
-            "controls": [inputs.add(_fill(c["reasoned_query_instruction"], q_text, control_text(text, q_text)), q_image,
-                                    q_digest) for text in self.controls] if fresh else [],
+            "controls": [inputs.add(_fill(c["reasoned_query_instruction"], q_text, control_text(text, q_text)), q_image)
+                         for text in self.controls] if fresh else [],
         }
         if target_pass:  # every embeddable candidate of both sides: the joint needs them all (old ones: cache hits)
             t_text, t_image = row.get("target_text"), row.get("target_image")
-            t_digest = image_digest(t_image)
             reasoned = c["reasoned_target_instruction"]
-            plan["targets"] = {j: inputs.add(_fill(reasoned, t_text, tc["text"]), t_image, t_digest)
+            plan["targets"] = {j: inputs.add(_fill(reasoned, t_text, tc["text"]), t_image)
                                for j, tc in enumerate(targets) if embeddable(tc)}
             plan["joint_q"] = {k: plan["cands"][k] if k in plan["cands"] else
-                               inputs.add(_fill(c["reasoned_query_instruction"], q_text, cand["text"]), q_image, q_digest)
+                               inputs.add(_fill(c["reasoned_query_instruction"], q_text, cand["text"]), q_image)
                                for k, cand in enumerate(cands) if embeddable(cand)}
             plan["target_controls"] = [
-                inputs.add(_fill(reasoned, t_text, control_text(text, t_text)), t_image, t_digest)
+                inputs.add(_fill(reasoned, t_text, control_text(text, t_text)), t_image)
                 for text in self.controls] if row.get("target_s_control") is None else []
         return plan
 
@@ -166,13 +164,10 @@ class Embed:
         missing = [i for i, v in enumerate(vectors) if v is None]
         self.stats["lookups"] += len(inputs.keys)
         if missing:
-            images: dict[bytes, object] = {}  # each distinct image decoded once, and only when it is needed
             batch = []
-            for i in missing:
-                text, data, digest = inputs.sources[i]
-                if data is not None and digest not in images:
-                    images[digest] = decode_image(data, self.max_image_pixels)
-                batch.append(EmbedInput(text=text, image=None if data is None else images[digest]))
+            for i in missing:  # images only for the inputs that miss (each loaded once: the loader keeps it)
+                text, image = inputs.sources[i]
+                batch.append(EmbedInput(text=text, image=None if image is None else self.images.image(image)))
             t0 = time.perf_counter()
             computed = self.backend.embed(batch)
             self.stats["model_seconds"] += time.perf_counter() - t0

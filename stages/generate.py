@@ -38,7 +38,7 @@ from stages.backends.base import IMAGE_MARKER, GenRequest
 from stages.backends.parsing import classify, select_rationale
 from stages.backends.prompt_text import with_image_marker
 from stages.counters import StageCounters
-from stages.images import ImageError, decode_image
+from stages.images import ImageError, ImageLoader, load_image_bytes
 
 # Backends whose k-th answer is the pair's k-th stored rationale whatever the seed (precomputed): a later round
 # asks them for candidates 0..k_stop and keeps the new ones. (A GenRequest field for the first candidate index
@@ -64,10 +64,11 @@ def target_only(template: str) -> bool:
     return "{query}" not in template
 
 
-def target_key(row: dict) -> str:
-    """The target's content, for seeding target-only rationales: equal targets get equal seeds."""
-    h = hashlib.sha256((row.get("target_text") or "").encode())
-    h.update(b"\0" + (row.get("target_image") or b""))
+def target_key(target_text: Optional[str], target_image: Optional[bytes]) -> str:
+    """The target's content (its text and image bytes), for seeding target-only rationales: equal targets get
+    equal seeds."""
+    h = hashlib.sha256((target_text or "").encode())
+    h.update(b"\0" + (target_image or b""))
     return "target:" + h.hexdigest()[:32]
 
 
@@ -121,7 +122,7 @@ class Generate:
                                                                                      "requests_shared": 0}))
         self.cfg = generator
         self.template = template
-        self.max_image_pixels = max_image_pixels
+        self.images = ImageLoader(max_image_pixels)  # this actor's images, loaded from their references
         backend_cls = generator_class(generator["backend"])
         self.backend = backend_cls(
             generator["model"], trust_remote_code=generator["trust_remote_code"], **generator.get("options", {})
@@ -138,7 +139,7 @@ class Generate:
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.stats.batch_started()
         rows = batch.to_pylist()
-        requests, owners = [], []
+        requests, owners, digests = [], [], []  # digests: each request's image
         for row in rows:
             if row.get("quarantine_reason"):
                 continue
@@ -149,10 +150,14 @@ class Generate:
             have = sum(1 for c in row.get(self.field) or [] if c.get("generator") == self.cfg["name"])
             if have >= self.k_stop:
                 continue
-            image_bytes = row["query_image"] if self.side == "query" else row.get("target_image")
+            ref = row["query_image"] if self.side == "query" else row.get("target_image")
+            shared = (self.side == "target" and target_only(self.template)
+                      and self.cfg["backend"] not in ANSWER_BY_POSITION)
             try:
-                image = None if image_bytes is None else decode_image(image_bytes, self.max_image_pixels)
-            except ImageError as e:  # the reader validated it; only a changed file gets here
+                image = None if ref is None else self.images.image(ref)
+                # seeds of a shared target come from its bytes (as they did when the bytes travelled with the row)
+                key_id = target_key(row.get("target_text"), ref and load_image_bytes(ref)) if shared else None
+            except ImageError as e:  # the reader validated it; only a file changed or gone since gets here
                 row["quarantine_reason"], row["quarantine_detail"] = e.reason, e.detail
                 continue
             first = 0 if self.cfg["backend"] in ANSWER_BY_POSITION else have
@@ -161,8 +166,7 @@ class Generate:
                          for k in range(first, self.k_stop)]
                 prompt, key_id = render_prompt(self.template, row), row["pair_id"]
             else:
-                shared = target_only(self.template) and self.cfg["backend"] not in ANSWER_BY_POSITION
-                key_id = target_key(row) if shared else row["pair_id"]
+                key_id = key_id if shared else row["pair_id"]
                 seeds = [candidate_seed(self.cfg["seed"], f"{self.cfg['name']}|target", key_id, k)
                          for k in range(first, self.k_stop)]
                 # precomputed target rationales are looked up under "<pair_id>#target"
@@ -180,8 +184,9 @@ class Generate:
                 )
             )
             owners.append((row, have - first))
+            digests.append(ref and ref["digest"])
         t0 = time.perf_counter()
-        results = self._generate(requests)
+        results = self._generate(requests, digests)
         self.stats["model_seconds"] += time.perf_counter() - t0
         for (row, skip), request, generations in zip(owners, requests, results):
             pool = list(row.get(self.field) or [])
@@ -209,24 +214,18 @@ class Generate:
         self.stats.save()
         return conform(rows, WORK_SCHEMA)
 
-    def _generate(self, requests: list[GenRequest]) -> list:
+    def _generate(self, requests: list[GenRequest], digests: list[Optional[str]]) -> list:
         """The backend's answers; on the target side each distinct (prompt, image, seeds, key) is sent once (a
-        target shared by many pairs of the batch, with a target-only prompt), its answer given to every pair."""
+        target shared by many pairs of the batch, with a target-only prompt), its answer given to every pair.
+        An image is told apart by its digest: equal bytes, equal image."""
         if not requests:
             return []
         if self.side == "query":
             return self.backend.generate(requests)
+        keys = [(r.prompt, digest, tuple(r.seeds), r.pair_id) for r, digest in zip(requests, digests)]
         distinct: dict = {}
-        for r in requests:
-            key = (r.prompt, None if r.image is None else image_key(r.image), tuple(r.seeds), r.pair_id)
+        for key, r in zip(keys, requests):
             distinct.setdefault(key, r)
-        keys = list(distinct)
-        self.stats["requests_shared"] += len(requests) - len(keys)
-        answers = dict(zip(keys, self.backend.generate([distinct[k] for k in keys])))
-        return [answers[(r.prompt, None if r.image is None else image_key(r.image), tuple(r.seeds), r.pair_id)]
-                for r in requests]
-
-
-def image_key(image) -> bytes:
-    """A decoded image's content, for telling equal requests apart."""
-    return hashlib.sha256(image.tobytes()).digest() + repr((image.size, image.mode)).encode()
+        self.stats["requests_shared"] += len(requests) - len(distinct)
+        answers = dict(zip(distinct, self.backend.generate(list(distinct.values()))))
+        return [answers[k] for k in keys]

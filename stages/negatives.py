@@ -1,6 +1,7 @@
 """In-shard negatives: the targets of other pairs of the same input shard, added to a pair's explicit
 negatives so that pair-aware scoring (stages/score.py) has a softmax over more than the positive. Drawn with
-a seed per shard, so a rerun or a resumed run draws the same ones.
+a seed per shard, so a rerun or a resumed run draws the same ones. A drawn negative is a copy of the other
+pair's target: its text, path and image reference (schemas IMAGE_REF), never bytes.
 """
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import numpy as np
 from stages.images import image_identity
 
 
-def _target_key(text: Optional[str], path: Optional[str], data: Optional[bytes]) -> tuple:
-    # inline bytes count only for a path-less image, as in the pair_id (stages/validate.py)
-    return (text, image_identity(path, None if path else data))
+def _target_key(text: Optional[str], path: Optional[str], ref: Optional[dict]) -> tuple:
+    # the image's digest counts only for a path-less image, as in the pair_id (stages/validate.py)
+    return (text, image_identity(path, None if path or ref is None else ref["digest"]))
 
 
 def add_in_shard_negatives(rows: list[dict], n: int, seed: int, shard_id: int) -> None:

@@ -3,7 +3,10 @@
 The plan (pipeline/plan.py, pipeline/run.py) calls this module; each job of the read lives in its own:
 - stages/inputs/: finding the input, cutting it into fixed shards (`plan_shards`), and one module per
   `input.format` (mmeb JSONL/Parquet, hf save_to_disk, webdataset tars) behind one `records(spec)`;
-- stages/validate.py: one record -> one row, or a reason code; its images read and decoded once;
+- stages/validate.py: one record -> one row, or a reason code; its images read and decoded once, and kept as
+  references (schemas IMAGE_REF: a file, a tar member's bytes, or inline bytes stored once per digest in the
+  folder the spec names under "images_dir", OUTPUT/_images/), never as bytes: the model stages load what they
+  need (stages/images.py);
 - stages/duplicates.py: which row owns a pair_id, within a shard and across shards (`index_pair_ids`,
   `find_duplicates`);
 - stages/negatives.py: in-shard negatives, for pair-aware scoring.
@@ -27,7 +30,8 @@ from stages.faults import fault_point
 from stages.inputs import plan_shards, records  # noqa: F401 (plan_shards: pipeline/run.py)
 from stages.inputs.base import RAW_MAX_CHARS, Bad
 from stages.negatives import add_in_shard_negatives
-from stages.validate import ImageStore, blank_row, limits, load_images, parse_row
+from stages.images import InlineStore
+from stages.validate import ImageChecker, blank_row, check_images, limits, parse_row
 
 
 def read_shards_batch(batch: pa.Table, input_cfg: dict, in_shard_negatives: int, seed: int,
@@ -54,12 +58,14 @@ def read_shard(spec: dict, input_cfg, in_shard_negatives: int, seed: int) -> lis
     """One dict per input row of the shard (stop - start of them), with the pair
     columns of WORK_SCHEMA. A spec may name, under "duplicates", the file written
     by `find_duplicates`: its rows for this shard are quarantined as duplicates of
-    a pair_id that an earlier shard holds."""
+    a pair_id that an earlier shard holds; and under "images_dir" the folder where
+    inline image bytes that no input file holds as they are get stored
+    (stages/images.py:InlineStore; pipeline/plan.py names OUTPUT/_images)."""
     max_pixels, max_query_chars = limits(input_cfg)
-    store = ImageStore(Path(spec["image_root"]), max_pixels)
+    checker = ImageChecker(Path(spec["image_root"]), max_pixels, InlineStore(spec.get("images_dir")))
     owners = Owners(spec)
     rows = []
-    for row_index, record in enumerate(records(spec, store.max_bytes)):
+    for row_index, record in enumerate(records(spec, checker.max_bytes)):
         row = blank_row(spec, row_index)
         try:
             if record.error is not None:
@@ -68,7 +74,7 @@ def read_shard(spec: dict, input_cfg, in_shard_negatives: int, seed: int) -> lis
             owner = owners.other_owner(row["pair_id"], row_index)
             if owner is not None:
                 raise Bad("duplicate_pair_id", f"same pair_id as {owner}")
-            load_images(row, images, store)
+            check_images(row, images, checker)
         except Bad as bad:
             _quarantine(row, bad, record.raw)
         rows.append(row)
@@ -83,7 +89,7 @@ def _quarantine(row: dict, bad: Bad, raw: Callable[[], str]) -> None:
         quarantine_reason=bad.reason,
         quarantine_detail=bad.detail,
         raw=_truncate(raw()),
-        # bytes stay out of the quarantine; paths and texts stay for diagnosis
+        # image references stay out of the quarantine; paths and texts stay for diagnosis
         query_image=None,
         target_image=None,
         negatives=[],

@@ -2,13 +2,15 @@
 its reason code (schemas/reasons.py) at the first problem.
 
 A record is checked in two steps so that pair_id ownership (stages/duplicates.py) is known without opening
-an image: `parse_row` checks fields, types and texts and fixes the pair_id, then `load_images` reads and
-decodes each image once.
+an image: `parse_row` checks fields, types and texts and fixes the pair_id, then `check_images` reads and
+decodes each image once and records its reference.
 
-An image field may hold a path (relative to image_root), raw bytes, or a `{"bytes", "path"}` struct (how
-`datasets.Image` stores images); inline bytes are used as they are. Paths must stay inside image_root after
-resolving `..` and symlinks; absolute paths are refused. Each image is decoded once, by
-`stages.images.decode_image`, to validate it; the row keeps the original bytes.
+An image field may hold a path (relative to image_root), raw bytes, a `{"bytes", "path"}` struct (how
+`datasets.Image` stores images), or a tar member (stages/inputs/base.py:InlineImage); inline bytes are used as
+they are. Paths must stay inside image_root after resolving `..` and symlinks; absolute paths are refused. Each
+image is decoded once, by `stages.images.decode_image`, to validate it; the row keeps a reference to the bytes
+(schemas IMAGE_REF), never the bytes: the resolved file, the member's data range in an uncompressed tar, or for
+other inline bytes their copy in the job's content-addressed store (stages/images.py:InlineStore).
 
 pair_id, when the record has none, is a sha256 over the normalized query, target and explicit negatives
 (texts, and image paths or, for path-less inline images, a digest of the bytes); subset is not part of it,
@@ -27,8 +29,8 @@ from typing import Optional
 
 import schemas  # the current version (schemas/__init__.py re-exports it)
 from stages.backends.base import IMAGE_MARKER
-from stages.images import ImageError, decode_image, image_identity
-from stages.inputs.base import Bad
+from stages.images import ImageError, InlineStore, decode_image, image_identity, image_ref, sha256_digest
+from stages.inputs.base import Bad, InlineImage
 
 PAIR_ID_CHARS = 20
 
@@ -56,19 +58,25 @@ def blank_row(spec: dict, row_index: int) -> dict:
 
 
 @dataclass(frozen=True)
-class ImageRef:
+class ImageField:
+    """An image field of a record, parsed: a path under image_root, or inline bytes (with the name they came
+    under, if any, and where they can be read again as they are)."""
+
     path: Optional[str]
     data: Optional[bytes]  # inline bytes; None: load `path` from image_root
+    at: Optional[tuple[str, int]] = None  # (file, offset) holding `data` as it is: a member of an uncompressed tar
 
     @property
     def present(self) -> bool:
         return self.path is not None or self.data is not None
 
     def identity(self) -> Optional[str]:
-        return image_identity(self.path, self.data)
+        if self.path is not None or self.data is None:
+            return image_identity(self.path, None)
+        return image_identity(None, sha256_digest(self.data))
 
 
-_NO_IMAGE = ImageRef(None, None)
+_NO_IMAGE = ImageField(None, None)
 
 
 def parse_row(row: dict, rec: dict, max_query_chars: int) -> tuple:
@@ -80,8 +88,8 @@ def parse_row(row: dict, rec: dict, max_query_chars: int) -> tuple:
         row["subset"] = subset
     explicit_id = _identity(rec, ("pair_id", "id"))
     row["pair_id"] = explicit_id
-    q_text, q_img = _text(rec.get("qry"), "qry"), _image_ref(rec.get("qry_image_path"), "qry_image_path")
-    t_text, t_img = _text(rec.get("pos_text"), "pos_text"), _image_ref(rec.get("pos_image_path"), "pos_image_path")
+    q_text, q_img = _text(rec.get("qry"), "qry"), _image_field(rec.get("qry_image_path"), "qry_image_path")
+    t_text, t_img = _text(rec.get("pos_text"), "pos_text"), _image_field(rec.get("pos_image_path"), "pos_image_path")
     negs = _negatives(rec.get("neg_text"), rec.get("neg_image_path"))
     row["pair_id"] = explicit_id or _content_id(q_text, q_img, t_text, t_img, negs)
     row.update(
@@ -135,26 +143,28 @@ def _identity(rec: dict, names: tuple[str, ...]) -> Optional[str]:
     return None
 
 
-def _image_ref(value, field: str) -> ImageRef:
+def _image_field(value, field: str) -> ImageField:
     if value is None or value == "":
         return _NO_IMAGE
     if isinstance(value, str):
-        return ImageRef(_checked_str(value, field), None)
+        return ImageField(_checked_str(value, field), None)
     if isinstance(value, (bytes, bytearray)):
-        return ImageRef(None, bytes(value))
+        return ImageField(None, bytes(value))
+    if isinstance(value, InlineImage):
+        return ImageField(_checked_str(value.name, field), value.data, value.at)
     if isinstance(value, dict) and set(value) <= {"bytes", "path"}:
         path, data = value.get("path") or None, value.get("bytes")
         if (path is None or isinstance(path, str)) and (data is None or isinstance(data, (bytes, bytearray))):
-            return ImageRef(path and _checked_str(path, field), None if data is None else bytes(data))
+            return ImageField(path and _checked_str(path, field), None if data is None else bytes(data))
     raise Bad("wrong_type", f"{field} must be a path, bytes or {{bytes, path}}, got {type(value).__name__}")
 
 
-def _negatives(texts, images) -> list[tuple[Optional[str], ImageRef]]:
+def _negatives(texts, images) -> list[tuple[Optional[str], ImageField]]:
     texts = texts if isinstance(texts, list) else [texts]
     images = images if isinstance(images, list) else [images]
     out = []
     for i, (t, im) in enumerate(zip_longest(texts, images)):
-        t, im = _text(t, f"neg_text[{i}]"), _image_ref(im, f"neg_image_path[{i}]")
+        t, im = _text(t, f"neg_text[{i}]"), _image_field(im, f"neg_image_path[{i}]")
         if t is not None or im.present:
             out.append((t, im))
     return out
@@ -171,44 +181,58 @@ def _content_id(q_text, q_img, t_text, t_img, negs) -> str:
 # --------------------------------------------------------------------------- images
 
 
-def load_images(row: dict, images: tuple, store: "ImageStore") -> None:
-    """Read and validate the images that `parse_row` found into `row`; raises Bad for the first bad one."""
+def check_images(row: dict, images: tuple, checker: "ImageChecker") -> None:
+    """Read and validate the images that `parse_row` found, and put their references in `row`; raises Bad for
+    the first bad one."""
     q_img, t_img, negs = images
-    row["query_image"] = store.load(q_img, "query")
-    row["target_image"] = store.load(t_img, "target")
+    row["query_image"] = checker.check(q_img, "query")
+    row["target_image"] = checker.check(t_img, "target")
     row["negatives"] = [
-        {"text": t, "image_path": i.path, "image": store.load(i, "negative"), "origin": "explicit"} for t, i in negs
+        {"text": t, "image_path": i.path, "image": checker.check(i, "negative"), "origin": "explicit"} for t, i in negs
     ]
 
 
-class ImageStore:
-    """Loads and validates images for one shard, each path at most once."""
+class ImageChecker:
+    """Validates one shard's images, each file and each inline image at most once, and makes their references.
+    `store`: where inline bytes that no file holds as they are go (None: an input that has none)."""
 
-    def __init__(self, root: Path, max_pixels: int):
+    def __init__(self, root: Path, max_pixels: int, store: Optional[InlineStore] = None):
         self.root = root.resolve()
         self.max_pixels = max_pixels
+        self.store = store
         # No legitimate image of an allowed format is bigger than 16-bit RGBA
         # raw; the cap keeps a huge file from being read into memory at all.
         self.max_bytes = 8 * max_pixels + (1 << 20)
-        self._cache: dict[str, bytes | Bad] = {}
+        self._files: dict[str, dict | Bad] = {}  # path as written -> reference or problem
+        self._valid_inline: set[str] = set()  # digests of inline images found valid
 
-    def load(self, ref: ImageRef, side: str) -> Optional[bytes]:
-        if ref.data is not None:
-            self._check(ref.data, f"{side} image {ref.path or '(inline)'}")
-            return ref.data
-        if ref.path is None:
+    def check(self, field: ImageField, side: str) -> Optional[dict]:
+        if field.data is not None:
+            return self._check_inline(field, side)
+        if field.path is None:
             return None
-        if ref.path not in self._cache:
+        if field.path not in self._files:
             try:
-                self._cache[ref.path] = self._read(ref.path, side)
+                self._files[field.path] = self._read(field.path, side)
             except Bad as bad:
-                self._cache[ref.path] = bad
-        result = self._cache[ref.path]
+                self._files[field.path] = bad
+        result = self._files[field.path]
         if isinstance(result, Bad):
             raise Bad(result.reason, result.detail)
         return result
 
-    def _read(self, rel: str, side: str) -> bytes:
+    def _check_inline(self, field: ImageField, side: str) -> dict:
+        digest = sha256_digest(field.data)
+        if digest not in self._valid_inline:  # a bad one is checked again, for a detail that names this field
+            self._check(field.data, f"{side} image {field.path or '(inline)'}")
+            self._valid_inline.add(digest)
+        if field.at is not None:  # the input holds the bytes as they are: point there
+            return image_ref(field.at[0], field.at[1], len(field.data), digest)
+        if self.store is None:
+            raise ValueError("inline images need an InlineStore (the read's images_dir)")
+        return self.store.put(field.data, digest)
+
+    def _read(self, rel: str, side: str) -> dict:
         what = f"{side} image {rel!r}"
         if PurePosixPath(rel).is_absolute() or rel.startswith("\\") or re.match(r"^[A-Za-z]:", rel):
             raise Bad("image_outside_root", f"{what}: absolute paths are not allowed")
@@ -230,7 +254,7 @@ class ImageStore:
         except OSError as e:
             raise Bad("image_missing", f"{what}: {full}: {e.strerror or e}") from None
         self._check(data, what)
-        return data
+        return image_ref(str(full), 0, len(data), sha256_digest(data))
 
     def _check(self, data: bytes, what: str) -> None:
         if len(data) > self.max_bytes:
@@ -239,3 +263,4 @@ class ImageStore:
             decode_image(data, self.max_pixels)
         except ImageError as e:
             raise Bad(e.reason, f"{what}: {e.detail}") from None
+

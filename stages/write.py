@@ -27,24 +27,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import OUTPUT_SCHEMA, QUARANTINE_SCHEMA, conform
+from schemas import OUTPUT_SCHEMA, PART_META, QUARANTINE_SCHEMA, conform
 from stages.faults import fault_point
 from stages.files import atomic_write_json, atomic_write_table, shard_file, shard_name  # noqa: F401 (atomic_write_json: pipeline/run.py and pipeline/manifest.py import it from here)
 
 INPUTS = ("*",)  # every WORK_SCHEMA column
 OUTPUTS = ("shard_id", "shard_size", "part", "rows", "quarantine_part", "quarantine_rows")
-
-PART_META = pa.schema(
-    [
-        pa.field("shard_id", pa.int64()),
-        pa.field("shard_size", pa.int64()),
-        pa.field("part", pa.string()),
-        pa.field("rows", pa.int64()),
-        pa.field("quarantine_part", pa.string()),
-        pa.field("quarantine_rows", pa.int64()),
-    ]
-)
-
 
 def to_output_row(row: dict, provenance: dict) -> dict:
     out = dict(row)

@@ -2,6 +2,7 @@
 model work, cached and uncached similarities agree, and a later round embeds only its new candidates."""
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,11 @@ from stages.embed import Embed
 from stages.read import plan_shards, read_shard
 
 BATCH = 5  # pairs of one subset (8 of them in the demo data) span batches
+
+
+def image_digest(ref):
+    """The sha256 of the image a reference names, computed here from its file (demo images are whole files)."""
+    return None if ref is None else hashlib.sha256(Path(ref["path"]).read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +38,7 @@ def setup(tiny_models, demo_data):
 
 def distinct_inputs(embedder: dict, rows: list[dict]) -> set:
     """What the job must embed at least once, worked out here independently of the stage."""
-    def digest(data):
-        return None if data is None else hashlib.sha256(data).hexdigest()
-
+    digest = image_digest
     q_ins, t_ins = embedder["query_instruction"], embedder["target_instruction"]
     need = set()
     for row in rows:
@@ -115,8 +119,8 @@ def test_a_later_round_embeds_only_its_new_candidates(setup, first_pass):
     expected = 0
     for start in range(0, 10, BATCH):
         batch = rows[start:min(start + BATCH, 10)]
-        sides = {(r["target_text"], r["target_image"]) for r in batch}
-        sides |= {(n["text"], n["image"]) for r in batch for n in r["negatives"]}
+        sides = {(r["target_text"], image_digest(r["target_image"])) for r in batch}
+        sides |= {(n["text"], image_digest(n["image"])) for r in batch for n in r["negatives"]}
         expected += len(sides) + len(batch)
     assert later.stats["lookups"] == expected
     for before, after in zip(first_pass["rows"], out):
@@ -140,7 +144,8 @@ def test_controls_are_embedded_once_per_distinct_query_and_stored(setup, first_p
     rows = embed_all(stage, [dict(r, s_direct=None) for r in setup["rows"] + shared])
     reasoned = setup["embedder"]["reasoned_query_instruction"]
     control_inputs = {(reasoned.replace("{text}", r["query_text"] or "").replace(
-        "{rationale}", control_text(c, r["query_text"])), r["query_image"]) for r in setup["rows"] for c in CONTROLS}
+        "{rationale}", control_text(c, r["query_text"])), image_digest(r["query_image"])) for r in setup["rows"]
+        for c in CONTROLS}
     assert len(control_inputs) == len(CONTROLS) * len(setup["rows"]) < len(CONTROLS) * len(rows)
     assert stage.stats["forwards"] == len(control_inputs)
     assert "{query}" not in control_text("{query}", "<|image_1|>\nWhat is it?")
@@ -152,7 +157,7 @@ def test_controls_are_embedded_once_per_distinct_query_and_stored(setup, first_p
     # the same (query, control) gets the same similarity in every pair that shares query and target
     by_input = {}
     for row in rows:
-        key = (row["query_text"], row["query_image"], row["target_text"], row["target_image"])
+        key = (row["query_text"], image_digest(row["query_image"]), row["target_text"], image_digest(row["target_image"]))
         assert by_input.setdefault(key, row["s_control"]) == row["s_control"]
     # a later round (s_direct already set) does not embed the controls again
     again = Embed(setup["embedder"], 40_000_000, cache_dir=str(first_pass["cache"]), controls=CONTROLS)

@@ -1,6 +1,7 @@
 """The reader: every input format, shard planning, quarantine reason codes,
 in-shard negatives, the demo data, and the reader inside a real Ray job."""
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -15,6 +16,7 @@ from PIL import Image
 
 import schemas
 from scripts.make_demo_data import make as make_demo
+from stages.images import load_image_bytes
 from stages.read import REASONS, plan_shards, read_shard, read_shards_batch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,8 +35,13 @@ def input_cfg(path, fmt="mmeb", root=None, **kw) -> dict:
     return cfg
 
 
+def shards(cfg) -> list[dict]:
+    """The shard specs of an input, their inline images stored beside it (a job's go to OUTPUT/_images)."""
+    return [{**spec, "images_dir": str(Path(str(cfg["path"])).parent / "_images")} for spec in plan_shards(cfg)]
+
+
 def read_all(cfg, negatives=2, seed=0) -> list[dict]:
-    return [row for spec in plan_shards(cfg) for row in read_shard(spec, cfg, negatives, seed)]
+    return [row for spec in shards(cfg) for row in read_shard(spec, cfg, negatives, seed)]
 
 
 def without(rows, *keys):
@@ -124,11 +131,16 @@ def test_every_format_reads_the_same_records(tmp_path, image_root):
     for other in results[1:]:
         assert without(other, "source") == without(reference, "source")
     first = reference[0]
-    assert first["query_image"] == (image_root / "images/img0.png").read_bytes()
+    # a file image is referenced where it is: the whole file, resolved, with the digest of its bytes
+    img0 = image_root / "images/img0.png"
+    assert first["query_image"] == {"path": str(img0.resolve()), "offset": 0, "size": img0.stat().st_size,
+                                    "digest": "sha256:" + hashlib.sha256(img0.read_bytes()).hexdigest()}
+    assert load_image_bytes(first["query_image"]) == img0.read_bytes()
     assert first["query_text"].startswith("<|image_1|>") and first["target_text"] == "cat"
-    assert reference[1]["negatives"][0] == {
-        "text": "<|image_1|>\nRepresent the given image.", "image_path": "images/photo.jpg",
-        "image": (image_root / "images/photo.jpg").read_bytes(), "origin": "explicit"}
+    neg = reference[1]["negatives"][0]
+    assert {k: neg[k] for k in ("text", "image_path", "origin")} == {
+        "text": "<|image_1|>\nRepresent the given image.", "image_path": "images/photo.jpg", "origin": "explicit"}
+    assert load_image_bytes(neg["image"]) == (image_root / "images/photo.jpg").read_bytes()
     assert reference[6]["query_image_path"] == "images/../images/img5.png"  # `..` that stays inside is fine
     assert len({r["pair_id"] for r in reference}) == 10
 
@@ -155,13 +167,16 @@ def test_webdataset_member_images_and_texts(tmp_path, image_root):
     ]
     rows = read_all(input_cfg(write_wds(tmp_path / "shard.tar", samples), "webdataset", image_root))
     assert [r["quarantine_reason"] for r in rows] == [None, None]
-    assert rows[0]["query_image"] == q and rows[0]["query_image_path"] == "s0000.qry.png"
+    # members of an uncompressed tar are referenced in place: the tar, at the member's data
+    assert rows[0]["query_image"]["path"] == str((tmp_path / "shard.tar").resolve())
+    assert load_image_bytes(rows[0]["query_image"]) == q and rows[0]["query_image_path"] == "s0000.qry.png"
     assert rows[0]["target_text"] == "a square" and rows[0]["subset"] == "shard"
     assert rows[1]["pair_id"] == "w1" and rows[1]["subset"] == "wds"
     assert rows[1]["query_text"] == "find the picture"  # the member wins over the json
-    assert rows[1]["target_image"] == t and rows[1]["target_text"] == "from the json"
-    assert [(x["text"], x["image_path"], x["image"]) for x in rows[1]["negatives"]] == [
+    assert load_image_bytes(rows[1]["target_image"]) == t and rows[1]["target_text"] == "from the json"
+    assert [(x["text"], x["image_path"], x["image"] and load_image_bytes(x["image"])) for x in rows[1]["negatives"]] == [
         (None, "s0001.neg.png", n), ("other text", None, None)]
+    assert not (tmp_path / "_images").exists()  # nothing copied
 
 
 def test_hf_image_features_become_bytes(tmp_path):
@@ -177,7 +192,10 @@ def test_hf_image_features_become_bytes(tmp_path):
         features=features)
     ds.save_to_disk(str(tmp_path / "ds"))
     rows = read_all(input_cfg(tmp_path / "ds", "hf"))
-    assert [r["query_image"] for r in rows] == images
+    assert [load_image_bytes(r["query_image"]) for r in rows] == images
+    # Arrow-held bytes have no file of their own: stored under the spec's images_dir, one file per digest
+    store = tmp_path / "_images"
+    assert sorted(Path(r["query_image"]["path"]).parent.parent.parent for r in rows) == [store] * 3
     assert [r["query_image_path"] for r in rows] == ["img0.png", "img1.png", "img2.png"]
     assert all(r["quarantine_reason"] is None for r in rows)
 
@@ -415,7 +433,10 @@ def test_in_shard_negatives_are_deterministic_and_never_the_own_target(tmp_path,
         if row["subset"] == "cls":
             assert all(n["text"].startswith("label ") for n in drawn)  # from its own subset
         else:
-            assert all(n["image"] == (image_root / n["image_path"]).read_bytes() for n in drawn)
+            # a drawn negative is the other pair's target: the same reference
+            targets = {r["target_image_path"]: r["target_image"] for r in a}
+            assert all(n["image"] == targets[n["image_path"]] for n in drawn)
+            assert all(load_image_bytes(n["image"]) == (image_root / n["image_path"]).read_bytes() for n in drawn)
     # a class with only one other target gets only that one
     (x, y) = read_all(input_cfg(write_jsonl(tmp_path / "two.jsonl", records[:2]), root=image_root), 3)
     assert [n["text"] for n in x["negatives"]] == ["label 1"] and [n["text"] for n in y["negatives"]] == ["label 0"]

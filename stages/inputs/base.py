@@ -1,4 +1,5 @@
-"""What every input format hands the read stage: one `Record` per input row, and `Bad` for a row's problem."""
+"""What every input format hands the read stage: one `Record` per input row, `InlineImage` for an image the input
+holds itself, and `Bad` for a row's problem."""
 from __future__ import annotations
 
 import functools
@@ -25,6 +26,17 @@ class Record:
     fields: Optional[dict]  # the record's fields, None if it could not be parsed
     error: Optional[Bad]  # a problem found while parsing
     raw: Callable[[], str]  # the record as text, built only for quarantine (most rows never need it)
+
+
+@dataclass(frozen=True)
+class InlineImage:
+    """An image whose bytes are part of the input, named by `name` (a tar member). `at`: where the bytes can be
+    read again as they are, (file, byte offset), for a member of an uncompressed tar; None if nowhere (a
+    compressed tar), so the reader stores them (stages/images.py:InlineStore)."""
+
+    data: bytes
+    name: str
+    at: Optional[tuple[str, int]] = None
 
 
 def table_records(table: pa.Table) -> Iterator[Record]:

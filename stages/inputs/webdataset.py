@@ -14,10 +14,11 @@ import functools
 import json
 import re
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Optional
 
-from stages.inputs.base import RAW_MAX_CHARS, Bad, Record, dump
+from stages.inputs.base import RAW_MAX_CHARS, Bad, InlineImage, Record, dump
 
 SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
@@ -53,6 +54,9 @@ def records(spec: dict, max_member_bytes: int) -> Iterator[Record]:
     start, stop, offset = spec["start"], spec["stop"], spec["offset"]
     index = start if offset is not None else 0
     key, members = None, []
+    # in an uncompressed tar a member's bytes can be read again in place: their offset in the file is where the
+    # stream began plus the member's offset in the stream
+    base = (offset or 0) if _plain_tar(spec["source"]) else None
     with open(spec["source"], "rb") as f:
         f.seek(offset or 0)
         with tarfile.open(fileobj=f, mode="r|*") as tf:
@@ -70,9 +74,25 @@ def records(spec: dict, max_member_bytes: int) -> Iterator[Record]:
                     return
                 key = k
                 wanted = index >= start and info.isreg() and info.size <= max_member_bytes
-                members.append((info, tf.extractfile(info).read() if wanted else None))
+                at = None if base is None or info.issparse() else (spec["source"], base + info.offset_data)
+                members.append((info, _Member(tf.extractfile(info).read(), at) if wanted else None))
     if members and start <= index < stop:
         yield _tar_record(key, members)
+
+
+@dataclass(frozen=True)
+class _Member:
+    data: bytes
+    at: Optional[tuple[str, int]]  # where the data lies in the tar file, if it is read as it is
+
+
+@functools.lru_cache(maxsize=64)
+def _plain_tar(path: str) -> bool:
+    """Whether the file is an uncompressed tar (the stream is opened with r|*, which also reads compressed ones,
+    whatever their name): not one of the compressions tarfile reads, by their magic bytes."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return not head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"))
 
 
 def _tar_record(key: str, members: list) -> Record:
@@ -83,10 +103,12 @@ def _tar_record(key: str, members: list) -> Record:
         return Record(None, bad, raw)
 
 
-def _preview(info: tarfile.TarInfo, data: Optional[bytes]):
-    if data is not None and info.name.endswith((".json", ".txt")) and len(data) <= RAW_MAX_CHARS:
-        return data.decode("utf-8", "replace")
-    return data if data is not None else f"<{info.size} bytes, not read>"
+def _preview(info: tarfile.TarInfo, member: Optional[_Member]):
+    if member is None:
+        return f"<{info.size} bytes, not read>"
+    if info.name.endswith((".json", ".txt")) and len(member.data) <= RAW_MAX_CHARS:
+        return member.data.decode("utf-8", "replace")
+    return member.data
 
 
 def _sample_fields(members: list) -> dict:
@@ -99,15 +121,15 @@ def _sample_fields(members: list) -> dict:
             target = f" -> {info.linkname}" if info.issym() or info.islnk() else ""
             raise Bad("unsafe_member_type", f"tar member {info.name!r} is not a regular file{target}")
     fields, negs, known = {}, {}, False
-    for info, data in members:
+    for info, member in members:
         ext = _sample_key(info.name)[1]
-        if data is None:  # regular but over the size cap, so it was not read
+        if member is None:  # regular but over the size cap, so it was not read
             reason = "malformed_record" if ext.endswith(("txt", "json")) else "image_too_large"
             raise Bad(reason, f"tar member {info.name!r} is {info.size} bytes")
         if ext == "json":
             known = True
             try:
-                obj = json.loads(data.decode("utf-8"))
+                obj = json.loads(member.data.decode("utf-8"))
             except UnicodeDecodeError as e:
                 raise Bad("not_utf8", f"{info.name}: {e}") from None
             except ValueError as e:
@@ -121,7 +143,7 @@ def _sample_fields(members: list) -> dict:
             continue  # unknown members (e.g. __key__ or extra metadata) are not part of the pair
         known = True
         side, what = m.groups()
-        value = data if what == "txt" else {"bytes": data, "path": info.name}
+        value = member.data if what == "txt" else InlineImage(member.data, info.name, member.at)
         if side.startswith("neg"):
             negs.setdefault(int(side[3:] or 0), {})["text" if what == "txt" else "image"] = value
         else:
