@@ -24,6 +24,7 @@ from pipeline.errors import ConfigError, fail  # callers import ConfigError from
 # The registry maps names to "module:Class" strings: importing it loads no backend and needs no extra.
 from stages.backends import EMBEDDER_BACKENDS, GENERATOR_BACKENDS, LOCAL_MODEL_BACKENDS, NOT_LABEL_OPTIONS
 from stages.backends.parsing import USES as RATIONALE_USES
+from stages.score import SCORING_MODES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
@@ -137,7 +138,7 @@ CHOICES = {
     "generators[].rationale": RATIONALE_USES,  # the parts of an output that parsing.py can take as the rationale
     "embedder.backend": EMBEDDER_BACKENDS,
     "embedder.pooling": ("last", "mean"),
-    "scoring.mode": ("cosine", "pair_aware"),
+    "scoring.mode": SCORING_MODES,  # the formulas of stages/score.py
 }
 
 # The keys whose values decide the labels; a resume refuses if these changed.

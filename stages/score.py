@@ -38,6 +38,8 @@ import pyarrow as pa
 
 from stages.contract import Contract
 
+SCORING_MODES = ("cosine", "pair_aware")  # scoring.mode (pipeline/config.py takes its choices from here)
+
 # By default only a candidate that finished normally is a rationale; cut-off, empty, echoed or failed ones are
 # kept for auditing but never chosen (scoring.valid_finish_reasons).
 VALID_FINISH = ("stop",)
@@ -69,7 +71,7 @@ def score_pair(
 ) -> dict:
     """All of one pair's scores. s_direct_neg: (J,), s_k: (K,), s_neg: (K, J), s_control: (C,),
     s_control_neg: (C, J). NaN in, NaN out (selection treats NaN as not valid)."""
-    if mode not in ("cosine", "pair_aware"):
+    if mode not in SCORING_MODES:
         raise ValueError(f"unknown scoring mode {mode!r}")
     s_direct_neg = np.asarray(s_direct_neg, dtype=np.float64).reshape(-1)
     s_k = np.asarray(s_k, dtype=np.float64).reshape(-1)
