@@ -203,6 +203,11 @@ def test_send_seed_off_and_extra_body(serve):
     assert "seed" not in body and body["n"] == 2
     assert body["chat_template_kwargs"] == {"enable_thinking": False}
     assert [g.text for g in out[0]] == ["seed None for Query: a dog"] * 2
+    # the client merges extra_body over the request: what pairsel sets stays pairsel's
+    gen = fast(server.url, extra_body={"seed": 99, "max_tokens": 1, "top_k": 5})
+    gen.generate([request(seeds=[1, 2])])
+    body = server.bodies()[1]
+    assert (body["seed"], body["max_tokens"], body["top_k"]) == (1, 32, 5)
 
 
 def test_max_in_flight_bounds_concurrency(serve):

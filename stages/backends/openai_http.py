@@ -32,6 +32,8 @@ from stages.backends.prompt_text import chat_content
 log = logging.getLogger(__name__)
 
 _BODY_SNIPPET = 300  # characters of an error body kept in a message
+# The request fields OpenAIGenerator sets from a GenRequest.
+_REQUEST_KEYS = ("model", "messages", "temperature", "top_p", "max_tokens", "n", "seed")
 
 
 class MalformedResponse(ValueError):
@@ -169,7 +171,12 @@ class OpenAIGenerator:
         self.max_retries = max_retries
         self.use_n = use_n
         self.send_seed = send_seed
-        self.extra_body = dict(extra_body or {})
+        # the client merges extra_body over the request it builds: keys pairsel sets stay pairsel's (a seed
+        # there would sample every candidate alike)
+        self.extra_body = {k: v for k, v in (extra_body or {}).items() if k not in _REQUEST_KEYS}
+        if len(self.extra_body) < len(extra_body or {}):
+            log.warning("openai backend ignores extra_body keys it sets itself: %s",
+                        ", ".join(sorted(set(extra_body) & set(_REQUEST_KEYS))))
         self._api_key = None
         if api_key_env:
             self._api_key = os.environ.get(api_key_env)
