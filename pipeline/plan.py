@@ -1,6 +1,12 @@
-"""The Ray Data plan, one map_batches step per stage:
+"""The Ray Data plan, one step per stage:
 
-read (tasks) -> generate (one actor pool per generator) -> embed (actor pool) -> score -> select -> write parts
+read (one task per shard, pipeline/read_source.py) -> generate (one actor pool per generator) -> embed (actor
+pool) -> score -> select -> write parts (map_batches)
+
+Each stage declares the columns it reads and writes (stages/contract.py); `check_contracts` checks the whole
+chain when the plan is built, before any work, and each stage checks its batches against its own declaration.
+After the read, images travel as references (schemas IMAGE_REF); the read stores inline image bytes that no
+input file holds as they are under OUTPUT/_images/ (`with_images_dir`).
 
 Generation in rounds (config `rounds`): generate -> embed -> score repeats once per round (`round_schedule`).
 A later round samples the next candidates only for the pairs that no rationale satisfies yet, and embeds
@@ -23,11 +29,14 @@ from omegaconf import DictConfig
 
 from pipeline import version
 from pipeline.config import config_hash, to_dict
+from pipeline.read_source import read_pairs
 from schemas import SCHEMA_VERSION, WORK_SCHEMA, conform
+from stages.contract import check_chain
 from stages.embed import Embed
 from stages.generate import Generate
 from stages.images import IMAGES_DIR
-from stages.read import read_shard, read_shards_batch
+from stages.read import CONTRACT as READ_CONTRACT
+from stages.read import read_shard_table
 from stages.score import Score
 from stages.select import Select
 from stages.write import WriteParts
@@ -97,8 +106,9 @@ def steps(cfg: DictConfig) -> list[Step]:
     order = [g.name for g in cfg.generators]
     # a pair is satisfied, and gets no more candidates, once it holds a valid rationale above this
     threshold = cfg.scoring.epsilon + cfg.rounds.margin
+    target_side = has_target_side(cfg)
     score = Step(Score, {"mode": cfg.scoring.mode, "temperature": cfg.scoring.temperature,
-                         "valid_finish_reasons": list(cfg.scoring.valid_finish_reasons)})
+                         "valid_finish_reasons": list(cfg.scoring.valid_finish_reasons), "target_side": target_side})
     out, held, held_t = [], {name: 0 for name in order}, {name: 0 for name in order}
     for r, (reach, reach_t) in enumerate(zip(round_schedule(cfg), round_schedule(cfg, "target"))):
         for g, g_cfg in zip(c["generators"], cfg.generators):
@@ -118,10 +128,29 @@ def steps(cfg: DictConfig) -> list[Step]:
         held, held_t = reach, reach_t
         out.append(Step(Embed, {"embedder": c["embedder"], "max_image_pixels": cfg.input.max_image_pixels,
                                 "cache_dir": c["embedder"]["cache_dir"], "stats_dir": stats_dir,
-                                "round_index": r, "controls": list(cfg.scoring.controls)}, cfg.embedder.resources))
+                                "round_index": r, "controls": list(cfg.scoring.controls), "target_side": target_side},
+                        cfg.embedder.resources))
         out.append(score)
-    out.append(Step(Select, {"epsilon": cfg.scoring.epsilon}))
+    out.append(Step(Select, {"epsilon": cfg.scoring.epsilon, "target_side": target_side}))
     return out
+
+
+def has_target_side(cfg: DictConfig) -> bool:
+    """Whether any generator samples target rationales: without, no stage writes the target columns, so none may
+    read them (the contracts of embed, score, select and write depend on it)."""
+    return any(g.k_target > 0 for g in cfg.generators)
+
+
+def write_kwargs(cfg: DictConfig) -> dict:
+    return {"out_dir": cfg.output.dir, "provenance": provenance(cfg), "compression": cfg.output.compression,
+            "target_side": has_target_side(cfg)}
+
+
+def check_contracts(cfg: DictConfig, plan: list[Step]) -> None:
+    """The whole chain, reader to writer: every column a stage reads is written upstream (stages/contract.py).
+    Built from each stage's `contract` with the step's arguments, so no model is loaded."""
+    check_chain([READ_CONTRACT] + [step.stage.contract(**step.kwargs) for step in plan]
+                + [WriteParts.contract(**write_kwargs(cfg))])
 
 
 def _warn_if_pools_do_not_fit(cfg: DictConfig, plan: list[Step]) -> None:
@@ -144,29 +173,17 @@ def build_dataset(cfg: DictConfig, specs: list[dict], duplicates=None) -> ray.da
     c = to_dict(cfg)
     task = {"batch_format": "pyarrow", "num_cpus": cfg.ray.write_num_cpus}
     plan = steps(cfg)
+    check_contracts(cfg, plan)
     _warn_if_pools_do_not_fit(cfg, plan)
-    ds = ray.data.from_items(with_images_dir(cfg, specs), override_num_blocks=max(1, len(specs)))
-    ds = ds.map_batches(
-        read_shards_batch,
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=cfg.ray.read_num_cpus,
-        # Reads stay tasks of their own, one shard each. Ray Data fuses a task step into the next actor step
-        # when their remote args are equal (read_num_cpus == the generator's num_cpus), and the fused step
-        # then bundles `batch_size` of *its* input rows, shard specs here, into one task: a single task would
-        # read eight shards and pass nothing on until it had generated them all. max_calls=0 is Ray's task
-        # default (a worker runs any number of tasks) written out: a remote arg that actors cannot have,
-        # which keeps the steps apart.
-        max_calls=0,
-        fn_kwargs={"input_cfg": c["input"], "in_shard_negatives": cfg.scoring.in_shard_negatives,
-                   "seed": cfg.scoring.seed, "duplicates": duplicates},
-    )
+    # one read task per shard, kept apart from the first actor step (pipeline/read_source.py says how)
+    ds = read_pairs(with_images_dir(cfg, specs), input_cfg=c["input"], in_shard_negatives=cfg.scoring.in_shard_negatives,
+                    seed=cfg.scoring.seed, duplicates=duplicates, num_cpus=cfg.ray.read_num_cpus)
     for step in plan:
         if step.resources is None:
             ds = ds.map_batches(step.stage(**step.kwargs), **task)
         else:
             ds = ds.map_batches(step.stage, fn_constructor_kwargs=step.kwargs, **_actor_args(step.resources))
-    ds = ds.map_batches(WriteParts(cfg.output.dir, provenance(cfg), cfg.output.compression), **task)
+    ds = ds.map_batches(WriteParts(**write_kwargs(cfg)), **task)
     return ds
 
 
@@ -175,9 +192,11 @@ def run_local(cfg: DictConfig, specs: list[dict], instrument: Optional[Callable[
     fed the shard's rows in batches of the step's batch_size. Returns the labelled rows (nothing is written
     but the embedding cache and stage counters). `instrument(stage)` sees every stage once it is built."""
     c = to_dict(cfg)
-    shards = [read_shard(spec, c["input"], cfg.scoring.in_shard_negatives, cfg.scoring.seed)
+    plan = steps(cfg)
+    check_contracts(cfg, plan)
+    shards = [read_shard_table(spec, c["input"], cfg.scoring.in_shard_negatives, cfg.scoring.seed).to_pylist()
               for spec in with_images_dir(cfg, specs)]
-    for step in steps(cfg):
+    for step in plan:
         stage = step.stage(**step.kwargs)
         if instrument is not None:
             instrument(stage)

@@ -15,6 +15,7 @@ from schemas.v3 import (  # noqa: F401
     PROVENANCE,
     QUARANTINE_SCHEMA,
     SCHEMA_VERSION,
+    TARGET_COLUMNS,
     WORK_SCHEMA,
     conform,
 )

@@ -127,7 +127,10 @@ SCORE_FIELDS = [
     pa.field("best_delta", pa.float64()),
     pa.field("need_reasoning", pa.bool_()),  # decision == "reason"; null when undecided
     pa.field("rejected", pa.list_(pa.int32())),
-    # ---- the target side (generators[].k_target > 0; all null without target candidates)
+]
+
+# ---- the target side (generators[].k_target > 0; all null without target candidates)
+TARGET_FIELDS = [
     # each target candidate: s_k = cos(E(q), E(t ⊕ r_t,j)); s_neg null (the plain query's similarities to the
     # negatives are s_direct_neg: the negatives enter as embedded for the query side, see stages/score.py)
     pa.field("target_candidates", pa.list_(CANDIDATE)),
@@ -147,8 +150,9 @@ SCORE_FIELDS = [
     pa.field("joint_beats_query", pa.bool_()),  # joint_delta > the query side's choice + epsilon
     pa.field("joint_beats_target", pa.bool_()),  # joint_delta > the target side's choice + epsilon
 ]
+TARGET_COLUMNS = [f.name for f in TARGET_FIELDS]
 
-WORK_SCHEMA = pa.schema(PAIR_FIELDS + SCORE_FIELDS)
+WORK_SCHEMA = pa.schema(PAIR_FIELDS + SCORE_FIELDS + TARGET_FIELDS)
 
 PROVENANCE = pa.struct(
     [
@@ -170,6 +174,7 @@ OUTPUT_SCHEMA = pa.schema(
     [f for f in PAIR_FIELDS if f.name not in _DROPPED]
     + [pa.field("negatives", pa.list_(OUTPUT_NEGATIVE))]
     + SCORE_FIELDS
+    + TARGET_FIELDS
     + [pa.field("provenance", PROVENANCE)],
     metadata={b"pairsel.schema_version": str(SCHEMA_VERSION).encode()},
 )

@@ -34,17 +34,12 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from schemas import WORK_SCHEMA, conform
 from stages.backends import embedder_class
 from stages.backends.base import IMAGE_MARKER, EmbedInput
+from stages.contract import Contract
 from stages.counters import StageCounters
 from stages.embed_cache import EmbeddingCache, embedder_identity
 from stages.images import ImageError, ImageLoader, digest_bytes
-
-INPUTS = ("query_text", "query_image", "target_text", "target_image", "negatives", "s_direct", "candidates.text",
-          "candidates.finish_reason", "candidates.s_k")
-OUTPUTS = ("s_direct", "s_direct_neg", "s_control", "s_control_neg", "candidates.s_k", "candidates.s_neg",
-           "candidates.s_joint", "target_candidates.s_k", "target_s_control")
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +90,8 @@ class _Inputs:
 
 
 class Embed:
-    """Ray Data actor: loads the embedder once, serves batches.
+    """Ray Data actor: loads the embedder once, serves batches (through its contract: it sees only the columns
+    `contract` names).
 
     cache_dir: the disk cache shared by every actor and job (None: this actor's memory only).
     stats_dir: where this actor keeps its counters (lookups, hits, forwards, model seconds) as one small
@@ -104,8 +100,26 @@ class Embed:
     time the pair passes (with its plain query); they go through the cache like any input, so a control on a
     query shared by many pairs is embedded once."""
 
+    @staticmethod
+    def contract(embedder: dict, max_image_pixels: int, cache_dir: Optional[str] = None,
+                 stats_dir: Optional[str] = None, round_index: int = 0, controls=(), target_side: bool = True,
+                 ) -> Contract:
+        """The columns Embed reads and writes (its constructor's arguments; nothing is loaded). target_side: some
+        generator has k_target > 0 (without, nothing writes the target columns and this stage leaves them)."""
+        reads = ["quarantine_reason", "query_text", "query_image", "target_text", "target_image", "negatives.text",
+                 "negatives.image", "s_direct", "candidates.text", "candidates.finish_reason", "candidates.s_k"]
+        writes = ["s_direct", "s_direct_neg", "s_control", "s_control_neg", "candidates.s_k", "candidates.s_neg",
+                  "quarantine_reason", "quarantine_detail"]  # embed_failed, or an image changed since the read
+        if target_side:
+            reads += ["target_s_control", "target_candidates.text", "target_candidates.finish_reason",
+                      "target_candidates.s_k"]
+            writes += ["target_candidates.s_k", "target_candidates.s_neg", "target_s_control", "candidates.s_joint"]
+        return Contract("embed", tuple(reads), tuple(writes))
+
     def __init__(self, embedder: dict, max_image_pixels: int, cache_dir: Optional[str] = None,
-                 stats_dir: Optional[str] = None, round_index: int = 0, controls=()):
+                 stats_dir: Optional[str] = None, round_index: int = 0, controls=(), target_side: bool = True):
+        self._contract = Embed.contract(embedder, max_image_pixels, cache_dir, stats_dir, round_index, controls,
+                                        target_side)
         self.stats = StageCounters(stats_dir, "embed", stage="embed", round=round_index, lookups=0, forwards=0)
         self.cfg = embedder
         self.images = ImageLoader(max_image_pixels)  # this actor's images, loaded from their references
@@ -225,7 +239,12 @@ class Embed:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.stats.batch_started()
-        rows = batch.to_pylist()
+        out = self._contract.apply(batch, self._process)
+        self.stats.save(self.cache.stats)
+        return out
+
+    def _process(self, rows: list[dict]) -> None:
+        """Fill the rows' similarities (in place); a row that fails alone is quarantined."""
         todo = [r for r in rows if not r.get("quarantine_reason")]
         try:
             self._embed_rows(todo)
@@ -239,5 +258,3 @@ class Embed:
                 except Exception as re:
                     row["quarantine_reason"], row["quarantine_detail"] = "embed_failed", f"{type(re).__name__}: {re}"
         self.stats["rows"] += len(todo)
-        self.stats.save(self.cache.stats)
-        return conform(rows, WORK_SCHEMA)

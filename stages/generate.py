@@ -31,7 +31,7 @@ from typing import Optional
 
 import pyarrow as pa
 
-from schemas import WORK_SCHEMA, conform
+from stages.contract import Contract
 from stages.select import candidate_helps
 from stages.backends import generator_class
 from stages.backends.base import IMAGE_MARKER, GenRequest
@@ -45,11 +45,11 @@ from stages.images import ImageError, ImageLoader, load_image_bytes
 # would spare that; base.py has none yet.)
 ANSWER_BY_POSITION = frozenset({"precomputed"})
 
-INPUTS = ("pair_id", "query_text", "query_image", "target_text", "target_image", "target_image_path", "candidates",
-          "candidates.valid", "candidates.delta", "target_candidates")
-OUTPUTS = ("candidates", "target_candidates")
-
 SIDES = {"query": "candidates", "target": "target_candidates"}
+# what this stage fills in each candidate it adds (the rest is filled by embed and score)
+GENERATED_FIELDS = ("text", "generator", "model", "template", "seed", "sampling", "tokens", "finish_reason", "error")
+# what `satisfied` reads of a side's candidates, after a round's embed and score
+SATISFIED_FIELDS = ("valid", "delta", "delta_control")
 
 
 def candidate_seed(base_seed: int, generator: str, pair_id: str, k: int) -> int:
@@ -103,16 +103,38 @@ def satisfied(row: dict, threshold: float, side: str = "query") -> bool:
 
 
 class Generate:
-    """Ray Data actor: loads one generator in __init__, serves batches in __call__.
+    """Ray Data actor: loads one generator in __init__, serves batches in __call__ (through its contract: it
+    sees only the columns `contract` names).
 
     k_stop: sample candidates up to this index (default: the generator's k); a row that already holds some
     of this generator's candidates continues from there. satisfied_above: skip rows that are satisfied(row,
     satisfied_above) (later rounds; None in round 1). generator_order: the job's generator names, to keep
     pooled candidates in generator order across rounds. stats_dir: where this actor keeps its counters."""
 
+    @staticmethod
+    def contract(generator: dict, template: str, max_image_pixels: int, k_stop: Optional[int] = None,
+                 satisfied_above: Optional[float] = None, generator_order: Optional[list[str]] = None,
+                 stats_dir: Optional[str] = None, round_index: int = 0, side: str = "query") -> Contract:
+        """The columns one Generate step reads and writes (its constructor's arguments; nothing is loaded)."""
+        field = SIDES[side]
+        reads = ["pair_id", "quarantine_reason", "query_text", "query_image", "target_text",
+                 f"{field}.generator"]  # the candidates this generator already added (rounds)
+        # the query side shows the query's image and names the target ("[image]" for an image-only one); the
+        # target side shows the target's image, and seeds a target-only prompt from the target's bytes
+        reads.append("target_image_path" if side == "query" else "target_image")
+        if satisfied_above is not None:  # a later round skips the pairs that a candidate already helps
+            reads += ["s_control" if side == "query" else "target_s_control"]
+            reads += [f"{field}.{name}" for name in SATISFIED_FIELDS]
+        writes = [field] + [f"{field}.{name}" for name in GENERATED_FIELDS]
+        writes += ["quarantine_reason", "quarantine_detail"]  # an image changed or gone since the read
+        suffix = "" if side == "query" else ",target"
+        return Contract(f"generate[{generator['name']}{suffix}]", tuple(reads), tuple(writes))
+
     def __init__(self, generator: dict, template: str, max_image_pixels: int, k_stop: Optional[int] = None,
                  satisfied_above: Optional[float] = None, generator_order: Optional[list[str]] = None,
                  stats_dir: Optional[str] = None, round_index: int = 0, side: str = "query"):
+        self._contract = Generate.contract(generator, template, max_image_pixels, k_stop, satisfied_above,
+                                           generator_order, stats_dir, round_index, side)
         self.side = side
         self.field = SIDES[side]
         suffix = "" if side == "query" else "-target"
@@ -138,7 +160,12 @@ class Generate:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.stats.batch_started()
-        rows = batch.to_pylist()
+        out = self._contract.apply(batch, self._generate_rows)
+        self.stats.save()
+        return out
+
+    def _generate_rows(self, rows: list[dict]) -> None:
+        """Add this generator's candidates to the rows (in place)."""
         requests, owners, digests = [], [], []  # digests: each request's image
         for row in rows:
             if row.get("quarantine_reason"):
@@ -211,8 +238,6 @@ class Generate:
             self.stats["requests"] += 1
             self.stats["samples"] += len(request.seeds) - skip
             self.stats["tokens"] += sum(g.tokens or 0 for g in generations[skip:])
-        self.stats.save()
-        return conform(rows, WORK_SCHEMA)
 
     def _generate(self, requests: list[GenRequest], digests: list[Optional[str]]) -> list:
         """The backend's answers; on the target side each distinct (prompt, image, seeds, key) is sent once (a

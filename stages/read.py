@@ -11,7 +11,8 @@ The plan (pipeline/plan.py, pipeline/run.py) calls this module; each job of the 
   `find_duplicates`);
 - stages/negatives.py: in-shard negatives, for pair-aware scoring.
 
-Each shard is read whole by one task with `read_shard`, which returns exactly `stop - start` rows. Bad rows
+Each shard is read whole by one task (pipeline/read_source.py) with `read_shard`, which returns exactly
+`stop - start` rows; `read_shard_table` makes them a WORK_SCHEMA table checked against CONTRACT. Bad rows
 are never dropped: they come back with `quarantine_reason` (one of REASONS), `quarantine_detail`, `raw` (the
 record as text, truncated) and the identity fields that could be recovered. A bad negative quarantines its
 row. Without `input.image_root`, image paths are relative to the folder holding the input file.
@@ -25,33 +26,25 @@ import pyarrow as pa
 
 import schemas  # the current version (schemas/__init__.py re-exports it)
 from schemas.reasons import REASONS  # noqa: F401 (tests and tools take the codes from here)
+from stages.contract import Contract
 from stages.duplicates import Owners, find_duplicates, index_pair_ids  # noqa: F401 (pipeline/run.py)
-from stages.faults import fault_point
+from stages.images import InlineStore
 from stages.inputs import plan_shards, records  # noqa: F401 (plan_shards: pipeline/run.py)
 from stages.inputs.base import RAW_MAX_CHARS, Bad
 from stages.negatives import add_in_shard_negatives
-from stages.images import InlineStore
 from stages.validate import ImageChecker, blank_row, check_images, limits, parse_row
 
 
-def read_shards_batch(batch: pa.Table, input_cfg: dict, in_shard_negatives: int, seed: int,
-                      duplicates=None) -> pa.Table:
-    """`map_batches` body over a dataset of shard specs (one spec per batch is
-    best: a shard is one task's work). `duplicates`: the file of `find_duplicates`,
-    or the driver's Ray reference to the task that writes it (pipeline/run.py),
-    which this read waits for."""
-    if duplicates is not None and not isinstance(duplicates, str):
-        import ray
+# The reader writes the pair columns and nothing else: every later column is null in what it hands on.
+CONTRACT = Contract("read", (), tuple(schemas.PAIR_COLUMNS))
 
-        duplicates = ray.get(duplicates)["path"]
-    rows = []
-    for spec in batch.to_pylist():
-        if duplicates is not None:
-            spec = {**spec, "duplicates": duplicates}
-        shard = read_shard(spec, input_cfg, in_shard_negatives, seed)
-        fault_point("read", len(shard))
-        rows.extend(shard)
-    return schemas.conform(rows, schemas.WORK_SCHEMA)
+
+def read_shard_table(spec: dict, input_cfg, in_shard_negatives: int, seed: int) -> pa.Table:
+    """`read_shard` as one WORK_SCHEMA table, checked against the reader's CONTRACT (pipeline/read_source.py's
+    read tasks, pipeline/plan.py:run_local)."""
+    table = schemas.conform(read_shard(spec, input_cfg, in_shard_negatives, seed), schemas.WORK_SCHEMA)
+    CONTRACT.check_source(table)
+    return table
 
 
 def read_shard(spec: dict, input_cfg, in_shard_negatives: int, seed: int) -> list[dict]:

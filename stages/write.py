@@ -23,16 +23,15 @@ import json
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import OUTPUT_SCHEMA, PART_META, QUARANTINE_SCHEMA, conform
+from schemas import OUTPUT_SCHEMA, PART_META, QUARANTINE_SCHEMA, TARGET_COLUMNS, conform
+from stages.contract import Contract
 from stages.faults import fault_point
 from stages.files import atomic_write_json, atomic_write_table, shard_file, shard_name  # noqa: F401 (atomic_write_json: pipeline/run.py and pipeline/manifest.py import it from here)
-
-INPUTS = ("*",)  # every WORK_SCHEMA column
-OUTPUTS = ("shard_id", "shard_size", "part", "rows", "quarantine_part", "quarantine_rows")
 
 def to_output_row(row: dict, provenance: dict) -> dict:
     out = dict(row)
@@ -49,7 +48,25 @@ def to_quarantine_row(row: dict) -> dict:
 
 
 class WriteParts:
-    def __init__(self, out_dir: str, provenance: dict, compression: str):
+    """Ray Data task: stages a batch's rows as part files and returns PART_META. It sees only the columns of its
+    contract: what the output and quarantine shards hold (image references never reach it)."""
+
+    @staticmethod
+    def contract(out_dir: Optional[str] = None, provenance: Optional[dict] = None, compression: str = "snappy",
+                 target_side: bool = True) -> Contract:
+        """The columns the writer reads (it writes none: its output is PART_META, not rows), from the output
+        and quarantine schemas. target_side False: no generator has k_target, nothing writes the target columns,
+        and their output columns are null as they would be anyway."""
+        reads = [n for n in OUTPUT_SCHEMA.names if n not in ("negatives", "provenance")]
+        reads += [f"negatives.{f.name}" for f in OUTPUT_SCHEMA.field("negatives").type.value_type]
+        reads += [n for n in QUARANTINE_SCHEMA.names if n not in ("reason", "detail")]
+        reads += ["shard_size", "quarantine_reason", "quarantine_detail"]
+        if not target_side:
+            reads = [n for n in reads if n not in TARGET_COLUMNS]
+        return Contract("write", tuple(reads), ())
+
+    def __init__(self, out_dir: str, provenance: dict, compression: str, target_side: bool = True):
+        self._contract = WriteParts.contract(out_dir, provenance, compression, target_side)
         self.staging = Path(out_dir) / "_staging"
         self.provenance = provenance
         self.compression = compression
@@ -65,7 +82,7 @@ class WriteParts:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         by_shard: dict[int, list[dict]] = {}
-        for row in batch.to_pylist():
+        for row in batch.select(self._contract.columns).to_pylist():
             by_shard.setdefault(row["shard_id"], []).append(row)
         meta = []
         for shard_id, rows in sorted(by_shard.items()):

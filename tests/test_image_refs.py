@@ -16,7 +16,7 @@ from schemas import IMAGE_REF, WORK_SCHEMA, conform
 from stages.embed import Embed
 from stages.embed_cache import image_digest
 from stages.images import ImageLoader, digest_bytes, load_image_bytes
-from stages.read import plan_shards, read_shard, read_shards_batch
+from stages.read import plan_shards, read_shard, read_shard_table
 
 
 def png(color, size=(24, 24)) -> bytes:
@@ -67,8 +67,7 @@ def test_only_a_reference_travels_after_the_read(tmp_path):
     assert not [f.name for f in WORK_SCHEMA if binary_types(f.type)]
     assert WORK_SCHEMA.field("query_image").type == IMAGE_REF == WORK_SCHEMA.field("target_image").type
     cfg = input_cfg(hf_pairs(tmp_path / "ds"), "hf")
-    table = read_shards_batch(pa.Table.from_pylist([{**s, "images_dir": str(tmp_path / "_images")}
-                                                    for s in plan_shards(cfg)[:1]]), cfg, 0, 0)
+    table = read_shard_table({**plan_shards(cfg)[0], "images_dir": str(tmp_path / "_images")}, cfg, 0, 0)
     assert table.schema == WORK_SCHEMA and table.num_rows == 3
     refs = table["query_image"].to_pylist()
     # a reference is small: a path, a range and a digest, whatever the image's size

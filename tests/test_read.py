@@ -1,5 +1,5 @@
 """The reader: every input format, shard planning, quarantine reason codes,
-in-shard negatives, the demo data, and the reader inside a real Ray job."""
+in-shard negatives, the demo data, and the reader's contract (tests/test_read_source.py: the read in Ray)."""
 import gzip
 import hashlib
 import io
@@ -17,7 +17,7 @@ from PIL import Image
 import schemas
 from scripts.make_demo_data import make as make_demo
 from stages.images import load_image_bytes
-from stages.read import REASONS, plan_shards, read_shard, read_shards_batch
+from stages.read import REASONS, plan_shards, read_shard
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -469,23 +469,25 @@ def test_demo_data_builds_and_reads_valid(tmp_path):
     assert len({r["pair_id"] for r in bigger}) == 400 and all(r["quarantine_reason"] is None for r in bigger)
 
 
-# --------------------------------------------------------------------------- Ray
+# --------------------------------------------------------------------------- the reader's contract
 
 
-def test_read_shards_batch_in_ray_map_batches(local_ray, tmp_path):
-    import ray
+def test_read_shard_table_is_work_schema_with_only_the_pair_columns(tmp_path):
+    """What a read task hands on (pipeline/read_source.py runs it in Ray): the rows of read_shard as one
+    WORK_SCHEMA table, checked against the reader's CONTRACT, which refuses a row with a later stage's column."""
+    from stages.contract import ContractError
+    from stages.read import CONTRACT, read_shard_table
 
-    jsonl = make_demo(tmp_path / "demo", n_pairs=100)
+    jsonl = make_demo(tmp_path / "demo", n_pairs=40)
     with open(jsonl, "a") as f:
         f.write("{broken\n")
     cfg = input_cfg(jsonl, root=tmp_path / "demo", rows_per_shard=30)
     specs = plan_shards(cfg)
-    ds = ray.data.from_items(specs, override_num_blocks=2).map_batches(
-        read_shards_batch, batch_size=1, batch_format="pyarrow",
-        fn_kwargs={"input_cfg": cfg, "in_shard_negatives": 2, "seed": 7})
-    tables = ray.get(ds.to_arrow_refs())
-    assert all(t.schema == schemas.WORK_SCHEMA for t in tables if t.num_rows)
-    got = sorted(pa.concat_tables(tables).to_pylist(), key=lambda r: (r["shard_id"], r["row_index"]))
+    tables = [read_shard_table(s, cfg, 2, 7) for s in specs]
+    assert all(t.schema == schemas.WORK_SCHEMA for t in tables)
     direct = [r for s in specs for r in read_shard(s, cfg, 2, 7)]
-    assert got == schemas.conform(direct, schemas.WORK_SCHEMA).to_pylist()
-    assert len(got) == 101 and [r["quarantine_reason"] for r in got].count("malformed_record") == 1
+    assert pa.concat_tables(tables).to_pylist() == schemas.conform(direct, schemas.WORK_SCHEMA).to_pylist()
+    assert [r["quarantine_reason"] for r in direct].count("malformed_record") == 1
+    assert set(CONTRACT.writes) == set(schemas.PAIR_COLUMNS) and not CONTRACT.reads
+    with pytest.raises(ContractError, match="s_direct"):
+        CONTRACT.check_source(schemas.conform([{**direct[0], "s_direct": 0.5}], schemas.WORK_SCHEMA))

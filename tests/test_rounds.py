@@ -195,5 +195,5 @@ def test_reads_stay_one_task_per_shard_when_resources_match(local_ray, tiny_mode
                "embedder.resources.num_cpus=0.25")
     specs = plan_shards(config.to_dict(cfg)["input"])
     optimized = explain_plan(build_dataset(cfg, specs)._logical_plan).split("Physical Plan (Optimized)")[1]
-    assert "TaskPoolMapOperator[MapBatches(read_shards_batch)]" in optimized
+    assert "TaskPoolMapOperator[ReadPairShards]" in optimized
     assert "ActorPoolMapOperator[MapBatches(Generate)]" in optimized
