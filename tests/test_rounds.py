@@ -197,3 +197,49 @@ def test_reads_stay_one_task_per_shard_when_resources_match(local_ray, tiny_mode
     optimized = explain_plan(build_dataset(cfg, specs)._logical_plan).split("Physical Plan (Optimized)")[1]
     assert "TaskPoolMapOperator[ReadPairShards]" in optimized
     assert "ActorPoolMapOperator[MapBatches(Generate)]" in optimized
+
+
+# --------------------------------------------------------------------------- the stage contracts of the plan
+
+
+@pytest.mark.parametrize("overrides", [[], ["generators.0.k_target=2"], ["rounds.k0=1", "rounds.step=1"],
+                                       ["rounds.k0=1", "rounds.step=1", "generators.0.k_target=2"],
+                                       ["scoring.mode=pair_aware", "scoring.controls=[ok]"]])
+def test_each_plan_holds_its_contract_chain_and_a_missing_stage_breaks_it(tiny_models, data, tmp_path, overrides):
+    """check_contracts (run by build_dataset and run_local) over every plan shape: each column a stage reads is
+    written upstream. Without the embed steps, score reads similarities that no stage writes: the plan fails
+    before any work, naming the stage and the column."""
+    from pipeline.plan import check_contracts
+    from stages.contract import ContractError
+    from stages.embed import Embed
+
+    cfg = load(tmp_path, tiny_models, data, *overrides)
+    plan = steps(cfg)
+    check_contracts(cfg, plan)
+    with pytest.raises(ContractError, match=r"stage score: column (s_direct|candidates\.s_k)"):
+        check_contracts(cfg, [s for s in plan if s.stage is not Embed])
+
+
+def test_generate_changes_only_its_declared_columns(tmp_path):
+    """A real Generate (precomputed backend) over a batch whose other columns hold values: they come back as they
+    were (Arrow, never through Python); a contract without the candidates column makes the same stage fail."""
+    from stages.contract import Contract, ContractError
+
+    path = tmp_path / "rationales.jsonl"
+    path.write_text('{"pair_id": "p", "rationales": ["first", "second"]}\n')
+    g = {"name": "pre", "backend": "precomputed", "model": "precomputed", "k": 2, "template": "query_only",
+         "rationale": "both", "seed": 0, "trust_remote_code": False, "options": {"path": str(path)},
+         "sampling": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8}}
+    ref = {"path": "/nowhere.png", "offset": 0, "size": 3, "digest": "sha256:" + "0" * 64}
+    row = {"pair_id": "p", "query_text": "a query", "target_text": "t", "target_image": ref, "s_direct": 0.25,
+           "negatives": [{"text": "n", "image_path": "x.png", "image": ref, "origin": "explicit"}], "raw": "kept"}
+    batch = conform([row], WORK_SCHEMA)
+    stage = Generate(g, "{query}", 10**7)
+    out = stage(batch)
+    assert [c["text"] for c in out["candidates"].to_pylist()[0]] == ["first", "second"]
+    for name in WORK_SCHEMA.names:
+        if name != "candidates":
+            assert out[name].equals(batch[name]), name
+    stage._contract = Contract("generate[pre]", stage._contract.reads, ("quarantine_reason", "quarantine_detail"))
+    with pytest.raises(ContractError, match="candidates"):
+        stage(batch)
