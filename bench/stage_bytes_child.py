@@ -80,7 +80,8 @@ def operators(summary) -> list[dict]:
     for op in summary.operators_stats:
         out.append({"operator": op.operator_name,
                     "bytes": int(op.output_size_bytes.sum) if op.output_size_bytes else 0,
-                    "rows": int(op.output_num_rows.sum) if op.output_num_rows else 0})
+                    "rows": int(op.output_num_rows.sum) if op.output_num_rows else 0,
+                    "largest_block": int(op.output_size_bytes.max) if op.output_size_bytes else 0})
     return out
 
 
