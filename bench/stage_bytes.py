@@ -174,6 +174,11 @@ def kib(x: float) -> str:
     return f"{x / 1024:,.1f}"
 
 
+def largest_block(job: dict) -> str:
+    sizes = [op["largest_block"] for op in job["operators"] if "largest_block" in op]
+    return kib(max(sizes)) if sizes else "–"  # results.json of a run before the bench kept it
+
+
 def table(res: dict) -> str:
     scales = sorted(res["jobs"], key=int)
     jobs = [res["jobs"][s] for s in scales]
@@ -193,6 +198,8 @@ def table(res: dict) -> str:
     lines += ["", "| job | " + head + " |", "|---|" + "---|" * len(jobs),
               "| **peak object-store use (ray_object_store_used_memory), MiB** | " +
               " | ".join(f"**{j['object_store']['used'] / MIB:,.2f}**" for j in jobs) + " |",
+              "| largest block of any operator, KiB (over Ray's 100 KiB inline size, a block goes to the object store) | "
+              + " | ".join(largest_block(j) for j in jobs) + " |",
               "| peak spilled, MiB | " + " | ".join(f"{j['object_store']['spilled'] / MIB:,.2f}" for j in jobs) + " |",
               "| object-store samples (every 0.5 s; failed reads) | " + " | ".join(
                   f"{j['object_store']['samples']} ({j['object_store']['errors']})" for j in jobs) + " |",
