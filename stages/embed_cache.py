@@ -83,6 +83,9 @@ def embedder_identity(embedder: dict) -> str:
 
 
 def image_digest(data: Optional[bytes]) -> Optional[bytes]:
+    """The sha256 of an image's bytes, as keys take it: the same as stages/images.py:digest_bytes of the image's
+    reference, which Embed uses (the read hashed the bytes once), so keys did not change when images became
+    references."""
     return None if data is None else hashlib.sha256(data).digest()
 
 

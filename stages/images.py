@@ -24,10 +24,10 @@ from stages.files import atomic_write_bytes
 
 # The PIL plugins that may parse input bytes.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
-# decoded images a model actor keeps (ImageLoader)
-MEMORY_BYTES = 256 << 20
 # What they may name an image: MPO is PIL's name for a JPEG that carries more than one picture (phone photos).
 DECODED_FORMATS = ALLOWED_FORMATS + ("MPO",)
+# decoded images a model actor keeps (ImageLoader)
+MEMORY_BYTES = 256 << 20
 
 
 class ImageError(ValueError):
@@ -110,7 +110,7 @@ def image_ref(path: str, offset: int, size: int, digest: str) -> dict:
 
 # --------------------------------------------------------------------------- the reader's store of inline images
 
-IMAGES_DIR = "_images"  # under output.dir; pipeline/run.py deletes it with what pairsel owns there
+IMAGES_DIR = "_images"  # under output.dir; one of the folders pairsel owns there (pipeline/output_dir.py)
 
 
 class InlineStore:
@@ -118,9 +118,10 @@ class InlineStore:
     digest as FOLDER/<ab>/<cd>/<hex>, and referenced there.
 
     Writes are atomic and not fsynced: the bytes are only needed while this job runs, and every load checks the
-    digest. Each process writes a digest once; a shard read in a new process (a resumed run) writes its images
-    again, so an entry torn by a power loss is replaced before any row refers to it. Two writers of one digest
-    write the same bytes: the last rename wins."""
+    digest. Each process writes a digest once (again if the file went since: an --overwrite between two jobs of
+    one process); a shard read in a new process (a resumed run) writes its images again, so an entry torn by a
+    power loss is replaced before any row refers to it. Two writers of one digest write the same bytes: the
+    last rename wins."""
 
     _written: set = set()  # paths this process wrote, shared by its stores
 
@@ -132,7 +133,7 @@ class InlineStore:
             raise ValueError("inline images need a folder to be stored in (the read's images_dir)")
         hexdigest = digest[len(DIGEST_PREFIX):]
         path = (self.folder / hexdigest[:2] / hexdigest[2:4] / hexdigest).absolute()
-        if str(path) not in self._written:
+        if str(path) not in self._written or not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, data, durable=False)
             self._written.add(str(path))
