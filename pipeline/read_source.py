@@ -1,5 +1,5 @@
 """The read step as a Ray Data datasource: one read task per input shard spec, each yielding the shard's rows
-(stages/read.py:read_shard) as one block of schemas.WORK_SCHEMA, whatever columns that schema holds. Call it so:
+(stages/read.py:read_shard_table) as one block of schemas.WORK_SCHEMA, whatever columns it holds. Call it so:
     ds = read_pairs(specs, input_cfg=to_dict(cfg)["input"], in_shard_negatives=cfg.scoring.in_shard_negatives,
                     seed=cfg.scoring.seed, duplicates=duplicates, num_cpus=cfg.ray.read_num_cpus)
 
@@ -26,7 +26,7 @@ from ray.data.block import BlockMetadata
 
 import schemas
 from stages.faults import fault_point
-from stages.read import read_shard
+from stages.read import read_shard_table
 
 
 class PairShardsDatasource(Datasource):
@@ -66,9 +66,9 @@ def _read_one_shard(spec: dict, input_cfg: dict, in_shard_negatives: int, seed: 
         duplicates = ray.get(duplicates)["path"]  # the index task may still run: wait for its file
     if duplicates is not None:
         spec = {**spec, "duplicates": duplicates}
-    rows = read_shard(spec, input_cfg, in_shard_negatives, seed)
-    fault_point("read", len(rows))
-    yield schemas.conform(rows, schemas.WORK_SCHEMA)
+    table = read_shard_table(spec, input_cfg, in_shard_negatives, seed)  # checked against the read's contract
+    fault_point("read", table.num_rows)
+    yield table
 
 
 def read_pairs(specs: list[dict], *, input_cfg: dict, in_shard_negatives: int, seed: int, duplicates=None,

@@ -1,10 +1,6 @@
-"""Run a job: prepare the output dir (resume or overwrite), start Ray, find the pair_ids repeated across
-shards, drive the plan of pipeline/plan.py, commit each shard once all its rows are written, and write the
-manifest.
-
-A user's files are sacred: output.dir must be new, empty or a pairsel output (its marker: _commits/job.json or
-a manifest of its own), and pairsel deletes there only what it writes itself (OWN_FOLDERS, OWN_FILES, shard
-files); --overwrite too.
+"""Run a job: prepare the output dir (resume or overwrite: pipeline/output_dir.py, which never touches a user's
+files), start Ray, find the pair_ids repeated across shards, drive the plan of pipeline/plan.py, commit each
+shard once all its rows are written, and write the manifest.
 
 Exactly once: a shard is done when its commit record is (stages/write.py). A rerun into the same output dir,
 after any crash or a Ctrl-C, keeps the committed shards, deletes what the dead run staged or left uncommitted,
@@ -16,9 +12,6 @@ hundred bytes each), not with the rows.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -31,173 +24,19 @@ from pathlib import Path
 from typing import Callable
 
 import ray
-import yaml
 from omegaconf import DictConfig
 
 from pipeline import card, manifest
-from pipeline.config import REPO_ROOT, ConfigError, config_hash, label_config, to_dict
+from pipeline.config import REPO_ROOT, ConfigError, to_dict
+from pipeline.output_dir import check_output_dir, is_pairsel_card, prepare_output
 from pipeline.plan import build_dataset
-from schemas import SCHEMA_VERSION
 from stages import faults
-from stages.read import find_duplicates, index_pair_ids, plan_shards
-from stages.files import SHARD_FILE, SHARD_GLOB, TEMP_SHARD_FILE, atomic_write_json, shard_file
+from stages.duplicates import find_duplicates, index_pair_ids
+from stages.files import shard_file
+from stages.inputs import plan_shards
 from stages.write import commit_shard
 
 log = logging.getLogger("pairsel")
-
-
-# ---------------------------------------------------------------- output dir: resume, overwrite
-def _flatten(d, prefix=""):
-    if isinstance(d, dict):
-        out = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    if isinstance(d, list):
-        out = {}
-        for i, v in enumerate(d):
-            out.update(_flatten(v, f"{prefix[:-1]}[{i}]."))
-        return out
-    return {prefix[:-1]: d}
-
-
-def config_diff(old: dict, new: dict) -> list[str]:
-    a, b = _flatten(old), _flatten(new)
-    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-def plan_fingerprint(specs: list[dict]) -> dict:
-    """What the shard plan is made of: a changed input (rows added, removed or rewritten) changes it."""
-    cut = [[s["source"], s["start"], s["stop"], s["offset"]] for s in specs]
-    return {"shards": len(specs), "sha256": hashlib.sha256(json.dumps(cut).encode()).hexdigest()[:16]}
-
-
-# What pairsel writes into an output dir, and so the only things it ever deletes there. Anything else (a user's
-# notes, another tool's files) is left alone, and a non-empty folder without pairsel's marker is refused.
-OWN_FOLDERS = ("_staging", "_index", "_stats", "_cache", "_logs")  # wholly pairsel's; _commits goes last
-OWN_FILES = ("manifest.json", "report.html")
-JOB_RECORD = Path("_commits") / "job.json"
-
-
-def is_pairsel_output(out_dir: Path) -> bool:
-    """pairsel's marker: the job record it writes before anything else, or a manifest of its own."""
-    for path, key in ((out_dir / JOB_RECORD, "label_config"), (out_dir / "manifest.json", "pairsel_version")):
-        try:
-            if key in json.loads(path.read_text()):
-                return True
-        except (OSError, ValueError, TypeError):
-            continue
-    return False
-
-
-def is_pairsel_card(path: Path) -> bool:
-    """OUT/README.md as pipeline/card.py writes it (front matter tagged pairsel), not a README of the user's."""
-    try:
-        text = path.read_text(encoding="utf-8")
-        if not text.startswith("---\n"):
-            return False
-        meta = yaml.safe_load(text[4:text.index("\n---\n")])
-        return isinstance(meta, dict) and "pairsel" in (meta.get("tags") or [])
-    except (OSError, ValueError, yaml.YAMLError):
-        return False
-
-
-def check_output_dir(out_dir: Path) -> None:
-    """output.dir is new, empty, or a pairsel output: pairsel never writes over, nor deletes, a user's files."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"output.dir: {out_dir} is a file, not a folder")
-    if not out_dir.is_dir() or is_pairsel_output(out_dir):
-        return
-    found = sorted(p.name for p in out_dir.iterdir())
-    if found:
-        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-        raise ConfigError(f"output.dir: {out_dir} is not empty ({shown}) and is not a pairsel output; pairsel "
-                          "writes only into a new or empty folder or its own output, whatever the flags: "
-                          "choose another output.dir")
-
-
-def _shard_files(out_dir: Path, keep: set[int] = frozenset()):
-    """pairsel's shard files (and their temporary names) in data/ and quarantine/, but those of `keep`."""
-    for sub in ("data", "quarantine"):
-        for f in sorted((out_dir / sub).glob(f"*{SHARD_GLOB}")):
-            m = SHARD_FILE.fullmatch(f.name)
-            if (m and int(m[1]) not in keep) or TEMP_SHARD_FILE.fullmatch(f.name):
-                yield f
-
-
-def remove_own_output(out_dir: Path, cache_dir: str | None) -> None:
-    """--overwrite: delete what pairsel wrote in out_dir, and nothing else. The job record goes last, so that a
-    removal cut short still leaves a folder that pairsel recognises as its own."""
-    if not out_dir.is_dir():
-        return
-    for f in _shard_files(out_dir):
-        f.unlink()
-    for sub in ("data", "quarantine"):
-        with contextlib.suppress(OSError):  # kept if it holds anything else
-            (out_dir / sub).rmdir()
-    folders = [out_dir / name for name in OWN_FOLDERS]
-    if cache_dir is not None and Path(cache_dir).resolve().is_relative_to(out_dir.resolve()):
-        folders.append(Path(cache_dir))  # the embedding cache, where it lives in the output
-    for folder in folders:
-        if folder.resolve() != out_dir.resolve():
-            shutil.rmtree(folder, ignore_errors=True)
-    for name in OWN_FILES:
-        (out_dir / name).unlink(missing_ok=True)
-    if is_pairsel_card(out_dir / "README.md"):
-        (out_dir / "README.md").unlink()
-    commits = out_dir / "_commits"
-    for f in sorted(commits.glob(f"{SHARD_GLOB}.json")) + sorted(commits.glob(".*.tmp")):
-        f.unlink()
-    (out_dir / JOB_RECORD).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        commits.rmdir()
-
-
-def prepare_output(out_dir: Path, cfg: DictConfig, overwrite: bool, force: bool,
-                   specs: list[dict] | None = None) -> set[int]:
-    """Make out_dir ready and return the shard ids already committed there (resume is the default)."""
-    check_output_dir(out_dir)
-    if overwrite:
-        remove_own_output(out_dir, cfg.embedder.cache_dir)
-    commits = out_dir / "_commits"
-    commits.mkdir(parents=True, exist_ok=True)
-    job = out_dir / JOB_RECORD
-    current = {"label_config": label_config(cfg), "config_hash": config_hash(cfg), "schema_version": SCHEMA_VERSION}
-    if specs is not None:
-        current["input_plan"] = plan_fingerprint(specs)
-    if job.exists():
-        previous = json.loads(job.read_text())
-        written = previous.get("schema_version", 1)  # records before this key were all version 1
-        if written != SCHEMA_VERSION:  # not even --force: one output holds one schema version
-            raise ConfigError(f"output.dir: holds shards of schema version {written} and this pairsel writes "
-                              f"version {SCHEMA_VERSION}; use --overwrite to start afresh, or another output.dir")
-        diff = config_diff(previous["label_config"], current["label_config"])
-        if specs is not None and previous.get("input_plan", current["input_plan"]) != current["input_plan"]:
-            old, new = previous["input_plan"], current["input_plan"]
-            diff.append(f"input plan: {old['shards']} shards ({old['sha256']}) -> {new['shards']} shards "
-                        f"({new['sha256']}); the input files changed")
-        if diff and not force:
-            raise ConfigError(
-                "output.dir: holds a run made with a different label config or input; use --overwrite to start "
-                "afresh or --force to resume anyway. Changed:\n  " + "\n  ".join(diff)
-            )
-        if diff:  # forced: the pair_id index was made from the old input
-            shutil.rmtree(out_dir / "_index", ignore_errors=True)
-    if not job.exists() or force:
-        atomic_write_json(current, job)
-
-    committed = set()
-    for record in manifest.commit_records(out_dir):
-        files = [record[k] for k in ("path", "quarantine_path") if record[k]]
-        if all((out_dir / f).is_file() for f in files):
-            committed.add(record["shard_id"])
-        else:  # a record without its files cannot be trusted: redo the shard
-            (commits / shard_file(record["shard_id"], ".json")).unlink()
-    # Parts of unfinished shards and shard files never committed are leftovers of a crash; nothing else is.
-    shutil.rmtree(out_dir / "_staging", ignore_errors=True)
-    for f in _shard_files(out_dir, keep=committed):
-        f.unlink()
-    return committed
 
 
 # ---------------------------------------------------------------- Ray
@@ -231,9 +70,11 @@ def init_ray(address: str | None, quiet: bool = False) -> bool:
 
 
 def ray_logs_dir() -> str | None:
-    """Where this driver's Ray session keeps its logs (its workers', raylet's, Ray Data's)."""
+    """Where this driver's Ray session keeps its logs (its workers', raylet's, Ray Data's): Ray's documented
+    layout, TEMP_DIR/SESSION_NAME/logs, from the runtime context's public getters."""
     try:
-        return ray._private.worker._global_node.get_logs_dir_path()  # no public API names it
+        context = ray.get_runtime_context()
+        return os.path.join(context.get_temp_dir(), context.get_session_name(), "logs")
     except Exception:  # noqa: BLE001 - only a pointer for the user; a Ray without it is fine
         return None
 
@@ -241,20 +82,27 @@ def ray_logs_dir() -> str | None:
 def _init_local_ray(runtime_env: dict) -> None:
     """A Ray inside this process, every server of it listening on 127.0.0.1 only.
 
-    Ray 2.60 turns a node address of 127.0.0.1 into the machine's address (services.resolve_ip_for_localhost)
-    unless cluster support is off (ray_constants.ENABLE_RAY_CLUSTER, which RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
-    sets at import), and its servers listen on all interfaces unless the node address is the loopback one. A
-    Ray started by this process has no other node: cluster support goes off while it starts, so the node keeps
-    127.0.0.1, then back to what it was (the node address is fixed once Ray runs).
+    Ray 2.60 has no public setting for this on Linux: its servers listen on all interfaces unless the node
+    address is 127.0.0.1, and with cluster support on (ray_constants.ENABLE_RAY_CLUSTER, the Linux default)
+    both ray.init's `_node_ip_address="127.0.0.1"` and `ray start --node-ip-address=127.0.0.1` are turned into
+    the machine's address (services.resolve_ip_for_localhost). The one user-facing switch, the environment
+    variable RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, is read once at `import ray`, for the whole process, so it
+    would also change a driver that joins a cluster. So cluster support goes off only while this Ray starts,
+    which then takes the loopback address as on macOS and Windows (services.get_node_ip_address), and back to
+    what it was (the node address is fixed once Ray runs). A Ray started by this process has no other node.
+    tests/test_bad_inputs.py checks what its processes listen on.
     """
     from ray._private import ray_constants
 
     cluster_support = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=runtime_env)
+        ray.init(include_dashboard=False, runtime_env=runtime_env)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = cluster_support
+    if ray.util.get_node_ip_address() != "127.0.0.1":  # a Ray whose rule changed: say so, the job still runs
+        log.warning("the local Ray took the node address %s, not 127.0.0.1: it may listen beyond this machine",
+                    ray.util.get_node_ip_address())
 
 
 # ---------------------------------------------------------------- duplicates across shards

@@ -63,7 +63,8 @@ def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
 
 def pairsel_output_with_user_files(out: Path, empty_input: Path) -> dict:
     """An output that pairsel made (its job record and manifest, via a real run over an empty input), then what a
-    dead run of pairsel leaves (shard files, staged parts, an index, counters, a cache), and a user's own files."""
+    dead run of pairsel leaves (shard files, staged parts, an index, counters, a cache, inline images), and a
+    user's own files."""
     proc = run_pipeline([f"input.path={empty_input}", f"output.dir={out}"], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "_commits" / "job.json").is_file() and (out / "README.md").read_text().startswith("---\n")
@@ -72,6 +73,7 @@ def pairsel_output_with_user_files(out: Path, empty_input: Path) -> dict:
         "data/.shard-000001.parquet.0123456789abcdef0123456789abcdef.tmp": b"x",
         "_staging/shard-000000/part-1.parquet": b"x", "_index/pair_ids/shard-000000.parquet": b"x",
         "_stats/generate-1-abc.json": b"{}", "_cache/embeddings/id/ab/cd/abcd.emb": b"PSE1", "report.html": b"<html>",
+        "_images/ab/abcdef0123456789.png": b"\x89PNG",  # the read's store of inline images
     }
     users = {
         "notes.txt": b"do not lose me", "data/train-00000.parquet": b"a user's parquet",
@@ -102,7 +104,7 @@ def test_on_its_own_output_pairsel_deletes_only_its_own_files(tmp_path, flags):
             "data/.shard-000001.parquet.0123456789abcdef0123456789abcdef.tmp"}
     if flags:  # afresh: every file of the earlier run is gone
         gone |= {"_index/pair_ids/shard-000000.parquet", "_stats/generate-1-abc.json",
-                 "_cache/embeddings/id/ab/cd/abcd.emb", "report.html"}
+                 "_cache/embeddings/id/ab/cd/abcd.emb", "report.html", "_images/ab/abcdef0123456789.png"}
     assert not gone & set(after), f"pairsel's leftovers kept: {sorted(gone & set(after))}"
     assert (out / "_commits" / "job.json").is_file()  # and it is still a pairsel output
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
