@@ -24,6 +24,7 @@ from pipeline.errors import ConfigError, fail  # callers import ConfigError from
 # The registry maps names to "module:Class" strings: importing it loads no backend and needs no extra.
 from stages.backends import EMBEDDER_BACKENDS, GENERATOR_BACKENDS, LOCAL_MODEL_BACKENDS, NOT_LABEL_OPTIONS
 from stages.backends.parsing import USES as RATIONALE_USES
+from stages.inputs import INPUT_FORMATS
 from stages.score import SCORING_MODES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -133,7 +134,7 @@ class JobConfig:
 
 
 CHOICES = {
-    "input.format": ("mmeb", "hf", "webdataset"),
+    "input.format": INPUT_FORMATS,  # the readers of stages/inputs/
     "generators[].backend": GENERATOR_BACKENDS,  # the backend registry's names (stages/backends/__init__.py)
     "generators[].rationale": RATIONALE_USES,  # the parts of an output that parsing.py can take as the rationale
     "embedder.backend": EMBEDDER_BACKENDS,

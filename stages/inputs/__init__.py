@@ -19,6 +19,7 @@ from stages.inputs import hf, mmeb, webdataset
 from stages.inputs.base import Record
 
 SPEC_KEYS = ("shard_id", "kind", "source", "start", "stop", "offset", "subset", "image_root")
+INPUT_FORMATS = ("mmeb", "hf", "webdataset")  # input.format (pipeline/config.py takes its choices from here)
 # the module that reads each kind of shard
 READERS = {"jsonl": mmeb, "parquet": mmeb, "hf": hf, "tar": webdataset}
 
