@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-vllm models demo-data venv clean faults bench bench-vllm pool-demo vllm-env vllm-demo
+.PHONY: demo test test-vllm models demo-data venv clean faults bench bench-bytes bench-vllm pool-demo vllm-env vllm-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +78,10 @@ faults: venv
 # Throughput and memory benchmark: prints a table (see BENCHMARKS.md).
 bench: venv
 	$(PY) bench/bench.py
+
+# Bytes moved between stages per pair and peak object-store use, at 1x and 4x (BENCHMARKS.md):
+bench-bytes: models demo-data
+	$(PY) bench/stage_bytes.py
 
 # vLLM side by side (job on vLLM vs standalone vLLM, transformers, Ray Data LLM): prints a table (BENCHMARKS.md).
 bench-vllm: vllm-env
