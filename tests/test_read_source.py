@@ -16,6 +16,8 @@ from stages.duplicates import find_duplicates, index_pair_ids
 from stages.inputs import plan_shards
 from stages.read import read_shard
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> tuple[dict, list[dict]]:
@@ -96,3 +98,21 @@ def test_the_read_is_not_fused_into_the_next_actor_step_even_with_equal_num_cpus
     # above tells apart
     assert physical_plan(then_actors(None))[0] == "ActorPoolMapOperator[ReadPairShards->MapBatches(PassThrough)]"
 
+
+
+def test_in_the_jobs_plan_the_read_stays_its_own_operator(local_ray, demo, tiny_models, tmp_path):
+    """pipeline/plan.py's whole plan, the reads with the same num_cpus as the generator's actors (their worst
+    case: equal remote args)."""
+    from pipeline import config
+    from pipeline.plan import build_dataset
+
+    input_cfg, specs = demo
+    cfg = config.load(REPO / "configs" / "demo.yaml", [
+        f"input.path={input_cfg['path']}", f"input.image_root={input_cfg['image_root']}", "input.rows_per_shard=16",
+        f"generators.0.model={tiny_models['generator']}", f"embedder.model={tiny_models['embedder']}",
+        f"output.dir={tmp_path / 'out'}"])
+    cfg.ray.read_num_cpus = cfg.generators[0].resources.num_cpus
+    operators = physical_plan(build_dataset(cfg, specs))
+    assert "TaskPoolMapOperator[ReadPairShards]" in operators, operators
+    assert operators[operators.index("TaskPoolMapOperator[ReadPairShards]") - 1].startswith(
+        "ActorPoolMapOperator[MapBatches(Generate)"), operators  # the first generate step comes right after
