@@ -39,7 +39,8 @@ def _flatten(d, prefix=""):
 
 def config_diff(old: dict, new: dict) -> list[str]:
     a, b = _flatten(old), _flatten(new)
-    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
 
 
 def plan_fingerprint(specs: list[dict]) -> dict:
