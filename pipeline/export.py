@@ -21,8 +21,8 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError
-from pipeline.export_formats import (  # noqa: F401 (RATIONALE_SEPARATOR: re-exported, tests/test_target_job.py)
-    DOCS, FORMATS, GATE_SIDES, PREFERENCE_STYLES, RATIONALE_MODES, RATIONALE_SEPARATOR, RATIONALE_SIDES, SIDES,
+from pipeline.export_formats import (
+    DOCS, FORMATS, GATE_SIDES, PREFERENCE_STYLES, RATIONALE_MODES, RATIONALE_SIDES, SIDES,
     as_side, format_rows, preference_pairs)
 from pipeline.read_output import check_schema_version, data_files, read_manifest
 

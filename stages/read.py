@@ -1,6 +1,6 @@
 """The read stage: input shards -> canonical pair records (the pair columns of WORK_SCHEMA).
 
-The plan (pipeline/plan.py, pipeline/run.py) calls this module; each job of the read lives in its own:
+The read tasks (pipeline/read_source.py) call this module; each job of the read lives in its own:
 - stages/inputs/: finding the input, cutting it into fixed shards (`plan_shards`), and one module per
   `input.format` (mmeb JSONL/Parquet, hf save_to_disk, webdataset tars) behind one `records(spec)`;
 - stages/validate.py: one record -> one row, or a reason code; its images read and decoded once, and kept as
@@ -13,7 +13,7 @@ The plan (pipeline/plan.py, pipeline/run.py) calls this module; each job of the 
 
 Each shard is read whole by one task (pipeline/read_source.py) with `read_shard`, which returns exactly
 `stop - start` rows; `read_shard_table` makes them a WORK_SCHEMA table checked against CONTRACT. Bad rows
-are never dropped: they come back with `quarantine_reason` (one of REASONS), `quarantine_detail`, `raw` (the
+are never dropped: they come back with `quarantine_reason` (a code of schemas/reasons.py), `quarantine_detail`, `raw` (the
 record as text, truncated) and the identity fields that could be recovered. A bad negative quarantines its
 row. Without `input.image_root`, image paths are relative to the folder holding the input file.
 """
@@ -25,11 +25,10 @@ from typing import Callable
 import pyarrow as pa
 
 import schemas  # the current version (schemas/__init__.py re-exports it)
-from schemas.reasons import REASONS  # noqa: F401 (tests and tools take the codes from here)
 from stages.contract import Contract
-from stages.duplicates import Owners, find_duplicates, index_pair_ids  # noqa: F401 (pipeline/run.py)
+from stages.duplicates import Owners
 from stages.images import InlineStore
-from stages.inputs import plan_shards, records  # noqa: F401 (plan_shards: pipeline/run.py)
+from stages.inputs import records
 from stages.inputs.base import RAW_MAX_CHARS, Bad
 from stages.negatives import add_in_shard_negatives
 from stages.validate import ImageChecker, blank_row, check_images, limits, parse_row

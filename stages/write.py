@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from schemas import OUTPUT_SCHEMA, PART_META, QUARANTINE_SCHEMA, TARGET_COLUMNS, conform
 from stages.contract import Contract
 from stages.faults import fault_point
-from stages.files import atomic_write_json, atomic_write_table, shard_file, shard_name  # noqa: F401 (atomic_write_json: pipeline/run.py and pipeline/manifest.py import it from here)
+from stages.files import atomic_write_json, atomic_write_table, shard_file, shard_name
 
 def to_output_row(row: dict, provenance: dict) -> dict:
     out = dict(row)

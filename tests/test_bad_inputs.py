@@ -168,7 +168,8 @@ class _Payload:
 
 
 def test_nothing_from_the_input_is_unpickled(tmp_path):
-    from stages.read import plan_shards, read_shard
+    from stages.inputs import plan_shards
+    from stages.read import read_shard
 
     marker = tmp_path / "unpickled"
     payload = pickle.dumps(_Payload(str(marker)))

@@ -3,7 +3,6 @@ read what nobody writes is refused. The real stages' declarations are checked he
 job's chain is checked where the plan is built (tests/test_job.py and the plan tests run it on every job)."""
 import math
 
-import pyarrow as pa
 import pytest
 
 from schemas import WORK_SCHEMA, conform

@@ -1,6 +1,5 @@
 """The embedding disk cache: exact round trips, keys, torn and stray files, concurrent writers."""
 import multiprocessing
-import os
 import shutil
 from pathlib import Path
 

@@ -16,7 +16,8 @@ from schemas import IMAGE_REF, WORK_SCHEMA, conform
 from stages.embed import Embed
 from stages.embed_cache import image_digest
 from stages.images import ImageLoader, digest_bytes, load_image_bytes
-from stages.read import plan_shards, read_shard, read_shard_table
+from stages.inputs import plan_shards
+from stages.read import read_shard, read_shard_table
 
 
 def png(color, size=(24, 24)) -> bytes:

@@ -17,7 +17,9 @@ from PIL import Image
 import schemas
 from scripts.make_demo_data import make as make_demo
 from stages.images import load_image_bytes
-from stages.read import REASONS, plan_shards, read_shard
+from schemas.reasons import REASONS
+from stages.inputs import plan_shards
+from stages.read import read_shard
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -348,7 +350,7 @@ def test_each_reason_code_quarantines_only_its_row(tmp_path, image_root):
 
 
 def test_a_pair_id_is_kept_once_across_shards(tmp_path, image_root):
-    from stages.read import find_duplicates, index_pair_ids
+    from stages.duplicates import find_duplicates, index_pair_ids
 
     a = {"qry": "the same pair", "pos_text": "t"}
     records = [

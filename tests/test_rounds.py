@@ -15,7 +15,7 @@ from pipeline.plan import round_schedule, run_local, steps
 from schemas import WORK_SCHEMA, conform
 from scripts.make_demo_data import make
 from stages.generate import Generate, satisfied
-from stages.read import plan_shards
+from stages.inputs import plan_shards
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -97,7 +97,7 @@ def test_manifest_counts_both_sides(target_job):
 def test_exports_of_the_target_side(target_job, tmp_path):
     import polars as pl
 
-    from pipeline import export
+    from pipeline import export, export_formats
 
     rows = {r["pair_id"]: r for r in pq.read_table(target_job["out"] / "data").to_pylist()}
     both = export.run(str(target_job["out"]), "contrastive", str(tmp_path / "c"), rationale_side="both",
@@ -114,7 +114,7 @@ def test_exports_of_the_target_side(target_job, tmp_path):
         src = rows[r["pair_id"]]
         assert r["qry"] == (src["query_text"] or "")  # the query side untouched
         if src["target_decision"] == "reason":
-            assert r["pos_text"].endswith(export.RATIONALE_SEPARATOR + src["target_candidates"][src["target_chosen"]]["text"])
+            assert r["pos_text"].endswith(export_formats.RATIONALE_SEPARATOR + src["target_candidates"][src["target_chosen"]]["text"])
     pref = export.run(str(target_job["out"]), "preference", str(tmp_path / "p"), side="target")
     if pref["rows"]:
         for r in pl.read_parquet(pref["files"]).iter_rows(named=True):

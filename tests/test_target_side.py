@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline import config
 from schemas import WORK_SCHEMA, conform
@@ -147,7 +146,7 @@ def test_a_shared_target_is_reasoned_about_and_embedded_once(tmp_path, tiny_mode
     from scripts.make_demo_data import make
     from stages.embed import Embed, control_text
     from stages.generate import Generate
-    from stages.read import plan_shards
+    from stages.inputs import plan_shards
 
     data = tmp_path / "data"
     path = make(data, n_pairs=24, seed=3)
@@ -207,7 +206,7 @@ def test_rounds_apply_per_side_and_keep_the_labels(tmp_path, tiny_models):
     from pipeline.plan import run_local, steps
     from scripts.make_demo_data import make
     from stages.generate import Generate
-    from stages.read import plan_shards
+    from stages.inputs import plan_shards
 
     data = tmp_path / "data"
     path = make(data, n_pairs=16, seed=5)
