@@ -206,7 +206,8 @@ def ray_data_llm(job_out: Path, root: Path, own_images: bool = False) -> dict:
             out["multimodal_data"] = {"image": Image.open(io.BytesIO(row["image"])).convert("RGB")}
         return out
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1")
+    # not on loopback only: Ray 2.60 has no public way (pipeline/run.py); a bench Ray is short-lived
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     try:
         config = vLLMEngineProcessorConfig(
             model_source=str(cfg["generators"][0]["model"]),
@@ -283,7 +284,8 @@ def ray_data_plain(job_out: Path, root: Path) -> dict:
     items = ray_data_items(cfg, rows, root)
     for item in items:
         item.pop("messages")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1")
+    # not on loopback only: Ray 2.60 has no public way (pipeline/run.py); a bench Ray is short-lived
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     try:
         ds = ray.data.from_items(items).map_batches(
             PlainVLLMPredictor, fn_constructor_kwargs={"model": str(cfg["generators"][0]["model"]), "engine": engine},
