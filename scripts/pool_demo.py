@@ -29,7 +29,7 @@ SERVED_NAME = "tiny-qwen2vl"  # configs/pool.yaml: generators.2.model
 # every 13th dropped; each recovers on its retry. One query fails on every attempt.
 FAULT_ARGS = ["--rate-limit-every", "5", "--retry-after", "1", "--error-every", "7", "--slow-every", "11",
               "--slow-s", "6", "--reset-every", "13", "--fail-matching", "What is 10 plus 537?"]
-FAULT_OVERRIDES = ["generators.2.options.timeout_s=4", "generators.2.options.backoff_s=0.2"]
+FAULT_OVERRIDES = ["generators.2.options.timeout_s=4"]
 
 
 def _fmt(value, spec: str = "") -> str:
