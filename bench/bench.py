@@ -175,7 +175,7 @@ def model_only(data: Path, threads: int, overrides: list[str]) -> dict:
 
     from pipeline import config
     from pipeline.plan import run_local
-    from stages.read import plan_shards
+    from stages.inputs import plan_shards
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="pairsel-bench-loop-") as tmp:

@@ -10,7 +10,8 @@ import pytest
 from pipeline import config
 from schemas import WORK_SCHEMA, conform
 from stages.embed import Embed
-from stages.read import plan_shards, read_shard
+from stages.inputs import plan_shards
+from stages.read import read_shard
 
 BATCH = 5  # pairs of one subset (8 of them in the demo data) span batches
 

@@ -20,7 +20,7 @@ import yaml
 
 from pipeline import config
 from pipeline.plan import run_local
-from stages.read import plan_shards
+from stages.inputs import plan_shards
 from stages.select import REASON, select_rows
 from tests.labels_world import ITEMS, write
 

@@ -251,7 +251,7 @@ def test_a_pair_that_no_generator_answered_is_quarantined_not_labelled(tiny_mode
 
     from pipeline import config
     from pipeline.plan import run_local
-    from stages.read import plan_shards
+    from stages.inputs import plan_shards
 
     port = job_runs.free_port()  # nobody listens on it: connections are refused
     job = tmp_path / "job.yaml"
