@@ -23,6 +23,7 @@ from pipeline.availability import check_model_ref
 from pipeline.errors import ConfigError, fail  # callers import ConfigError from here too
 # The registry maps names to "module:Class" strings: importing it loads no backend and needs no extra.
 from stages.backends import EMBEDDER_BACKENDS, GENERATOR_BACKENDS, LOCAL_MODEL_BACKENDS, NOT_LABEL_OPTIONS
+from stages.backends.base import POOLINGS
 from stages.backends.parsing import USES as RATIONALE_USES
 from stages.inputs import INPUT_FORMATS
 from stages.score import SCORING_MODES
@@ -138,7 +139,7 @@ CHOICES = {
     "generators[].backend": GENERATOR_BACKENDS,  # the backend registry's names (stages/backends/__init__.py)
     "generators[].rationale": RATIONALE_USES,  # the parts of an output that parsing.py can take as the rationale
     "embedder.backend": EMBEDDER_BACKENDS,
-    "embedder.pooling": ("last", "mean"),
+    "embedder.pooling": POOLINGS,  # what every embedder backend offers
     "scoring.mode": SCORING_MODES,  # the formulas of stages/score.py
 }
 

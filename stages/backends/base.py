@@ -56,8 +56,13 @@ class EmbedInput:
     image: Optional[Image.Image] = None
 
 
+# embedder.pooling: the last token's state (VLM2Vec style) or the masked mean; every embedder backend offers both
+# (pipeline/config.py takes its choices from here)
+POOLINGS = ("last", "mean")
+
+
 class EmbedderBackend(Protocol):
-    """Constructed once per actor: __init__(model: str, pooling: str, max_length: int,
+    """Constructed once per actor: __init__(model: str, pooling: str (one of POOLINGS), max_length: int,
     trust_remote_code: bool, **options)."""
 
     model_id: str

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 
-from stages.backends.base import IMAGE_MARKER, EmbedInput, GenRequest, Generation, l2_normalise
+from stages.backends.base import IMAGE_MARKER, POOLINGS, EmbedInput, GenRequest, Generation, l2_normalise
 from stages.backends.prompt_text import IMAGE, chat_content, image_parts
 
 log = logging.getLogger(__name__)
@@ -298,7 +298,7 @@ def parse_embeddings(outputs: list) -> np.ndarray:
     return l2_normalise(np.asarray([o.outputs.embedding for o in outputs], dtype=np.float32))
 
 
-POOLING_TYPES = {"last": "LAST", "mean": "MEAN"}
+POOLING_TYPES = {p: p.upper() for p in POOLINGS}  # pairsel's pooling names -> vLLM's pooling_type (LAST, MEAN)
 TRANSFORMERS_ONLY_OPTIONS = ("batch_size", "length_bucket", "device")
 
 

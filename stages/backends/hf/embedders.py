@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from stages.backends.base import EmbedInput, l2_normalise
+from stages.backends.base import POOLINGS, EmbedInput, l2_normalise
 from stages.backends.hf.inputs import ModelInputs, device_for, dtype_for, load_model
 from stages.backends.prompt_text import raw_text
 from stages.faults import fault_point
@@ -36,8 +36,8 @@ class TransformersEmbedder:
                  device: Optional[str] = None, dtype: Optional[str] = None, **options):
         from transformers import AutoModel
 
-        if pooling not in ("last", "mean"):
-            raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         self.model_id = model
         self.pooling = pooling
         self.max_length = max_length
