@@ -48,12 +48,16 @@ if str(REPO) not in sys.path:  # run as a script: make pairsel's packages import
     sys.path.insert(0, str(REPO))
 
 from stages.backends.base import IMAGE_MARKER, GenRequest  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
 from stages.images import ImageError, decode_image  # noqa: E402
 
 log = logging.getLogger("serve_openai")
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_N = 16
+# the pixel limit a job applies to its input images (input.max_image_pixels), applied to the images it is sent
+MAX_IMAGE_PIXELS = int(OmegaConf.load(REPO / "configs" / "default.yaml").input.max_image_pixels)
 LISTENING = "listening on "
 
 
@@ -132,7 +136,7 @@ def _image_from_data_url(url: str):
     except (binascii.Error, ValueError) as e:
         raise RequestError(400, f"image data URL is not valid base64: {e}") from None
     try:
-        return decode_image(raw)
+        return decode_image(raw, MAX_IMAGE_PIXELS)
     except ImageError as e:
         raise RequestError(400, f"bad image ({e.reason}): {e.detail}") from None
 

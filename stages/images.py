@@ -37,7 +37,7 @@ class ImageError(ValueError):
         self.detail = detail
 
 
-def decode_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode and fully load an RGB image, or raise ImageError(reason, detail)."""
     if not data:
         raise ImageError("image_empty", "0-byte image")

@@ -36,9 +36,8 @@ PAIR_ID_CHARS = 20
 
 
 def limits(input_cfg) -> tuple[int, int]:
-    """(max_image_pixels, max_query_chars) of the input config; configs/default.yaml holds the defaults,
-    these fallbacks serve callers that pass a partial input config (tests, tools)."""
-    return int(input_cfg.get("max_image_pixels") or 40_000_000), int(input_cfg.get("max_query_chars") or 20_000)
+    """(max_image_pixels, max_query_chars) of the input config (their defaults: configs/default.yaml)."""
+    return int(input_cfg["max_image_pixels"]), int(input_cfg["max_query_chars"])
 
 
 def blank_row(spec: dict, row_index: int) -> dict:
