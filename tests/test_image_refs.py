@@ -122,7 +122,8 @@ def test_tar_members_are_referenced_in_place_unless_compressed(tmp_path):
 
 @pytest.fixture(scope="module")
 def embedder(tiny_models):
-    cfg = config.load("configs/demo.yaml", [f"embedder.model={tiny_models['embedder']}"])
+    # the demo's embedder settings; its input (data/demo) need not exist: only the embedder is used
+    cfg = config.load("configs/demo.yaml", [f"embedder.model={tiny_models['embedder']}", "input.image_root=null"])
     return config.to_dict(cfg)["embedder"]
 
 
