@@ -181,9 +181,11 @@ class Generate:
             shared = (self.side == "target" and target_only(self.template)
                       and self.cfg["backend"] not in ANSWER_BY_POSITION)
             try:
-                image = None if ref is None else self.images.image(ref)
-                # seeds of a shared target come from its bytes (as they did when the bytes travelled with the row)
-                key_id = target_key(row.get("target_text"), ref and load_image_bytes(ref)) if shared else None
+                # seeds of a shared target come from its bytes (as they did when the bytes travelled with the row),
+                # loaded (and digest-checked) once for the key and the image
+                data = load_image_bytes(ref) if shared and ref is not None else None
+                image = None if ref is None else self.images.image(ref, data)
+                key_id = target_key(row.get("target_text"), data) if shared else None
             except ImageError as e:  # the reader validated it; only a file changed or gone since gets here
                 row["quarantine_reason"], row["quarantine_detail"] = e.reason, e.detail
                 continue

@@ -170,13 +170,14 @@ class ImageLoader:
         self._images: OrderedDict[str, Image.Image] = OrderedDict()
         self._held = 0
 
-    def image(self, ref: dict) -> Image.Image:
+    def image(self, ref: dict, data: Optional[bytes] = None) -> Image.Image:
+        """The decoded image of `ref`; `data`: its bytes, when the caller already loaded them (not read again)."""
         digest = ref["digest"]
         image = self._images.get(digest)
         if image is not None:
             self._images.move_to_end(digest)
             return image
-        image = decode_image(load_image_bytes(ref), self.max_pixels)
+        image = decode_image(load_image_bytes(ref) if data is None else data, self.max_pixels)
         size = _decoded_bytes(image)
         if size <= self.memory_bytes:
             self._images[digest] = image
