@@ -7,7 +7,8 @@ Vectors are L2-normalised, so cos is a dot product. Only similarities leave this
 vectors would be (K + 2 + J) x dim floats, its similarities are (K + 1) x (J + 1).
 
 The least model work: every input is keyed by its content (embedder identity, instruction-filled text, the
-image's digest, which its reference carries; stages/embed_cache.py) and looked up in the embedding cache before anything runs. With the disk cache
+image's digest, which its reference carries; stages/embed_cache.py) and looked up in the embedding cache before
+anything runs. With the disk cache
 on, the cache is shared by every Embed actor of the job and by later jobs, so each distinct input is embedded
 once per job (a label shared by a whole subset, an image shared by many pairs, a target that is another pair's
 negative), not once per pair or batch. Within a batch, identical inputs are looked up once, and only the
