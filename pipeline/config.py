@@ -26,7 +26,9 @@ from stages.backends import EMBEDDER_BACKENDS, GENERATOR_BACKENDS, LOCAL_MODEL_B
 from stages.backends.base import POOLINGS
 from stages.backends.parsing import USES as RATIONALE_USES
 from stages.inputs import INPUT_FORMATS
+from stages.calibrate import NULL_GROUPS
 from stages.score import SCORING_MODES
+from stages.select import NULL_RULES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
@@ -92,6 +94,14 @@ class Embedder:
 
 
 @dataclass
+class Decision:
+    rule: str = MISSING
+    fdr: float = MISSING
+    decoys_per_candidate: float = MISSING
+    group: str = MISSING
+
+
+@dataclass
 class Scoring:
     mode: str = MISSING
     temperature: float = MISSING
@@ -100,6 +110,7 @@ class Scoring:
     epsilon: float = MISSING
     valid_finish_reasons: List[str] = MISSING
     controls: List[str] = MISSING
+    decision: Decision = MISSING
 
 
 @dataclass
@@ -141,6 +152,8 @@ CHOICES = {
     "embedder.backend": EMBEDDER_BACKENDS,
     "embedder.pooling": POOLINGS,  # what every embedder backend offers
     "scoring.mode": SCORING_MODES,  # the formulas of stages/score.py
+    "scoring.decision.rule": NULL_RULES,  # the rules of stages/select.py
+    "scoring.decision.group": NULL_GROUPS,  # stages/calibrate.py's calibration groups
 }
 
 # The keys whose values decide the labels; a resume refuses if these changed.
@@ -288,6 +301,12 @@ def check(cfg: DictConfig) -> None:
             fail(f"scoring.controls[{i}]", "may hold {query} (the pair's query), not {rationale} or {text}")
     if len(set(cfg.scoring.controls)) != len(cfg.scoring.controls):
         fail("scoring.controls", "lists a control twice")
+    choice("scoring.decision.rule", cfg.scoring.decision.rule)
+    choice("scoring.decision.group", cfg.scoring.decision.group)
+    if not 0 < cfg.scoring.decision.fdr < 1:
+        fail("scoring.decision.fdr", "must be between 0 and 1 (the false-discovery rate of the reason labels)")
+    if not cfg.scoring.decision.decoys_per_candidate > 0:
+        fail("scoring.decision.decoys_per_candidate", "must be > 0")
 
 
 def _check_resources(key, r):

@@ -31,14 +31,16 @@ from pipeline import version
 from pipeline.config import config_hash, to_dict
 from pipeline.read_source import read_pairs
 from schemas import SCHEMA_VERSION, WORK_SCHEMA, conform
+from stages.calibrate import calibrate, margin_lookup, row_scores, win_chance
 from stages.contract import check_chain
+from stages.decoys import Decoys, decoy_counts, required
 from stages.embed import Embed
 from stages.generate import Generate
 from stages.images import IMAGES_DIR
 from stages.read import CONTRACT as READ_CONTRACT
 from stages.read import read_shard_table
 from stages.score import Score
-from stages.select import Select
+from stages.select import Select, label_rows
 from stages.write import WriteParts
 
 log = logging.getLogger("pairsel")
@@ -47,11 +49,13 @@ log = logging.getLogger("pairsel")
 @dataclass
 class Step:
     """One map_batches step: a stage class and its constructor arguments. With `resources` it runs in an
-    actor pool (a model stage); without, as tasks."""
+    actor pool (a model stage); without, as tasks; `whole_shards`: each call gets whole input shards (Ray Data's
+    batch_size None: the blocks as they come, one or more whole shards each)."""
 
     stage: type
     kwargs: dict
     resources: Optional[DictConfig] = None
+    whole_shards: bool = False
 
 
 def _actor_args(resources) -> dict:
@@ -98,40 +102,51 @@ def round_schedule(cfg: DictConfig, side: str = "query") -> list[dict[str, int]]
         reach += cfg.rounds.step
 
 
+def decoy_counts_of(cfg: DictConfig) -> Optional[dict]:
+    """Per side, generator -> decoys per pair under the decoy rule (stages/decoys.py); None under the bar rule."""
+    if cfg.scoring.decision.rule != "decoys":
+        return None
+    return decoy_counts(to_dict(cfg)["generators"], cfg.scoring.decision.decoys_per_candidate)
+
+
 def steps(cfg: DictConfig) -> list[Step]:
     """The steps between read and write: per round, one generate step per generator that still has
-    candidates to add, embed and score; then select."""
+    candidates to add, (round 1, the decoy rule: the decoys), embed and score; then select."""
     c = to_dict(cfg)
     stats_dir = f"{cfg.output.dir}/_stats"
     order = [g.name for g in cfg.generators]
-    # a pair is satisfied, and gets no more candidates, once it holds a valid rationale above this
-    threshold = cfg.scoring.epsilon + cfg.rounds.margin
     target_side = has_target_side(cfg)
+    counts = decoy_counts_of(cfg)
+    needed = required(counts) or {}
     score = Step(Score, {"mode": cfg.scoring.mode, "temperature": cfg.scoring.temperature,
-                         "valid_finish_reasons": list(cfg.scoring.valid_finish_reasons), "target_side": target_side})
+                         "valid_finish_reasons": list(cfg.scoring.valid_finish_reasons), "target_side": target_side,
+                         "decoys": counts is not None})
     out, held, held_t = [], {name: 0 for name in order}, {name: 0 for name in order}
     for r, (reach, reach_t) in enumerate(zip(round_schedule(cfg), round_schedule(cfg, "target"))):
-        for g, g_cfg in zip(c["generators"], cfg.generators):
-            if reach[g["name"]] > held[g["name"]]:
-                out.append(Step(Generate, {
-                    "generator": g, "template": c["prompts"][g["template"]],
-                    "max_image_pixels": cfg.input.max_image_pixels, "k_stop": reach[g["name"]],
-                    "satisfied_above": threshold if r else None, "generator_order": order,
-                    "stats_dir": stats_dir, "round_index": r}, g_cfg.resources))
-        for g, g_cfg in zip(c["generators"], cfg.generators):  # the target side (k_target > 0), same rounds
-            if reach_t[g["name"]] > held_t[g["name"]]:
-                out.append(Step(Generate, {
-                    "generator": g, "template": c["prompts"][g["target_template"]],
-                    "max_image_pixels": cfg.input.max_image_pixels, "k_stop": reach_t[g["name"]],
-                    "satisfied_above": threshold if r else None, "generator_order": order,
-                    "stats_dir": stats_dir, "round_index": r, "side": "target"}, g_cfg.resources))
+        for side, template_key, reach_side, held_side in (("query", "template", reach, held),
+                                                          ("target", "target_template", reach_t, held_t)):
+            for g, g_cfg in zip(c["generators"], cfg.generators):
+                if reach_side[g["name"]] > held_side[g["name"]]:
+                    # a later round skips a pair once a valid candidate beats its threshold with rounds.margin
+                    out.append(Step(Generate, {
+                        "generator": g, "template": c["prompts"][g[template_key]],
+                        "max_image_pixels": cfg.input.max_image_pixels, "k_stop": reach_side[g["name"]],
+                        "satisfied_above": cfg.rounds.margin if r else None, "generator_order": order,
+                        "stats_dir": stats_dir, "round_index": r, "side": side, "epsilon": cfg.scoring.epsilon,
+                        "decoys_required": needed.get(side, 0)}, g_cfg.resources))
         held, held_t = reach, reach_t
+        if r == 0 and counts is not None:  # drawn from round 1's texts, for every candidate slot of every round
+            out.append(Step(Decoys, {"counts": counts, "seed": cfg.scoring.seed,
+                                     "valid_finish_reasons": list(cfg.scoring.valid_finish_reasons)},
+                            whole_shards=True))
         out.append(Step(Embed, {"embedder": c["embedder"], "max_image_pixels": cfg.input.max_image_pixels,
                                 "cache_dir": c["embedder"]["cache_dir"], "stats_dir": stats_dir,
-                                "round_index": r, "controls": list(cfg.scoring.controls), "target_side": target_side},
+                                "round_index": r, "controls": list(cfg.scoring.controls), "target_side": target_side,
+                                "decoys": counts is not None},
                         cfg.embedder.resources))
         out.append(score)
-    out.append(Step(Select, {"epsilon": cfg.scoring.epsilon, "target_side": target_side}))
+    out.append(Step(Select, {"epsilon": cfg.scoring.epsilon, "target_side": target_side, "decoys_required": (
+        needed or None)}))
     return out
 
 
@@ -143,7 +158,27 @@ def has_target_side(cfg: DictConfig) -> bool:
 
 def write_kwargs(cfg: DictConfig) -> dict:
     return {"out_dir": cfg.output.dir, "provenance": provenance(cfg), "compression": cfg.output.compression,
-            "target_side": has_target_side(cfg)}
+            "target_side": has_target_side(cfg), "decoys": cfg.scoring.decision.rule == "decoys"}
+
+
+def null_chance(cfg: DictConfig) -> float:
+    """c of stages/calibrate.py: the most a pair's candidates win the decoy competition by chance (every side has
+    the same candidate slots and decoys per generator)."""
+    counts = decoy_counts_of(cfg)
+    slots = {"query": sum(g.k for g in cfg.generators), "target": sum(g.k_target for g in cfg.generators)}
+    return max(win_chance(slots[side], sum(c.values())) for side, c in counts.items())
+
+
+def label_job(cfg: DictConfig, rows: list[dict]) -> Optional[list[dict]]:
+    """The decoy rule's decisions for rows held in memory (every pair of the job): the calibration over all of
+    them (one record per side and group, returned), then each pair's decision. None under the bar rule (select
+    labelled the pairs already)."""
+    rule = cfg.scoring.decision
+    if rule.rule != "decoys":
+        return None
+    calibration = calibrate(row_scores(rows, rule.group), rule.fdr, null_chance(cfg))
+    label_rows(rows, cfg.scoring.epsilon, margin_lookup(calibration, rule.group), required(decoy_counts_of(cfg)))
+    return calibration
 
 
 def check_contracts(cfg: DictConfig, plan: list[Step]) -> None:
@@ -180,7 +215,7 @@ def build_dataset(cfg: DictConfig, specs: list[dict], duplicates=None) -> ray.da
                     seed=cfg.scoring.seed, duplicates=duplicates, num_cpus=cfg.ray.read_num_cpus)
     for step in plan:
         if step.resources is None:
-            ds = ds.map_batches(step.stage(**step.kwargs), **task)
+            ds = ds.map_batches(step.stage(**step.kwargs), **task, **({"batch_size": None} if step.whole_shards else {}))
         else:
             ds = ds.map_batches(step.stage, fn_constructor_kwargs=step.kwargs, **_actor_args(step.resources))
     ds = ds.map_batches(WriteParts(**write_kwargs(cfg)), **task)
@@ -189,8 +224,9 @@ def build_dataset(cfg: DictConfig, specs: list[dict], duplicates=None) -> ray.da
 
 def run_local(cfg: DictConfig, specs: list[dict], instrument: Optional[Callable[[object], None]] = None) -> list[dict]:
     """The steps of the plan in a plain loop in this process, without Ray: each shard read whole, each step
-    fed the shard's rows in batches of the step's batch_size. Returns the labelled rows (nothing is written
-    but the embedding cache and stage counters). `instrument(stage)` sees every stage once it is built."""
+    fed the shard's rows in batches of the step's batch_size (a step without one: the whole shard), then the
+    decoy rule's calibration over all rows (label_job). Returns the labelled rows (nothing is written but the
+    embedding cache and stage counters). `instrument(stage)` sees every stage once it is built."""
     c = to_dict(cfg)
     plan = steps(cfg)
     check_contracts(cfg, plan)
@@ -206,4 +242,6 @@ def run_local(cfg: DictConfig, specs: list[dict], instrument: Optional[Callable[
             shards[i] = [row for start in range(0, len(rows), size_i)
                          for row in stage(conform(rows[start:start + size_i], WORK_SCHEMA)).to_pylist()]
         del stage  # one model in memory at a time
-    return [row for rows in shards for row in rows]
+    rows = [row for rows in shards for row in rows]
+    label_job(cfg, rows)
+    return rows

@@ -23,6 +23,10 @@ E(t ⊕ r_t,j)). A target-only rationale is the same text for every pair that sh
 (stages/generate.py), so its input has one cache key: embedded once per job, looked up for the other pairs.
 When a pass adds candidates on either side, every (k, j) is recomputed from vectors the cache returns.
 
+Decoys (stages/decoys.py, the decoy rule): each decoy text is embedded as a candidate's would be, on the pair's
+own input: E(q ⊕ d) with decoys[d].s_k = cos(E(q ⊕ d), E(t+)) and s_neg, and on the target side E(t ⊕ d) with
+target_decoys[d].s_k = cos(E(q), E(t ⊕ d)). They are drawn once (round 1) and embedded the first time they pass.
+
 Generation in rounds (stages/generate.py) calls this stage once per round: a row whose similarities are
 already set only gets its new candidates embedded; its target and negatives come back from the cache.
 """
@@ -104,23 +108,28 @@ class Embed:
     @staticmethod
     def contract(embedder: dict, max_image_pixels: int, cache_dir: Optional[str] = None,
                  stats_dir: Optional[str] = None, round_index: int = 0, controls=(), target_side: bool = True,
-                 ) -> Contract:
+                 decoys: bool = False) -> Contract:
         """The columns Embed reads and writes (its constructor's arguments; nothing is loaded). target_side: some
         generator has k_target > 0 (without, nothing writes the target columns and this stage leaves them)."""
         reads = ["quarantine_reason", "query_text", "query_image", "target_text", "target_image", "negatives.text",
                  "negatives.image", "s_direct", "candidates.text", "candidates.finish_reason", "candidates.s_k"]
         writes = ["s_direct", "s_direct_neg", "s_control", "s_control_neg", "candidates.s_k", "candidates.s_neg",
                   "quarantine_reason", "quarantine_detail"]  # embed_failed, or an image changed since the read
+        sides = [""] + (["target_"] if target_side else [])
         if target_side:
             reads += ["target_s_control", "target_candidates.text", "target_candidates.finish_reason",
                       "target_candidates.s_k"]
             writes += ["target_candidates.s_k", "target_candidates.s_neg", "target_s_control", "candidates.s_joint"]
+        if decoys:
+            reads += [f"{prefix}decoys.{name}" for prefix in sides for name in ("text", "s_k")]
+            writes += [f"{prefix}decoys.{name}" for prefix in sides for name in ("s_k", "s_neg")]
         return Contract("embed", tuple(reads), tuple(writes))
 
     def __init__(self, embedder: dict, max_image_pixels: int, cache_dir: Optional[str] = None,
-                 stats_dir: Optional[str] = None, round_index: int = 0, controls=(), target_side: bool = True):
+                 stats_dir: Optional[str] = None, round_index: int = 0, controls=(), target_side: bool = True,
+                 decoys: bool = False):
         self._contract = Embed.contract(embedder, max_image_pixels, cache_dir, stats_dir, round_index, controls,
-                                        target_side)
+                                        target_side, decoys)
         self.stats = StageCounters(stats_dir, "embed", stage="embed", round=round_index, lookups=0, forwards=0)
         self.cfg = embedder
         self.images = ImageLoader(max_image_pixels)  # this actor's images, loaded from their references
@@ -145,12 +154,16 @@ class Embed:
         new = [k for k, cand in enumerate(cands) if needs_embedding(cand)]
         targets = row.get("target_candidates") or []
         target_pass = bool(targets) and (fresh or bool(new) or any(needs_embedding(t) for t in targets))
-        if not fresh and not new and not target_pass:
+        decoys = [d for d, x in enumerate(row.get("decoys") or []) if needs_embedding(x)]
+        target_decoys = [d for d, x in enumerate(row.get("target_decoys") or []) if needs_embedding(x)]
+        if not fresh and not new and not target_pass and not decoys and not target_decoys:
             return None
         q_text = row.get("query_text") or ""
         q_image = row.get("query_image")
+        t_text, t_image = row.get("target_text"), row.get("target_image")
         plan = {
-            "q": inputs.add(_fill(c["query_instruction"], q_text), q_image) if fresh or target_pass else None,
+            "q": (inputs.add(_fill(c["query_instruction"], q_text), q_image)
+                  if fresh or target_pass or target_decoys else None),
             "t": inputs.add(_fill(c["target_instruction"], row.get("target_text")), row.get("target_image")),
             "negs": [inputs.add(_fill(c["target_instruction"], n.get("text")), n.get("image"))
                      for n in row.get("negatives") or []],
@@ -159,9 +172,12 @@ class Embed:
             "fresh": fresh,
             "controls": [inputs.add(_fill(c["reasoned_query_instruction"], q_text, control_text(text, q_text)), q_image)
                          for text in self.controls] if fresh else [],
+            "decoys": {d: inputs.add(_fill(c["reasoned_query_instruction"], q_text, row["decoys"][d]["text"]), q_image)
+                       for d in decoys},
+            "target_decoys": {d: inputs.add(_fill(c["reasoned_target_instruction"], t_text,
+                                                  row["target_decoys"][d]["text"]), t_image) for d in target_decoys},
         }
         if target_pass:  # every embeddable candidate of both sides: the joint needs them all (old ones: cache hits)
-            t_text, t_image = row.get("target_text"), row.get("target_image")
             reasoned = c["reasoned_target_instruction"]
             plan["targets"] = {j: inputs.add(_fill(reasoned, t_text, tc["text"]), t_image)
                                for j, tc in enumerate(targets) if embeddable(tc)}
@@ -218,6 +234,12 @@ class Embed:
                     cand["s_neg"] = [float(x) for x in negs @ r]
                 elif not embeddable(cand):
                     cand["s_k"], cand["s_neg"] = None, None
+            for d, i in p["decoys"].items():
+                decoy = row["decoys"][d]
+                decoy["s_k"], decoy["s_neg"] = float(vecs[i] @ t), [float(x) for x in negs @ vecs[i]]
+            for d, i in p["target_decoys"].items():
+                decoy = row["target_decoys"][d]
+                decoy["s_k"], decoy["s_neg"] = float(vecs[i] @ vecs[p["q"]]), None
             if "targets" in p:
                 self._fill_target_side(row, p, vecs)
 

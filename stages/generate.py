@@ -5,12 +5,11 @@ actor pool: every candidate keeps its generator's name, and selection runs over 
 in generator order (the order of `generators:`), then candidate index.
 
 Generation in rounds (adaptive sampling, config `rounds`): round 1 samples the first k0 candidates of each
-pair; each later round runs this stage again with a higher `k_stop` and a `satisfied_above` threshold, and
-samples the next candidates only for pairs that have no valid candidate with delta > epsilon + margin yet
-(pipeline/plan.py chains generate -> embed -> score once per round). Candidate k always gets
-candidate_seed(seed, generator, pair_id, k), so a pair that runs to the last round has exactly the candidates
-of a run without rounds, and a pair stops early only once it has a rationale above epsilon: need_reasoning
-is the same either way.
+pair; each later round runs this stage again with a higher `k_stop` and `satisfied_above` = rounds.margin, and
+samples the next candidates only for pairs whose best valid candidate does not beat their threshold yet
+(stages/select.py:satisfied: the pair's decoys and bar, with the rounds' margin; pipeline/plan.py chains
+generate -> embed -> score once per round). Candidate k always gets candidate_seed(seed, generator, pair_id, k),
+so a pair that runs to the last round has exactly the candidates of a run without rounds.
 
 The target side (generators[].k_target > 0, side="target"): the same stage samples the target's rationales
 into `target_candidates` with the generator's `target_template`, shown the target's image. Rounds apply per
@@ -32,7 +31,7 @@ from typing import Optional
 import pyarrow as pa
 
 from stages.contract import Contract
-from stages.select import candidate_helps
+from stages.select import satisfied
 from stages.backends import generator_class
 from stages.backends.base import IMAGE_MARKER, GenRequest
 from stages.backends.parsing import classify, select_rationale
@@ -48,8 +47,8 @@ ANSWER_BY_POSITION = frozenset({"precomputed"})
 SIDES = {"query": "candidates", "target": "target_candidates"}
 # what this stage fills in each candidate it adds (the rest is filled by embed and score)
 GENERATED_FIELDS = ("text", "generator", "model", "template", "seed", "sampling", "tokens", "finish_reason", "error")
-# what `satisfied` reads of a side's candidates, after a round's embed and score
-SATISFIED_FIELDS = ("valid", "delta", "delta_control")
+# what `satisfied` (stages/select.py) reads of a side's candidates and decoys, after a round's embed and score
+SATISFIED_FIELDS = ("valid", "delta")
 
 
 def candidate_seed(base_seed: int, generator: str, pair_id: str, k: int) -> int:
@@ -94,27 +93,21 @@ def render_prompt(template: str, row: dict) -> str:
     return template.replace("{query}", query).replace("{target}", target)
 
 
-def satisfied(row: dict, threshold: float, side: str = "query") -> bool:
-    """Whether a pair already has a candidate on this side that helps at this threshold (stages/select.py:
-    valid, delta > threshold and, with content-free controls, delta_control > threshold), so that rounds with
-    margin 0 keep the labels of a full-K run with the controls on too."""
-    controls = bool(row.get("s_control" if side == "query" else "target_s_control"))
-    return any(candidate_helps(c, threshold, controls) for c in row.get(SIDES[side]) or [])
-
-
 class Generate:
     """Ray Data actor: loads one generator in __init__, serves batches in __call__ (through its contract: it
     sees only the columns `contract` names).
 
     k_stop: sample candidates up to this index (default: the generator's k); a row that already holds some
-    of this generator's candidates continues from there. satisfied_above: skip rows that are satisfied(row,
-    satisfied_above) (later rounds; None in round 1). generator_order: the job's generator names, to keep
-    pooled candidates in generator order across rounds. stats_dir: where this actor keeps its counters."""
+    of this generator's candidates continues from there. satisfied_above: the rounds' margin: skip rows whose side
+    is already satisfied at it (later rounds; None in round 1), with epsilon and decoys_required as select has
+    them. generator_order: the job's generator names, to keep pooled candidates in generator order across rounds.
+    stats_dir: where this actor keeps its counters."""
 
     @staticmethod
     def contract(generator: dict, template: str, max_image_pixels: int, k_stop: Optional[int] = None,
                  satisfied_above: Optional[float] = None, generator_order: Optional[list[str]] = None,
-                 stats_dir: Optional[str] = None, round_index: int = 0, side: str = "query") -> Contract:
+                 stats_dir: Optional[str] = None, round_index: int = 0, side: str = "query", epsilon: float = 0.0,
+                 decoys_required: int = 0) -> Contract:
         """The columns one Generate step reads and writes (its constructor's arguments; nothing is loaded)."""
         field = SIDES[side]
         reads = ["pair_id", "quarantine_reason", "query_text", "query_image", "target_text",
@@ -123,8 +116,9 @@ class Generate:
         # target side shows the target's image, and seeds a target-only prompt from the target's bytes
         reads.append("target_image_path" if side == "query" else "target_image")
         if satisfied_above is not None:  # a later round skips the pairs that a candidate already helps
-            reads += ["s_control" if side == "query" else "target_s_control"]
-            reads += [f"{field}.{name}" for name in SATISFIED_FIELDS]
+            prefix = "" if side == "query" else "target_"
+            reads += [f"{prefix}control_delta"] + [f"{field}.{name}" for name in SATISFIED_FIELDS]
+            reads += [f"{prefix}decoys.delta"] if decoys_required else []
         writes = [field] + [f"{field}.{name}" for name in GENERATED_FIELDS]
         writes += ["quarantine_reason", "quarantine_detail"]  # an image changed or gone since the read
         suffix = "" if side == "query" else ",target"
@@ -132,9 +126,10 @@ class Generate:
 
     def __init__(self, generator: dict, template: str, max_image_pixels: int, k_stop: Optional[int] = None,
                  satisfied_above: Optional[float] = None, generator_order: Optional[list[str]] = None,
-                 stats_dir: Optional[str] = None, round_index: int = 0, side: str = "query"):
+                 stats_dir: Optional[str] = None, round_index: int = 0, side: str = "query", epsilon: float = 0.0,
+                 decoys_required: int = 0):
         self._contract = Generate.contract(generator, template, max_image_pixels, k_stop, satisfied_above,
-                                           generator_order, stats_dir, round_index, side)
+                                           generator_order, stats_dir, round_index, side, epsilon, decoys_required)
         self.side = side
         self.field = SIDES[side]
         suffix = "" if side == "query" else "-target"
@@ -155,6 +150,8 @@ class Generate:
         k_max = generator["k"] if side == "query" else generator["k_target"]
         self.k_stop = k_max if k_stop is None else min(k_stop, k_max)
         self.satisfied_above = satisfied_above
+        self.epsilon = epsilon
+        self.decoys_required = decoys_required
         self.rank = {name: i for i, name in enumerate(generator_order or [generator["name"]])}
         self.stats.ready()
 
@@ -171,7 +168,8 @@ class Generate:
             if row.get("quarantine_reason"):
                 continue
             self.stats["rows"] += 1
-            if self.satisfied_above is not None and satisfied(row, self.satisfied_above, self.side):
+            if self.satisfied_above is not None and satisfied(row, self.side, self.epsilon, self.satisfied_above,
+                                                              self.decoys_required):
                 self.stats["rows_satisfied"] += 1
                 continue
             have = sum(1 for c in row.get(self.field) or [] if c.get("generator") == self.cfg["name"])

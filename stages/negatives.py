@@ -12,8 +12,9 @@ import numpy as np
 from stages.images import image_identity
 
 
-def _target_key(text: Optional[str], path: Optional[str], ref: Optional[dict]) -> tuple:
-    # the image's digest counts only for a path-less image, as in the pair_id (stages/validate.py)
+def target_identity(text: Optional[str], path: Optional[str], ref: Optional[dict]) -> tuple:
+    """What makes two targets (or a target and a negative) the same: the text and the image's identity (its
+    digest counts only for a path-less image, as in the pair_id: stages/validate.py)."""
     return (text, image_identity(path, None if path or ref is None else ref["digest"]))
 
 
@@ -27,15 +28,15 @@ def add_in_shard_negatives(rows: list[dict], n: int, seed: int, shard_id: int) -
     valid = [r for r in rows if r["quarantine_reason"] is None]
     pools: dict[str, dict[tuple, dict]] = {}  # subset -> target key -> negative, first appearance order
     for r in valid:
-        key = _target_key(r["target_text"], r["target_image_path"], r["target_image"])
+        key = target_identity(r["target_text"], r["target_image_path"], r["target_image"])
         pools.setdefault(r["subset"], {}).setdefault(
             key, {"text": r["target_text"], "image_path": r["target_image_path"], "image": r["target_image"]}
         )
     pool_lists = {s: (list(p.values()), {k: i for i, k in enumerate(p)}) for s, p in pools.items()}
     for r in valid:
         pool, index_of = pool_lists[r["subset"]]
-        own = [_target_key(r["target_text"], r["target_image_path"], r["target_image"])]
-        own += [_target_key(x["text"], x["image_path"], x["image"]) for x in r["negatives"]]
+        own = [target_identity(r["target_text"], r["target_image_path"], r["target_image"])]
+        own += [target_identity(x["text"], x["image_path"], x["image"]) for x in r["negatives"]]
         excluded = {index_of[k] for k in own if k in index_of}
         want = min(n, len(pool) - len(excluded))
         if want <= 0:

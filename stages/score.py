@@ -29,6 +29,12 @@ The target side (generators[].k_target > 0), in the same units and modes, by the
                cos(E(q ⊕ r_q,k), E(t ⊕ r_t,j)) and, pair-aware, the negatives as embedded for the query side
                against q ⊕ r_q,k (candidates.s_neg[k]).
 
+Decoys (stages/decoys.py, scored by select with stages/calibrate.py): rationales the same generator wrote for other
+pairs of the shard, appended to this pair's query (target side: to its target) in the same reasoned template.
+Each decoy is scored exactly as a candidate: s_decoy[d] = cos(E(q ⊕ decoy_d), E(t+)), its negatives likewise,
+and decoy_delta_d in the same mode and units. They are this pair's null: what rationale-like text that carries
+nothing about this pair does to its score.
+
 Every input is stored in the output, so each delta can be recomputed from the shards alone.
 """
 from __future__ import annotations
@@ -59,6 +65,19 @@ def log_p_positive(s_pos: np.ndarray, s_neg: np.ndarray, temperature: float) -> 
     return s_pos / temperature - lse, lse
 
 
+def reasoned_deltas(s_direct: float, s_direct_neg: np.ndarray, s_pos: np.ndarray, s_negs: np.ndarray, mode: str,
+                    temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """delta and lse of reasoned inputs (candidates, controls, decoys: anything appended to the plain input) with
+    these similarities. s_direct_neg: (J,), s_pos: (n,), s_negs: (n, J)."""
+    if mode not in SCORING_MODES:
+        raise ValueError(f"unknown scoring mode {mode!r}")
+    lp, lse = log_p_positive(s_pos, s_negs, temperature)
+    if mode == "cosine":
+        return s_pos - s_direct, lse
+    lp_direct = log_p_positive(np.array([s_direct], dtype=np.float64), s_direct_neg[None, :], temperature)[0]
+    return lp - lp_direct[0], lse
+
+
 def score_pair(
     s_direct: float,
     s_direct_neg: np.ndarray,
@@ -80,15 +99,9 @@ def score_pair(
     s_control_neg = np.asarray(s_control_neg if s_control_neg is not None else [], dtype=np.float64).reshape(
         len(s_control), len(s_direct_neg))
 
-    lp_direct, lse_direct = log_p_positive(np.array([s_direct], dtype=np.float64), s_direct_neg[None, :], temperature)
-
-    def deltas(s_pos: np.ndarray, s_negs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """delta and lse of reasoned queries (candidates or controls) with these similarities."""
-        lp, lse = log_p_positive(s_pos, s_negs, temperature)
-        return (s_pos - s_direct if mode == "cosine" else lp - lp_direct[0]), lse
-
-    delta, lse_k = deltas(s_k, s_neg)
-    control_delta, lse_control = deltas(s_control, s_control_neg)
+    lse_direct = log_p_positive(np.array([s_direct], dtype=np.float64), s_direct_neg[None, :], temperature)[1]
+    delta, lse_k = reasoned_deltas(s_direct, s_direct_neg, s_k, s_neg, mode, temperature)
+    control_delta, lse_control = reasoned_deltas(s_direct, s_direct_neg, s_control, s_control_neg, mode, temperature)
     # max over controls (a NaN control, one that could not be scored, makes every delta_control NaN: untested)
     delta_control = delta - np.max(control_delta) if len(s_control) else np.full(len(s_k), np.nan)
 
@@ -129,6 +142,31 @@ def _none_if_nan(x: float):
     return None if x is None or not np.isfinite(x) else float(x)
 
 
+def _similarities(items: list, n_neg: int) -> tuple[np.ndarray, np.ndarray]:
+    """(s_pos (n,), s_neg (n, J)) of stored candidate-like records; NaN where a record was not embedded. A record
+    without s_neg (the target side) gets NaN there, which its scoring replaces by the plain negatives."""
+    nan = float("nan")
+    s_pos = np.array([nan if x.get("s_k") is None else x["s_k"] for x in items], dtype=np.float64)
+    s_neg = np.array([x["s_neg"] if x.get("s_neg") is not None and len(x["s_neg"]) == n_neg else [nan] * n_neg
+                      for x in items], dtype=np.float64).reshape(len(items), n_neg)
+    return s_pos, s_neg
+
+
+def score_decoys(row: dict, field: str, mode: str, temperature: float) -> None:
+    """delta and lse of each decoy in row[field] ("decoys": q ⊕ decoy against t+ and the negatives; "target_decoys":
+    the plain query against t ⊕ decoy and the plain negatives, as a target candidate), in place."""
+    decoys = row.get(field) or []
+    if not decoys:
+        return
+    s_direct_neg = np.array(row.get("s_direct_neg") or [], dtype=np.float64)
+    s_pos, s_neg = _similarities(decoys, len(s_direct_neg))
+    if field == "target_decoys":
+        s_neg = np.tile(s_direct_neg, (len(decoys), 1))
+    delta, lse = reasoned_deltas(row["s_direct"], s_direct_neg, s_pos, s_neg, mode, temperature)
+    for d, decoy in enumerate(decoys):
+        decoy["delta"], decoy["lse"] = _none_if_nan(delta[d]), _none_if_nan(lse[d])
+
+
 def score_rows(rows: list[dict], mode: str, temperature: float, valid_finish=VALID_FINISH) -> list[dict]:
     for row in rows:
         if row.get("quarantine_reason") or row.get("s_direct") is None:
@@ -136,12 +174,7 @@ def score_rows(rows: list[dict], mode: str, temperature: float, valid_finish=VAL
         cands = row.get("candidates") or []
         s_direct_neg = np.array(row.get("s_direct_neg") or [], dtype=np.float64)
         nan = float("nan")
-        s_k = np.array([nan if c["s_k"] is None else c["s_k"] for c in cands], dtype=np.float64)
-        s_neg = np.array(
-            [c["s_neg"] if c["s_neg"] is not None and len(c["s_neg"]) == len(s_direct_neg) else [nan] * len(s_direct_neg)
-             for c in cands],
-            dtype=np.float64,
-        ).reshape(len(cands), len(s_direct_neg))
+        s_k, s_neg = _similarities(cands, len(s_direct_neg))
         s_control = np.array([nan if s is None else s for s in row.get("s_control") or []], dtype=np.float64)
         s_control_neg = np.array(
             [n if n is not None and len(n) == len(s_direct_neg) else [nan] * len(s_direct_neg)
@@ -161,15 +194,17 @@ def score_rows(rows: list[dict], mode: str, temperature: float, valid_finish=VAL
             c["delta_control"] = _none_if_nan(scores["delta_control"][k])
             c["neg_delta"] = _none_if_nan(scores["neg_delta"][k])
             c["valid"] = c.get("finish_reason") in valid_finish and c["delta"] is not None
+        score_decoys(row, "decoys", mode, temperature)
         targets = row.get("target_candidates") or []
         if targets:
             _score_target(row, targets, cands, s_direct_neg, s_neg, mode, temperature, valid_finish)
+            score_decoys(row, "target_decoys", mode, temperature)
     return rows
 
 
 def _score_target(row, targets, cands, s_direct_neg, s_neg, mode, temperature, valid_finish) -> None:
     nan = float("nan")
-    s_t = np.array([nan if c["s_k"] is None else c["s_k"] for c in targets], dtype=np.float64)
+    s_t = _similarities(targets, 0)[0]
     s_control = np.array([nan if s is None else s for s in row.get("target_s_control") or []], dtype=np.float64)
     scores = score_target_side(row["s_direct"], s_direct_neg, s_t, mode, temperature, s_control)
     if len(s_control):
@@ -194,11 +229,14 @@ class Score:
 
     @staticmethod
     def contract(mode: str = "cosine", temperature: float = 1.0, valid_finish_reasons=VALID_FINISH,
-                 target_side: bool = True) -> Contract:
+                 target_side: bool = True, decoys: bool = False) -> Contract:
         reads = ["quarantine_reason", "s_direct", "s_direct_neg", "s_control", "s_control_neg", "candidates.s_k",
                  "candidates.s_neg", "candidates.finish_reason"]
         writes = ["lse_direct", "lse_control", "control_delta", "scoring_mode", "temperature", "candidates.lse",
                   "candidates.delta", "candidates.delta_control", "candidates.neg_delta", "candidates.valid"]
+        if decoys:
+            reads += ["decoys.s_k", "decoys.s_neg"]
+            writes += ["decoys.delta", "decoys.lse"]
         # target_side: some generator has k_target > 0 (the plan passes False otherwise: then nothing writes the
         # target columns, and check_chain would refuse a stage that reads them)
         if target_side:
@@ -207,13 +245,18 @@ class Score:
             writes += ["candidates.delta_joint", "target_lse_control", "target_control_delta", "target_candidates.lse",
                        "target_candidates.delta", "target_candidates.delta_control", "target_candidates.neg_delta",
                        "target_candidates.valid"]
+            if decoys:
+                reads += ["target_decoys.s_k"]
+                writes += ["target_decoys.delta", "target_decoys.lse"]
         return Contract("score", tuple(reads), tuple(writes))
 
-    def __init__(self, mode: str, temperature: float, valid_finish_reasons=VALID_FINISH, target_side: bool = True):
+    def __init__(self, mode: str, temperature: float, valid_finish_reasons=VALID_FINISH, target_side: bool = True,
+                 decoys: bool = False):
+        """decoys: the job scores decoys (scoring.decision.rule decoys; stages/decoys.py draws them)."""
         self.mode = mode
         self.temperature = temperature
         self.valid_finish = tuple(valid_finish_reasons)
-        self._contract = Score.contract(mode, temperature, valid_finish_reasons, target_side)
+        self._contract = Score.contract(mode, temperature, valid_finish_reasons, target_side, decoys)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self._contract.apply(batch, lambda rows: score_rows(rows, self.mode, self.temperature,

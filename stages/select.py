@@ -1,15 +1,32 @@
 """Label each pair from its scored candidates (stages/score.py). A pair has one of three outcomes:
 
-  reason     some candidate helps: need_reasoning = true
-  direct     reasoning was tested (at least one valid candidate) and none helps: need_reasoning = false
-  undecided  no valid candidate (all cut off, empty, echoed, ...): reasoning was never tested, so
-             need_reasoning = null; every score is kept
+  reason     some valid candidate helps: need_reasoning = true
+  direct     reasoning was tested and no candidate helps: need_reasoning = false
+  undecided  reasoning was never tested: no valid candidate (all cut off, empty, echoed, ...), or, under the
+             decoy rule, too few decoys could be drawn for the pair (a shard of one target); need_reasoning =
+             null, every score is kept
 
-A valid candidate *helps* when delta > epsilon and, with content-free controls (scoring.controls), also
-delta_control > epsilon: it beats the plain query and every control by more than epsilon.
+A valid candidate *helps* when its delta > help_threshold, the pair's own threshold in delta's units:
 
-  chosen         = the helping candidate with the largest delta, else the valid one with the largest delta
-                   (ties: the lowest index); null when undecided
+  base_threshold = epsilon, and with content-free controls (scoring.controls) the best control's delta + epsilon:
+                   the bar of the fixed rule (scoring.decision.rule: bar)
+  help_threshold = max(base_threshold + margin, the best decoy's delta)   (rule: decoys)
+                 = base_threshold                                          (rule: bar)
+
+Under the decoy rule the best candidate must beat every decoy of the pair (rationales the same generator wrote for
+other pairs, stages/decoys.py: what text that carries nothing about this pair does to its score, the best of as
+many draws as the pair has candidate slots) and clear the bar by `margin`, which stages/calibrate.py sets per
+calibration group (subset or job) so that the estimated false-discovery rate of the reason labels is at most
+scoring.decision.fdr. Each pair takes part in that calibration with its null_score:
+
+  null_score     = +size when the best valid candidate beats every decoy, -size otherwise (ties go to the
+                   decoys); size = max(best candidate, best decoy, base_threshold) - base_threshold, how far the best
+                   of the pair's candidates and decoys clears the bar (0: nothing does)
+
+so a pair is reason iff null_score > margin, i.e. best_delta > help_threshold.
+
+  chosen         = the valid candidate with the largest delta (ties: the lowest index); null when none is valid.
+                   The threshold is the pair's, so if any candidate helps, the chosen one does.
   best_delta     = delta of the chosen candidate
   rejected       = valid candidates other than the chosen one with delta <= 0; a preference pair is
                    (chosen, rejected) of a pair whose decision is reason
@@ -19,13 +36,12 @@ but quarantined as `generation_failed`: nothing produced text, the cause lies ou
 once the generator is back redoes it. A pair with any output (even only cut-off text) is labelled, undecided
 if nothing of it is valid.
 
-The target side (generators[].k_target > 0) is labelled by the same rule over `target_candidates` (its own
-control, target_s_control): target_decision, target_chosen, target_best_delta, target_need_reasoning,
-target_rejected. A target-side rationale that failed everywhere does not quarantine the pair (its query side
-still carries a label): the target side is then undecided. The joint choice is the valid (k, j), both
-candidates valid, with the largest delta_joint (ties: lowest k, then lowest j); it *beats* a side when
-joint_delta > that side's choice + epsilon, a side's choice being its best_delta when its decision is reason
-and 0 (no rationale: the plain input) otherwise. Null when no valid (k, j) exists.
+The target side (generators[].k_target > 0) is labelled by the same rule over `target_candidates` with its own
+controls and decoys, in the target_ columns. A target-side rationale that failed everywhere does not quarantine
+the pair (its query side still carries a label): the target side is then undecided. The joint choice is the
+valid (k, j), both candidates valid, with the largest delta_joint (ties: lowest k, then lowest j); it *beats* a
+side when joint_delta > that side's choice + epsilon, a side's choice being its best_delta when its decision is
+reason and 0 (no rationale: the plain input) otherwise. Null when no valid (k, j) exists.
 """
 from __future__ import annotations
 
@@ -39,40 +55,157 @@ from stages.contract import Contract
 
 REASON, DIRECT, UNDECIDED = "reason", "direct", "undecided"
 DECISIONS = (REASON, DIRECT, UNDECIDED)
+NULL_RULES = ("decoys", "bar")  # scoring.decision.rule (pipeline/config.py takes its choices from here)
+
+# One side's columns: the candidates, their controls and decoys, and the label columns the side fills.
+SIDE_PREFIX = {"query": "", "target": "target_"}
+SIDE_CANDIDATES = {"query": "candidates", "target": "target_candidates"}
 
 
-def helps(delta, delta_control, threshold: float, controls: bool) -> np.ndarray:
-    """Which candidates help at this threshold: delta > threshold, and with controls delta_control > threshold
-    (a candidate without delta_control was not compared with the controls and does not help)."""
-    delta = np.asarray(delta, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        out = np.isfinite(delta) & (delta > threshold)
-        if controls:
-            dc = np.asarray(delta_control, dtype=np.float64)
-            out &= np.isfinite(dc) & (dc > threshold)
-    return out
+def _column(side: str, name: str) -> str:
+    return f"{SIDE_PREFIX[side]}{name}"
 
 
-def candidate_helps(cand: dict, threshold: float, controls: bool) -> bool:
-    """helps() for one stored candidate (e.g. stages/generate.py: is a pair satisfied after a round)."""
-    return bool(cand.get("valid")) and bool(helps([_nan(cand.get("delta"))], [_nan(cand.get("delta_control"))],
-                                                  threshold, controls)[0])
-
-
-def select(delta, valid, epsilon: float, delta_control=None,
-           ) -> tuple[str, Optional[int], Optional[float], Optional[bool], list[int]]:
-    """(decision, chosen, best_delta, need_reasoning, rejected) for one pair. delta_control: None without
-    controls, else one value per candidate (NaN where missing)."""
+def choose(delta, valid) -> tuple[Optional[int], Optional[float], list[int]]:
+    """(chosen, best_delta, rejected) of one side: the valid candidate with the largest delta (first maximum: the
+    lowest index), and the other valid candidates with delta <= 0."""
     delta = np.asarray(delta, dtype=np.float64)
     usable = np.asarray(valid, dtype=bool) & np.isfinite(delta)
     if not usable.any():
-        return UNDECIDED, None, None, None, []
-    helping = usable & helps(delta, delta_control, epsilon, delta_control is not None)
-    pool = helping if helping.any() else usable
-    chosen = int(np.argmax(np.where(pool, delta, -np.inf)))  # argmax returns the first maximum: lowest index
+        return None, None, []
+    chosen = int(np.argmax(np.where(usable, delta, -np.inf)))
     rejected = [int(k) for k in np.flatnonzero(usable & (delta <= 0.0)) if k != chosen]
-    need = bool(helping.any())
-    return (REASON if need else DIRECT), chosen, float(delta[chosen]), need, rejected
+    return chosen, float(delta[chosen]), rejected
+
+
+def base_threshold(epsilon: float, control_delta=None) -> float:
+    """epsilon, and with controls the best control's delta + epsilon (NaN if a control could not be scored:
+    then no candidate clears it)."""
+    if control_delta is None or len(control_delta) == 0:
+        return float(epsilon)
+    controls = np.asarray([np.nan if c is None else c for c in control_delta], dtype=np.float64)
+    return float(max(epsilon, np.max(controls) + epsilon)) if np.isfinite(controls).all() else float("nan")
+
+
+def help_threshold(base: float, decoy_deltas=(), margin: float = 0.0) -> float:
+    """The value a candidate's delta must exceed: base + margin, and every decoy's delta (NaN if base is)."""
+    return float(np.max([base + margin, *decoy_deltas]))
+
+
+def null_score(best_delta: float, decoy_deltas, base: float) -> float:
+    """The pair's score in the decoy competition (see the module docstring)."""
+    best_decoy = max(decoy_deltas, default=-np.inf)
+    size = max(best_delta, best_decoy, base) - base
+    return float(size if best_delta > best_decoy else -size)
+
+
+def decide(best_delta: Optional[float], threshold: Optional[float]) -> str:
+    if best_delta is None or threshold is None:
+        return UNDECIDED
+    return REASON if best_delta > threshold else DIRECT
+
+
+def decoy_deltas(row: dict, side: str) -> list[float]:
+    """The side's scored decoys' deltas (a decoy that could not be scored is left out)."""
+    return [d["delta"] for d in row.get(_column(side, "decoys")) or [] if d.get("delta") is not None]
+
+
+def tested(row: dict, side: str, decoys_required: int) -> bool:
+    """Whether the side can be labelled: a valid candidate, and under the decoy rule (decoys_required > 0) at
+    least that many scored decoys."""
+    return row.get(_column(side, "best_delta")) is not None and len(decoy_deltas(row, side)) >= decoys_required
+
+
+def satisfied(row: dict, side: str, epsilon: float, margin: float, decoys_required: int = 0) -> bool:
+    """Whether a later round of generation may skip this side of the pair (stages/generate.py): a valid candidate
+    already beats the side's help_threshold with the rounds' margin in place of the group's (under the bar rule
+    the pair has no decoys and that is base + margin). A pair stops only where a full-K run finds the same: the
+    threshold does not move as candidates are added, so the best candidate's win stands."""
+    if not tested({**row, _column(side, "best_delta"): 0.0}, side, decoys_required):
+        return False
+    cands = row.get(SIDE_CANDIDATES[side]) or []
+    best = choose([_nan(c.get("delta")) for c in cands], [bool(c.get("valid")) for c in cands])[1]
+    threshold = help_threshold(base_threshold(epsilon, row.get(_column(side, "control_delta"))),
+                               decoy_deltas(row, side) if decoys_required else (), margin)
+    return best is not None and best > threshold
+
+
+def _nan(x) -> float:
+    return np.nan if x is None else x
+
+
+def score_side(row: dict, side: str, epsilon: float, decoys_required: int = 0) -> None:
+    """What one side's label needs and does not depend on other pairs: chosen, best_delta, rejected,
+    base_threshold and, under the decoy rule, null_score."""
+    cands = row.get(SIDE_CANDIDATES[side]) or []
+    chosen, best, rejected = choose([_nan(c.get("delta")) for c in cands], [bool(c.get("valid")) for c in cands])
+    base = base_threshold(epsilon, row.get(_column(side, "control_delta")))
+    row[_column(side, "chosen")] = chosen
+    row[_column(side, "chosen_generator")] = None if chosen is None else cands[chosen]["generator"]
+    row[_column(side, "best_delta")] = best
+    row[_column(side, "rejected")] = rejected
+    row[_column(side, "base_threshold")] = base
+    if decoys_required:
+        row[_column(side, "null_score")] = (null_score(best, decoy_deltas(row, side), base)
+                                            if tested(row, side, decoys_required) else None)
+
+
+def label_side(row: dict, side: str, margin: Optional[float], decoys_required: int = 0) -> None:
+    """The side's decision from its stored scores: help_threshold with this margin (the bar rule: margin 0 and no
+    decoys), decision and need_reasoning. margin None: the pair's calibration group got no margin at which the
+    false-discovery rate holds (every decoy-rule pair there is direct)."""
+    base = row[_column(side, "base_threshold")]
+    if not tested(row, side, decoys_required):
+        threshold = None
+    elif margin is None:
+        threshold = float("inf")
+    else:
+        threshold = help_threshold(base, decoy_deltas(row, side) if decoys_required else (), margin)
+    decision = decide(row.get(_column(side, "best_delta")), threshold)
+    row[_column(side, "help_threshold")] = threshold
+    if decoys_required:
+        row[_column(side, "null_margin")] = None if threshold is None else (float("inf") if margin is None else margin)
+    row[_column(side, "decision")] = decision
+    row[_column(side, "need_reasoning")] = None if decision == UNDECIDED else decision == REASON
+
+
+def sides_of(row: dict) -> list[str]:
+    return ["query"] + (["target"] if row.get("target_candidates") else [])
+
+
+def score_rows(rows: list[dict], epsilon: float, decoys_required: Optional[dict] = None) -> list[dict]:
+    """Per pair, everything but the decision (quarantining a pair whose every candidate failed).
+    decoys_required: per side, the decoys the pair must have (the decoy rule), or None (the bar rule)."""
+    for row in rows:
+        if row.get("quarantine_reason"):
+            continue
+        cands = row.get("candidates") or []
+        if cands and all(c.get("finish_reason") == "error" for c in cands):
+            row["quarantine_reason"] = "generation_failed"
+            row["quarantine_detail"] = f"all {len(cands)} candidates failed; first error: {cands[0].get('error')}"[:1000]
+            continue
+        for side in sides_of(row):
+            score_side(row, side, epsilon, (decoys_required or {}).get(side, 0))
+    return rows
+
+
+def label_rows(rows: list[dict], epsilon: float, margins=None, decoys_required: Optional[dict] = None) -> list[dict]:
+    """Decisions and the joint choice of rows whose sides score_rows filled. margins: None under the bar rule;
+    under the decoy rule a function (side, row) -> the margin of the row's calibration group (None: none)."""
+    for row in rows:
+        if row.get("quarantine_reason"):
+            continue
+        for side in sides_of(row):
+            required = (decoys_required or {}).get(side, 0)
+            label_side(row, side, 0.0 if margins is None else margins(side, row), required)
+        if row.get("target_candidates") and row.get("candidates"):
+            _select_joint(row, epsilon)
+    return rows
+
+
+def select_rows(rows: list[dict], epsilon: float) -> list[dict]:
+    """The bar rule, whole: score_rows then label_rows (no decoys, no calibration)."""
+    return label_rows(score_rows(rows, epsilon), epsilon)
 
 
 def select_joint(delta_joint, valid_query, valid_target, query_value: float, target_value: float, epsilon: float,
@@ -95,44 +228,8 @@ def side_value(decision: Optional[str], best_delta: Optional[float]) -> float:
     return float(best_delta) if decision == REASON else 0.0
 
 
-def _nan(x) -> float:
-    return np.nan if x is None else x
-
-
-def select_rows(rows: list[dict], epsilon: float) -> list[dict]:
-    for row in rows:
-        if row.get("quarantine_reason"):
-            continue
-        cands = row.get("candidates") or []
-        if cands and all(c.get("finish_reason") == "error" for c in cands):
-            row["quarantine_reason"] = "generation_failed"
-            row["quarantine_detail"] = f"all {len(cands)} candidates failed; first error: {cands[0].get('error')}"[:1000]
-            continue
-        label_side(row, cands, "", epsilon)
-        targets = row.get("target_candidates") or []
-        if targets:
-            label_side(row, targets, "target_", epsilon)
-            if cands:
-                _select_joint(row, cands, targets, epsilon)
-    return rows
-
-
-def label_side(row: dict, cands: list, prefix: str, epsilon: float) -> None:
-    """One side's label columns (prefix "" for the query side, "target_" for the target side), with that
-    side's own controls (s_control / target_s_control)."""
-    controls = bool(row.get(f"{prefix}s_control"))
-    decision, chosen, best, need, rejected = select(
-        [_nan(c.get("delta")) for c in cands], [bool(c.get("valid")) for c in cands], epsilon,
-        [_nan(c.get("delta_control")) for c in cands] if controls else None)
-    row[f"{prefix}decision"] = decision
-    row[f"{prefix}chosen"] = chosen
-    row[f"{prefix}chosen_generator"] = None if chosen is None else cands[chosen]["generator"]
-    row[f"{prefix}best_delta"] = best
-    row[f"{prefix}need_reasoning"] = need
-    row[f"{prefix}rejected"] = rejected
-
-
-def _select_joint(row: dict, cands: list, targets: list, epsilon: float) -> None:
+def _select_joint(row: dict, epsilon: float) -> None:
+    cands, targets = row["candidates"], row["target_candidates"]
     delta_joint = [[_nan(x) for x in (c.get("delta_joint") or [None] * len(targets))] for c in cands]
     (row["joint_query"], row["joint_target"], row["joint_delta"], row["joint_beats_query"],
      row["joint_beats_target"]) = select_joint(
@@ -141,38 +238,51 @@ def _select_joint(row: dict, cands: list, targets: list, epsilon: float) -> None
         epsilon)
 
 
-def turned_direct_by_control(epsilon: float, side: str = "query") -> pl.Expr:
-    """Over output rows: pairs the control turned from reason to direct on this side (query | target): some
-    valid candidate has delta > epsilon, so the rule without controls says reason, but none beats the controls."""
-    prefix = "" if side == "query" else "target_"
-    cand = pl.element().struct
-    above = pl.col(f"{prefix}candidates").list.eval(cand.field("valid").fill_null(False) & (cand.field("delta") > epsilon))
-    return (pl.col(f"{prefix}decision") == DIRECT) & above.list.any().fill_null(False)
+def turned_direct(by: str, epsilon: float, side: str = "query") -> pl.Expr:
+    """Over output rows: the pairs that a part of the rule turned from reason to direct on this side. by
+    "control": the best candidate clears epsilon but not the controls' bar; "null": it clears the bar but not the
+    decoys (with the group's margin)."""
+    best, base = pl.col(_column(side, "best_delta")), pl.col(_column(side, "base_threshold"))
+    direct = pl.col(_column(side, "decision")) == DIRECT
+    stopped = (best > epsilon) & (best <= base) if by == "control" else best > base
+    return (direct & stopped).fill_null(False)
 
 
 class Select:
-    """Ray Data stage over a batch: select_rows on the columns its contract names (pure numpy, no model)."""
+    """Ray Data stage over a batch: score_rows (and under the bar rule label_rows) on the columns its contract
+    names (pure numpy, no model). Under the decoy rule the decisions wait for the calibration over the whole
+    job (stages/calibrate.py)."""
 
     @staticmethod
-    def contract(epsilon: float = 0.0, target_side: bool = True) -> Contract:
-        reads = ["quarantine_reason", "s_control", "candidates.delta", "candidates.delta_control",
-                 "candidates.valid", "candidates.generator", "candidates.finish_reason", "candidates.error"]
+    def contract(epsilon: float = 0.0, target_side: bool = True, decoys_required: Optional[dict] = None) -> Contract:
+        labels = ["decision", "need_reasoning", "help_threshold"]
+        per_side = ["chosen", "chosen_generator", "best_delta", "rejected", "base_threshold"]
+        per_side += ["null_score"] if decoys_required else labels
+        reads = ["quarantine_reason", "control_delta", "candidates.delta", "candidates.valid", "candidates.generator",
+                 "candidates.finish_reason", "candidates.error"]
         # generation_failed: a pair whose every candidate errored is quarantined here
-        writes = ["decision", "chosen", "chosen_generator", "best_delta", "need_reasoning", "rejected",
-                  "quarantine_reason", "quarantine_detail"]
+        writes = per_side + ["quarantine_reason", "quarantine_detail"]
+        if decoys_required:
+            reads += ["decoys.delta"]
         # target_side: some generator has k_target > 0 (the plan passes False otherwise: then nothing writes the
         # target columns, and check_chain would refuse a stage that reads them)
         if target_side:
-            reads += ["target_s_control", "target_candidates.delta", "target_candidates.delta_control",
-                      "target_candidates.valid", "target_candidates.generator", "candidates.delta_joint"]
-            writes += ["target_decision", "target_chosen", "target_chosen_generator", "target_best_delta",
-                       "target_need_reasoning", "target_rejected", "joint_query", "joint_target", "joint_delta",
-                       "joint_beats_query", "joint_beats_target"]
+            reads += ["target_control_delta", "target_candidates.delta", "target_candidates.valid",
+                      "target_candidates.generator"]
+            writes += [f"target_{name}" for name in per_side]
+            if decoys_required:
+                reads += ["target_decoys.delta"]
+            else:
+                reads += ["candidates.delta_joint"]
+                writes += ["joint_query", "joint_target", "joint_delta", "joint_beats_query", "joint_beats_target"]
         return Contract("select", tuple(reads), tuple(writes))
 
-    def __init__(self, epsilon: float, target_side: bool = True):
+    def __init__(self, epsilon: float, target_side: bool = True, decoys_required: Optional[dict] = None):
         self.epsilon = epsilon
-        self._contract = Select.contract(epsilon, target_side)
+        self.decoys_required = decoys_required
+        self._contract = Select.contract(epsilon, target_side, decoys_required)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.decoys_required:
+            return self._contract.apply(batch, lambda rows: score_rows(rows, self.epsilon, self.decoys_required))
         return self._contract.apply(batch, lambda rows: select_rows(rows, self.epsilon))

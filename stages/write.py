@@ -28,7 +28,8 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import OUTPUT_SCHEMA, PART_META, QUARANTINE_SCHEMA, TARGET_COLUMNS, conform
+from schemas import (CALIBRATED_COLUMNS, DECOY_RULE_COLUMNS, OUTPUT_SCHEMA, PART_META, QUARANTINE_SCHEMA,
+                     TARGET_COLUMNS, conform)
 from stages.contract import Contract
 from stages.faults import fault_point
 from stages.files import atomic_write_json, atomic_write_table, shard_file, shard_name
@@ -53,20 +54,25 @@ class WriteParts:
 
     @staticmethod
     def contract(out_dir: Optional[str] = None, provenance: Optional[dict] = None, compression: str = "snappy",
-                 target_side: bool = True) -> Contract:
+                 target_side: bool = True, decoys: bool = False) -> Contract:
         """The columns the writer reads (it writes none: its output is PART_META, not rows), from the output
         and quarantine schemas. target_side False: no generator has k_target, nothing writes the target columns,
-        and their output columns are null as they would be anyway."""
+        and their output columns are null as they would be anyway. decoys: the decoy rule, whose decisions the
+        calibration fills after the whole job (schemas CALIBRATED_COLUMNS); without it the decoy columns stay
+        null."""
         reads = [n for n in OUTPUT_SCHEMA.names if n not in ("negatives", "provenance")]
         reads += [f"negatives.{f.name}" for f in OUTPUT_SCHEMA.field("negatives").type.value_type]
         reads += [n for n in QUARANTINE_SCHEMA.names if n not in ("reason", "detail")]
         reads += ["shard_size", "quarantine_reason", "quarantine_detail"]
         if not target_side:
             reads = [n for n in reads if n not in TARGET_COLUMNS]
+        left = CALIBRATED_COLUMNS if decoys else DECOY_RULE_COLUMNS
+        reads = [n for n in reads if n not in left]
         return Contract("write", tuple(reads), ())
 
-    def __init__(self, out_dir: str, provenance: dict, compression: str, target_side: bool = True):
-        self._contract = WriteParts.contract(out_dir, provenance, compression, target_side)
+    def __init__(self, out_dir: str, provenance: dict, compression: str, target_side: bool = True,
+                 decoys: bool = False):
+        self._contract = WriteParts.contract(out_dir, provenance, compression, target_side, decoys)
         self.staging = Path(out_dir) / "_staging"
         self.provenance = provenance
         self.compression = compression

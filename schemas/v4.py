@@ -1,23 +1,22 @@
-"""pairsel record schemas, version 3.
+"""pairsel record schemas, version 4.
 
-Images by reference (issue 13): the work schema (internal: what travels between stages) changed, the output did
-not. `query_image`, `target_image` and `negatives[].image` are an IMAGE_REF, not the image's bytes: the reader
-validates each image once and records where its bytes are and their digest; the model stages load the bytes
-through stages/images.py, which checks the digest. OUTPUT_SCHEMA and QUARANTINE_SCHEMA hold no image column and
-are unchanged, so schema_version stays 3 and output shards are byte-identical to those of before.
+Version 4 (from 3): the calibrated decoy rule (stages/decoys.py, stages/select.py, stages/calibrate.py). Each
+pair gains its decoys (`decoys`: rationales the same generator wrote for other pairs of the shard, each with its
+donor's identity, its similarities and its delta, scored like a candidate) and the columns its label is decided
+from: `base_threshold` (epsilon, or the best control's delta + epsilon), `null_score` (its score in the decoy
+competition), `null_margin` (its calibration group's margin) and `help_threshold` (the value a candidate's delta had
+to exceed: decision is reason iff best_delta > help_threshold). The target side has the same columns with the
+target_ prefix. Under the fixed rule (scoring.decision.rule: bar) the decoy columns are null and help_threshold is
+base_threshold. A decoy's text is not in the output (only in the work schema): its donor row holds it.
 
-Version 3 (from 2): rationales for the target side too (generators[].k_target). Each pair gains
-`target_candidates` (the target's rationales r_t,j, scored as delta_t,j = score(q, t ⊕ r_t,j) - score(q, t)),
-the target-side control (`target_s_control`, `target_lse_control`, `target_control_delta`), the target-side
-label (`target_decision`, `target_chosen`, `target_chosen_generator`, `target_best_delta`,
-`target_need_reasoning`, `target_rejected`), and the joint choice (`joint_query`, `joint_target`,
-`joint_delta`, `joint_beats_query`, `joint_beats_target`) from each query candidate's `s_joint` / `delta_joint`.
-With k_target 0 (the default) every one of them is null and the version 2 columns hold what they held.
+Version 3 (from 2): rationales for the target side too (generators[].k_target): `target_candidates`, the target-side
+control, label and the joint choice (`joint_query`, `joint_target`, `joint_delta`, `joint_beats_query`,
+`joint_beats_target`). Version 2 (from 1): three outcomes (`decision` reason | direct | undecided; need_reasoning
+null when undecided) and the content-free controls (`s_control`, `s_control_neg`, `lse_control`, `control_delta`,
+per candidate `delta_control`).
 
-Version 2 (from 1): a pair has three outcomes, `decision` = reason | direct | undecided, and `need_reasoning`
-is null for an undecided pair (no valid candidate: reasoning was never tested); the content-free control
-(scoring.controls) adds `s_control`, `s_control_neg`, `lse_control`, `control_delta` per pair and
-`delta_control` per candidate.
+Images travel by reference after the read: `query_image`, `target_image` and `negatives[].image` are an IMAGE_REF
+in the work schema, and no output column holds an image.
 
 One pair flows through the job as one row of WORK_SCHEMA. The reader fills the
 pair columns; each later stage fills its own columns and leaves the rest alone.
@@ -29,7 +28,7 @@ bookkeeping, plus provenance. QUARANTINE_SCHEMA is the quarantine shard.
 """
 import pyarrow as pa
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Where an image's bytes are, after the read: `size` bytes from `offset` of the file at `path` (absolute). A plain
 # image file: offset 0, its size; a member of an uncompressed tar: the member's data; inline bytes that cannot be
@@ -87,6 +86,22 @@ CANDIDATE = pa.struct(
     ]
 )
 
+# A decoy (stages/decoys.py): another pair's rationale appended to this pair's query (target side: its target),
+# scored as a candidate is. `text` travels between stages only; the output keeps the donor's identity.
+DECOY_IDENTITY = [
+    pa.field("generator", pa.string()),
+    pa.field("donor_pair_id", pa.string()),
+    pa.field("donor_candidate", pa.int32()),  # index into the donor's candidates (target side: target_candidates)
+]
+DECOY_SCORES = [
+    pa.field("s_k", pa.float64()),  # cos(E(q ⊕ d), E(t+)); target side: cos(E(q), E(t ⊕ d))
+    pa.field("s_neg", pa.list_(pa.float64())),  # cos(E(q ⊕ d), E(t-_j)); null on the target side
+    pa.field("lse", pa.float64()),
+    pa.field("delta", pa.float64()),
+]
+DECOY = pa.struct(DECOY_IDENTITY + [pa.field("text", pa.string())] + DECOY_SCORES)
+OUTPUT_DECOY = pa.struct(DECOY_IDENTITY + DECOY_SCORES)
+
 # Columns the reader produces: the canonical pair record.
 PAIR_FIELDS = [
     pa.field("pair_id", pa.string()),
@@ -127,6 +142,12 @@ SCORE_FIELDS = [
     pa.field("best_delta", pa.float64()),
     pa.field("need_reasoning", pa.bool_()),  # decision == "reason"; null when undecided
     pa.field("rejected", pa.list_(pa.int32())),
+    # the rule (stages/select.py): decision == reason iff best_delta > help_threshold
+    pa.field("decoys", pa.list_(DECOY)),  # null under the bar rule
+    pa.field("base_threshold", pa.float64()),  # epsilon, or the best control's delta + epsilon
+    pa.field("null_score", pa.float64()),  # the decoy competition score (null: bar rule, or untested)
+    pa.field("null_margin", pa.float64()),  # the calibration group's margin (inf: the group labels no pair reason)
+    pa.field("help_threshold", pa.float64()),  # max(base_threshold + null_margin, best decoy delta); bar: base
 ]
 
 # ---- the target side (generators[].k_target > 0; all null without target candidates)
@@ -143,6 +164,11 @@ TARGET_FIELDS = [
     pa.field("target_best_delta", pa.float64()),
     pa.field("target_need_reasoning", pa.bool_()),
     pa.field("target_rejected", pa.list_(pa.int32())),
+    pa.field("target_decoys", pa.list_(DECOY)),
+    pa.field("target_base_threshold", pa.float64()),
+    pa.field("target_null_score", pa.float64()),
+    pa.field("target_null_margin", pa.float64()),
+    pa.field("target_help_threshold", pa.float64()),
     # the joint choice: the valid (k, j) with the largest delta_joint (stages/select.py)
     pa.field("joint_query", pa.int32()),  # index into candidates
     pa.field("joint_target", pa.int32()),  # index into target_candidates
@@ -151,6 +177,13 @@ TARGET_FIELDS = [
     pa.field("joint_beats_target", pa.bool_()),  # joint_delta > the target side's choice + epsilon
 ]
 TARGET_COLUMNS = [f.name for f in TARGET_FIELDS]
+
+# What each rule leaves null: the bar rule has no decoys; under the decoy rule the decisions (and the joint choice,
+# which compares the sides' decisions) are filled only once the whole job is calibrated (stages/calibrate.py).
+JOINT_COLUMNS = ["joint_query", "joint_target", "joint_delta", "joint_beats_query", "joint_beats_target"]
+DECOY_RULE_COLUMNS = [f"{p}{n}" for p in ("", "target_") for n in ("decoys", "null_score", "null_margin")]
+CALIBRATED_COLUMNS = [f"{p}{n}" for p in ("", "target_") for n in ("decision", "need_reasoning", "help_threshold",
+                                                                   "null_margin")] + JOINT_COLUMNS
 
 WORK_SCHEMA = pa.schema(PAIR_FIELDS + SCORE_FIELDS + TARGET_FIELDS)
 
@@ -170,11 +203,11 @@ OUTPUT_NEGATIVE = pa.struct(
 )
 
 _DROPPED = {"shard_size", "query_image", "target_image", "negatives", "quarantine_reason", "quarantine_detail", "raw"}
+_OUTPUT_TYPES = {"decoys": pa.list_(OUTPUT_DECOY), "target_decoys": pa.list_(OUTPUT_DECOY)}
 OUTPUT_SCHEMA = pa.schema(
     [f for f in PAIR_FIELDS if f.name not in _DROPPED]
     + [pa.field("negatives", pa.list_(OUTPUT_NEGATIVE))]
-    + SCORE_FIELDS
-    + TARGET_FIELDS
+    + [pa.field(f.name, _OUTPUT_TYPES.get(f.name, f.type)) for f in SCORE_FIELDS + TARGET_FIELDS]
     + [pa.field("provenance", PROVENANCE)],
     metadata={b"pairsel.schema_version": str(SCHEMA_VERSION).encode()},
 )

@@ -1,0 +1,90 @@
+"""The decoy rule's calibration: one margin per side and calibration group, so that the estimated false-discovery
+rate of the group's reason labels is at most scoring.decision.fdr (pure numpy over the pairs' null_score).
+
+Each tested pair of a group has a null_score T (stages/select.py): +size if its best valid candidate beats every
+one of its decoys, -size if a decoy is at least as good, size being how far the best of them clears the pair's
+bar. The pair is labelled reason iff T > margin.
+
+Why this controls the false-discovery rate: under the null that a pair's candidates carry no content about the
+pair, its candidates and decoys are exchangeable draws (same generator, same template, same kind of text), so the
+best of its m + D texts is a candidate with probability m / (m + D) <= c, whatever the values: the sign of T is
+a biased coin, independent of |T|. Then, for every margin s, the reason labels that are wrong are estimated by
+the decoy wins above s, and
+
+    FDR_hat(s) = c / (1 - c) * (1 + #{T < -s}) / max(1, #{T > s})
+
+picked at the smallest s in {0} U {|T|} with FDR_hat(s) <= fdr is the knockoff+ filter (Barber and Candes 2015;
+with c != 1/2 the Selective SeqStep+ form), which keeps the expected share of wrong reason labels among all
+reason labels of the group at most fdr. c = slots / (slots + decoys) of a pair (scoring.decision.decoys_per_candidate
+decoys per candidate slot): 1/2 by default. A pair counts its candidate slots, not its valid candidates, so that
+rounds of generation, which stop a pair once its best candidate beats its decoys, keep c an upper bound.
+
+The guarantee needs no assumption on the score's distribution; it needs decoys that are no weaker than the
+candidates would be without content. Decoys written for other targets carry content about something else, which
+moves the score more than text about nothing: the rule errs on the safe side (measured in the README).
+A group needs at least about c / (1 - c) / fdr winners (20 at fdr 0.05) before it can label any pair reason;
+scoring.decision.group: job pools small subsets.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+
+NULL_GROUPS = ("subset", "job")  # scoring.decision.group (pipeline/config.py takes its choices from here)
+JOB_GROUP = "*"
+
+
+def win_chance(slots: int, decoys: int) -> float:
+    """c: the most a pair's candidates win the decoy competition by chance."""
+    return slots / (slots + decoys)
+
+
+def knockoff_margin(scores, fdr: float, chance: float) -> dict:
+    """The smallest margin s in {0} U {|T|} with FDR_hat(s) <= fdr, and the counts at it. margin None (and
+    fdr_estimate the lowest FDR_hat over all s) when no s qualifies: the group labels no pair reason."""
+    t = np.asarray(list(scores), dtype=np.float64)
+    wins, losses = np.sort(t[t > 0]), np.sort(-t[t < 0])
+    candidates = np.concatenate([[0.0], np.unique(np.concatenate([wins, losses]))])
+    above_wins = len(wins) - np.searchsorted(wins, candidates, side="right")
+    above_losses = len(losses) - np.searchsorted(losses, candidates, side="right")
+    estimate = chance / (1 - chance) * (1 + above_losses) / np.maximum(1, above_wins)
+    ok = np.flatnonzero(estimate <= fdr)
+    i = int(ok[0]) if len(ok) else int(np.argmin(estimate))
+    return {"pairs": len(t), "wins": len(wins), "losses": len(losses),
+            "margin": float(candidates[i]) if len(ok) else None,
+            "reason": int(above_wins[i]) if len(ok) else 0,
+            "decoy_wins_above": int(above_losses[i]),
+            "fdr_estimate": float(min(estimate[i], 1.0))}
+
+
+def group_key(subset: Optional[str], group: str) -> str:
+    return JOB_GROUP if group == "job" else str(subset)
+
+
+def calibrate(scores: Iterable[tuple[str, str, Optional[float]]], fdr: float, chance: float) -> list[dict]:
+    """scores: (side, group key, null_score) of every tested pair (null_score None: untested, left out).
+    Returns one record per (side, group): knockoff_margin's, with its side and group."""
+    by_group: dict[tuple[str, str], list[float]] = {}
+    for side, key, score in scores:
+        if score is not None:
+            by_group.setdefault((side, key), []).append(score)
+    return [{"side": side, "group": key, **knockoff_margin(values, fdr, chance)}
+            for (side, key), values in sorted(by_group.items())]
+
+
+def margin_lookup(calibration: list[dict], group: str) -> Callable[[str, dict], Optional[float]]:
+    """(side, row) -> the margin of the row's group, for stages/select.py:label_rows."""
+    margins = {(c["side"], c["group"]): c["margin"] for c in calibration}
+    return lambda side, row: margins.get((side, group_key(row.get("subset"), group)))
+
+
+def row_scores(rows: list[dict], group: str) -> Iterable[tuple[str, str, Optional[float]]]:
+    """calibrate()'s input from rows held in memory (pipeline/plan.py:run_local)."""
+    for row in rows:
+        if row.get("quarantine_reason"):
+            continue
+        key = group_key(row.get("subset"), group)
+        yield "query", key, row.get("null_score")
+        if row.get("target_candidates"):
+            yield "target", key, row.get("target_null_score")

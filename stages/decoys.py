@@ -1,0 +1,136 @@
+"""Draw each pair's decoys: rationales the same generator wrote for other pairs of the same input shard, to be
+appended to this pair's query (target side: its target) in the reasoned template and scored as candidates are
+(stages/embed.py, stages/score.py). They look like the pair's candidates (same generator, prompt, length and
+style) and carry nothing about this pair: the null that the decoy rule (stages/select.py, stages/calibrate.py)
+is calibrated against. They cost embeddings only: no generation.
+
+For each pair, side and generator: `count` texts drawn without replacement from that generator's valid candidates
+(finish_reason in scoring.valid_finish_reasons) of the round-1 generation of the other pairs of the shard and
+subset, never from a pair that shares this pair's target, whose target is one of this pair's negatives, or
+that has this pair's target among its negatives (their rationales are about this pair's answers). The draw is
+seeded by (scoring.seed, pair_id, side, generator) over the shard's rows in row order, so a rerun and a resumed run
+draw the same decoys. Each decoy keeps its identity: the generator, the donor's pair_id and candidate index.
+
+The draw needs the whole shard, so this stage runs over whole input shards (Ray Data: batch_size None, each batch
+one or more whole blocks, and the read gives one block per shard that the model stages before this one keep
+whole); it checks that every shard in a batch is complete and refuses a batch that is not.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from stages.contract import Contract
+from stages.negatives import target_identity
+from stages.score import VALID_FINISH
+
+SIDE_FIELDS = {"query": ("candidates", "decoys"), "target": ("target_candidates", "target_decoys")}
+
+
+def _seed(seed: int, pair_id: str, side: str, generator: str) -> list[int]:
+    digest = hashlib.sha256(f"{seed}|{pair_id}|{side}|{generator}".encode()).digest()
+    return [int.from_bytes(digest[:8], "little")]
+
+
+def _identities(row: dict) -> tuple[tuple, set]:
+    """The row's target and the targets it must not be confused with (its negatives)."""
+    target = target_identity(row.get("target_text"), row.get("target_image_path"), row.get("target_image"))
+    negatives = {target_identity(n.get("text"), n.get("image_path"), n.get("image")) for n in row.get("negatives") or []}
+    return target, negatives
+
+
+def draw_decoys(rows: list[dict], counts: dict[str, dict[str, int]], seed: int,
+                valid_finish=VALID_FINISH) -> None:
+    """Fill each valid row's decoys (per side in `counts`: generator name -> how many) from the other rows, which
+    must be one whole shard, in place."""
+    live = [r for r in sorted(rows, key=lambda r: r["row_index"]) if not r.get("quarantine_reason")]
+    idents = [_identities(r) for r in live]
+    targets = [t for t, _ in idents]
+    for side, per_generator in counts.items():
+        cand_field, decoy_field = SIDE_FIELDS[side]
+        # per generator: every usable text of the shard, as (donor position in `live`, candidate index, text)
+        pools: dict[str, list[tuple[int, int, str]]] = {g: [] for g in per_generator}
+        for pos, donor in enumerate(live):
+            for k, cand in enumerate(donor.get(cand_field) or []):
+                g = cand.get("generator")
+                if g in pools and cand.get("text") and cand.get("finish_reason") in valid_finish:
+                    pools[g].append((pos, k, cand["text"]))
+        donors = {g: np.array([entry[0] for entry in pool], dtype=np.int64) for g, pool in pools.items()}
+        for pos, row in enumerate(live):
+            target, negatives = idents[pos]
+            eligible = np.array([other != pos and live[other]["subset"] == row["subset"] and t != target
+                                 and t not in negatives and target not in idents[other][1]
+                                 for other, t in enumerate(targets)], dtype=bool)
+            decoys = []
+            for generator, count in per_generator.items():
+                pool = np.flatnonzero(eligible[donors[generator]]) if len(donors[generator]) else np.array([], int)
+                rng = np.random.default_rng(_seed(seed, row["pair_id"], side, generator))
+                picks = np.sort(rng.choice(pool, size=min(count, len(pool)), replace=False)) if len(pool) else []
+                decoys += [{"generator": generator, "donor_pair_id": live[pools[generator][i][0]]["pair_id"],
+                            "donor_candidate": pools[generator][i][1], "text": pools[generator][i][2]}
+                           for i in (int(i) for i in picks)]
+            row[decoy_field] = decoys
+
+
+def check_whole_shards(rows: list[dict]) -> None:
+    sizes: dict[int, int] = {}
+    counts: dict[int, int] = {}
+    for row in rows:
+        sizes[row["shard_id"]] = row["shard_size"]
+        counts[row["shard_id"]] = counts.get(row["shard_id"], 0) + 1
+    partial = {s: (counts[s], sizes[s]) for s in sizes if counts[s] != sizes[s]}
+    if partial:
+        shard, (have, size) = min(partial.items())
+        raise RuntimeError(f"decoys: shard {shard} arrived in part ({have} of {size} rows): the stage draws from "
+                           "whole shards and must run with batch_size None right after the model stages")
+
+
+class Decoys:
+    """Ray Data task over whole shards: draw_decoys on the columns its contract names (no model)."""
+
+    @staticmethod
+    def contract(counts: dict, seed: int = 0, valid_finish_reasons=VALID_FINISH) -> Contract:
+        reads = ["quarantine_reason", "pair_id", "subset", "shard_id", "shard_size", "row_index", "target_text",
+                 "target_image_path", "target_image", "negatives.text", "negatives.image_path", "negatives.image"]
+        writes = []
+        for side in counts:
+            cand_field, decoy_field = SIDE_FIELDS[side]
+            reads += [f"{cand_field}.{name}" for name in ("generator", "text", "finish_reason")]
+            writes.append(decoy_field)
+        return Contract("decoys", tuple(reads), tuple(writes))
+
+    def __init__(self, counts: dict, seed: int = 0, valid_finish_reasons=VALID_FINISH):
+        self.counts = counts
+        self.seed = seed
+        self.valid_finish = tuple(valid_finish_reasons)
+        self._contract = Decoys.contract(counts, seed, valid_finish_reasons)
+
+    def _draw(self, rows: list[dict]) -> None:
+        check_whole_shards(rows)
+        by_shard: dict[int, list[dict]] = {}
+        for row in rows:
+            by_shard.setdefault(row["shard_id"], []).append(row)
+        for shard_rows in by_shard.values():
+            draw_decoys(shard_rows, self.counts, self.seed, self.valid_finish)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self._contract.apply(batch, self._draw)
+
+
+def decoy_counts(generators: list[dict], per_candidate: float) -> dict[str, dict[str, int]]:
+    """Per side, generator name -> decoys per pair: per_candidate decoys for each of the generator's candidate slots
+    (k, k_target), at least one per generator that has slots."""
+    counts: dict[str, dict[str, int]] = {"query": {}, "target": {}}
+    for g in generators:
+        for side, slots in (("query", g["k"]), ("target", g.get("k_target", 0))):
+            if slots:
+                counts[side][g["name"]] = max(1, int(np.ceil(per_candidate * slots)))
+    return {side: c for side, c in counts.items() if c}
+
+
+def required(counts: Optional[dict]) -> Optional[dict]:
+    """Per side, the decoys a pair must have to be tested (select's decoys_required); None without decoys."""
+    return None if counts is None else {side: sum(c.values()) for side, c in counts.items()}

@@ -1,0 +1,142 @@
+"""Text pairs whose right answer is known, for measuring labels with a real embedder (all-MiniLM-L6-v2), built from
+tests/constructed_facts.py and checked against the embedder itself:
+
+- hard: the query is mostly a hard negative's description plus one decisive clue of the target ("Which planet is
+  the largest gas giant ..., and has the most spectacular ring system?"). Kept only where the plain query ranks
+  a negative above the target and the evidence rationale puts the target first.
+- easy: the query is the target's own description; kept only where the plain query already ranks the target first.
+
+Each pair has five candidates of known kind, in an order that moves with the pair (so that ties or index order
+cannot pass for a choice): evidence (names the clue and whose it is), misleading (names the hard negative),
+off-topic text, format-only "reasoning" and a restatement of the query; every filler text differs. The
+`*_content_free` subsets hold the same pairs without the evidence candidate.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tests.constructed_facts import CATEGORIES
+
+KINDS = ("evidence", "misleading", "off_topic", "format_only", "restating")
+CONTENT_FREE = KINDS[1:]
+QUERY, TARGET, REASONED = "Query: {text}", "Candidate: {text}", "Query: {text}\nReasoning: {rationale}"
+
+_SUBJECTS = ["The bakery on the corner", "My neighbour's dog", "The evening train", "A new coffee machine",
+             "The city council", "Our garden hose", "The school choir", "A yellow umbrella", "The local football club",
+             "An old bicycle", "The weekend market", "A paper kite", "The office printer", "A jar of honey",
+             "The night bus"]
+_PREDICATES = ["opened an hour late this morning", "was repainted green last spring", "needs new batteries again",
+               "won a small prize at the fair", "was left out in the rain", "costs less than it did last year",
+               "made a lot of noise on Sunday", "was moved to the back room", "has a loose handle",
+               "sold out before noon", "is older than it looks"]
+_OPENINGS = ["Let me think about this step by step.", "Okay, let's reason through this carefully.",
+             "First, I will read the question closely.", "To answer this, I need to analyse the request.",
+             "Let me break this problem down.", "I will consider each option in turn.",
+             "Let's approach this methodically.", "Thinking it over carefully:"]
+_CLOSINGS = ["Then I will give my answer.", "After that, the answer should be clear.", "Then I can decide.",
+             "This should lead to the right choice.", "I will weigh the options before deciding.",
+             "Then the conclusion follows.", "Finally I will state the result.", "Then I will pick the best match.",
+             "That settles it."]
+
+
+def _lower(name: str) -> str:
+    return name[0].lower() + name[1:] if name.split()[0] in ("The", "A", "An") else name
+
+
+def filler(i: int) -> tuple[str, str]:
+    """(off-topic, format-only) texts of pair i: different for every pair of a set."""
+    off = f"{_SUBJECTS[i % len(_SUBJECTS)]} {_PREDICATES[(i // len(_SUBJECTS)) % len(_PREDICATES)]}."
+    fmt = f"{_OPENINGS[i % len(_OPENINGS)]} {_CLOSINGS[(i // len(_OPENINGS)) % len(_CLOSINGS)]}"
+    return off, fmt
+
+
+def _pair(category: str, target: tuple, negative: tuple, others: list[tuple], hard: bool) -> dict:
+    (name, desc, clue), (neg_name, neg_desc, _) = target, negative
+    described = neg_desc if hard else desc
+    query = f"Which {category} is {described}, and {clue}?" if hard else f"Which {category} is {described}?"
+    restating = f"We are looking for the {category} that is {described}" + (f" and {clue}." if hard else ".")
+    return {"query": query, "target": f"{name}, {desc}.",
+            "negatives": [f"{e[0]}, {e[1]}." for e in [negative, *others]],
+            "evidence": f"The deciding detail is that it {clue}, which is true only of {_lower(name)}.",
+            "misleading": f"The description fits {_lower(neg_name)}, so the answer is {_lower(neg_name)}.",
+            "restating": restating}
+
+
+def _pairs_with(shift: int, hard: bool) -> list[tuple[str, dict]]:
+    out = []
+    for category, entities in CATEGORIES.items():
+        size = len(entities)
+        for i, entity in enumerate(entities):
+            others = [entities[(i + d) % size] for d in range(1, size) if d != shift][:2]
+            out.append((f"{category}-{i}", _pair(category, entity, entities[(i + shift) % size], others, hard)))
+    return out
+
+
+def _ranks_first(embed, queries: list[str], pairs: list[dict]) -> list[bool]:
+    """Whether each query ranks its pair's target above every negative."""
+    texts = sorted({TARGET.replace("{text}", t) for p in pairs for t in [p["target"], *p["negatives"]]})
+    vectors = dict(zip(texts, embed(texts)))
+    out = []
+    for v, p in zip(embed(queries), pairs):
+        sims = [vectors[TARGET.replace("{text}", t)] @ v for t in [p["target"], *p["negatives"]]]
+        out.append(bool(max(sims[1:]) < sims[0]))
+    return out
+
+
+def build(embed) -> dict[str, list[dict]]:
+    """{"hard": [...], "easy": [...]}: the pairs that the embedder (texts -> unit vectors) gets as their name says.
+    A hard pair takes, for each target, the first hard negative whose pair qualifies."""
+    hard: dict[str, dict] = {}
+    for shift in range(1, 6):
+        todo = [(key, p) for key, p in _pairs_with(shift, hard=True) if key not in hard]
+        todo = [(key, p) for key, p in todo if len(p["negatives"]) == 3]
+        plain = _ranks_first(embed, [QUERY.replace("{text}", p["query"]) for _, p in todo], [p for _, p in todo])
+        fixed = _ranks_first(embed, [REASONED.replace("{text}", p["query"]).replace("{rationale}", p["evidence"])
+                                     for _, p in todo], [p for _, p in todo])
+        hard.update({key: p for (key, p), a, b in zip(todo, plain, fixed) if not a and b})
+    easy_all = _pairs_with(1, hard=False)
+    plain = _ranks_first(embed, [QUERY.replace("{text}", p["query"]) for _, p in easy_all], [p for _, p in easy_all])
+    return {"hard": [hard[key] for key, _ in easy_all if key in hard],  # in the facts' order
+            "easy": [p for (_, p), ok in zip(easy_all, plain) if ok]}
+
+
+def candidates(i: int, pair: dict, with_evidence: bool) -> list[tuple[str, str]]:
+    off, fmt = filler(i)
+    texts = {"misleading": pair["misleading"], "off_topic": off, "format_only": fmt, "restating": pair["restating"]}
+    out = [(kind, texts[kind]) for kind in CONTENT_FREE]
+    if with_evidence:
+        out.insert(i % (len(out) + 1), ("evidence", pair["evidence"]))
+    return out
+
+
+def write(root: Path, sets: dict[str, list[dict]]) -> dict:
+    """An MMEB-style input, one file (subset) per set and condition (`<set>_evidence`: all five candidates,
+    `<set>_content_free`: without the evidence one), and the rationales for the precomputed generator.
+    Returns the paths and {pair_id: [candidate kinds]}."""
+    (root / "pairs").mkdir(parents=True, exist_ok=True)
+    kinds, rationales = {}, []
+    for name, pairs in sets.items():
+        for condition, with_evidence in (("evidence", True), ("content_free", False)):
+            subset, lines = f"{name}_{condition}", []
+            for i, p in enumerate(pairs):
+                pair_id = f"{subset}-{i:03d}"
+                lines.append(json.dumps({"pair_id": pair_id, "subset": subset, "qry": p["query"],
+                                         "pos_text": p["target"], "neg_text": p["negatives"]}))
+                cands = candidates(i, p, with_evidence)
+                kinds[pair_id] = [k for k, _ in cands]
+                rationales.append(json.dumps({"pair_id": pair_id, "rationales": [t for _, t in cands]}))
+            (root / "pairs" / f"{subset}.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "rationales.jsonl").write_text("\n".join(rationales) + "\n")
+    return {"input": str(root / "pairs"), "rationales": str(root / "rationales.jsonl"), "kinds": kinds}
+
+
+def minilm_embed(model_path: str):
+    """texts -> unit vectors with the job's own sentence-transformers backend."""
+    from stages.backends.base import EmbedInput
+    from stages.backends.hf.embedders import SentenceTransformersEmbedder
+
+    backend = SentenceTransformersEmbedder(model_path, batch_size=64)
+    return lambda texts: np.asarray(backend.embed([EmbedInput(text=t, image=None) for t in texts]))

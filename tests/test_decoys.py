@@ -1,0 +1,151 @@
+"""The decoy rule's parts against values worked out by hand, and its error rate on simulated pairs: the draw
+(stages/decoys.py), the competition (stages/select.py) and the calibration (stages/calibrate.py)."""
+import copy
+
+import numpy as np
+import pytest
+
+from stages.calibrate import calibrate, knockoff_margin, margin_lookup, row_scores
+from stages.decoys import Decoys, check_whole_shards, decoy_counts, draw_decoys
+from stages.select import DIRECT, REASON, UNDECIDED, label_rows, null_score, score_rows
+
+
+def test_knockoff_margin_by_hand():
+    # wins 5, 4, 3, 2, 1 (x5 each) and one loss at 2.5: at s=0 the estimate is (1+1)/25; fdr 0.1 takes it
+    scores = [5.0, 4.0, 3.0, 2.0, 1.0] * 5 + [-2.5]
+    out = knockoff_margin(scores, 0.1, 0.5)
+    assert out["margin"] == 0.0 and out["reason"] == 25 and out["fdr_estimate"] == pytest.approx(2 / 25)
+    # fdr 0.05: above 2.5 the loss is gone, 15 wins are left: (1+0)/15 > 0.05; nothing qualifies
+    assert knockoff_margin(scores, 0.05, 0.5)["margin"] is None
+    # 25 wins and the loss: at s = 2.5, 15 wins (5, 4, 3) with no loss above: (1+0)/15 <= 0.07
+    assert knockoff_margin(scores, 0.07, 0.5)["margin"] == 2.5
+    # a chance above 1/2 scales the estimate: c/(1-c) = 2 doubles it
+    assert knockoff_margin(scores, 0.1, 2 / 3)["margin"] is None
+
+
+def test_a_group_without_enough_wins_labels_no_pair_reason():
+    # 19 clean wins and no loss: (1+0)/19 > 0.05, the knockoff+ needs 1/fdr of them
+    assert knockoff_margin([1.0] * 19, 0.05, 0.5)["margin"] is None
+    assert knockoff_margin([1.0] * 20, 0.05, 0.5)["margin"] == 0.0
+
+
+def _pair(rng, signal: float, k: int, d: int, base: float = 0.0) -> dict:
+    """A scored pair whose candidates and decoys are draws of one null; candidate 0 is shifted by `signal`."""
+    deltas = rng.normal(0, 1, k)
+    deltas[0] += signal
+    return {"subset": "s", "candidates": [{"delta": float(x), "valid": True, "generator": "g"} for x in deltas],
+            "decoys": [{"delta": float(x)} for x in rng.normal(0, 1, d)], "control_delta": [base]}
+
+
+@pytest.mark.parametrize("k, d", [(4, 4), (8, 4), (5, 10)])
+def test_the_false_discovery_rate_holds_on_exchangeable_nulls(k, d):
+    """Half the pairs carry a signal in one candidate, half none; over many jobs the share of reason labels on
+    null pairs among all reason labels stays under fdr (knockoff+), whatever the heavy tail of the null."""
+    rng = np.random.default_rng(0)
+    fdr, fdps, power = 0.1, [], []
+    for _ in range(150):
+        rows = [_pair(rng, 4.0 if i % 2 else 0.0, k, d) for i in range(80)]
+        for r in rows:  # a heavy-tailed null: the same for candidates and decoys of a pair
+            scale = rng.choice([0.2, 1.0, 3.0])
+            for x in r["candidates"] + r["decoys"]:
+                x["delta"] *= scale
+        score_rows(rows, 0.0, {"query": d})
+        calibration = calibrate(row_scores(rows, "subset"), fdr, k / (k + d))
+        label_rows(rows, 0.0, margin_lookup(calibration, "subset"), {"query": d})
+        reason = [i for i, r in enumerate(rows) if r["decision"] == REASON]
+        fdps.append(sum(i % 2 == 0 for i in reason) / max(1, len(reason)))
+        power.append(sum(i % 2 == 1 for i in reason) / 40)
+    assert np.mean(fdps) <= fdr
+    # and it finds signal; fewer decoys than candidates cost power (the estimate is scaled by c/(1-c) = k/d)
+    assert np.mean(power) > (0.3 if d >= k else 0.02)
+
+
+def test_help_threshold_decides_each_pair():
+    rows = [{"subset": "s", "control_delta": [0.1],
+             "candidates": [{"delta": 0.5, "valid": True, "generator": "g"}, {"delta": 0.9, "valid": False,
+                                                                              "generator": "g"}],
+             "decoys": [{"delta": 0.3}, {"delta": 0.2}]}]
+    score_rows(rows, 0.0, {"query": 2})
+    row = rows[0]
+    assert row["base_threshold"] == pytest.approx(0.1) and row["chosen"] == 0
+    assert row["null_score"] == pytest.approx(0.5 - 0.1)  # beats both decoys; clears the bar by 0.4
+    for margin, decision in ((0.39, REASON), (0.4, DIRECT), (None, DIRECT)):
+        label_rows([row], 0.0, lambda side, r: margin, {"query": 2})
+        assert row["decision"] == decision and row["need_reasoning"] == (decision == REASON)
+        assert (row["best_delta"] > row["help_threshold"]) == (decision == REASON)
+    label_rows([row], 0.0, lambda side, r: 0.0, {"query": 2})
+    assert row["help_threshold"] == pytest.approx(0.3)  # the best decoy, above the bar
+
+
+def test_ties_and_short_decoys():
+    assert null_score(0.3, [0.3], 0.0) < 0  # a decoy as good as the best candidate wins
+    assert null_score(0.3, [0.1], 0.5) == 0.0  # nothing clears the bar
+    row = {"subset": "s", "control_delta": None, "candidates": [{"delta": 0.5, "valid": True, "generator": "g"}],
+           "decoys": [{"delta": 0.1}]}
+    score_rows([row], 0.0, {"query": 2})
+    label_rows([row], 0.0, lambda side, r: 0.0, {"query": 2})
+    assert row["decision"] == UNDECIDED and row["null_score"] is None  # too few decoys: untested
+
+
+def _shard(n=6):
+    rows = []
+    for i in range(n):
+        target = f"target {i % 3}"  # pairs i and i+3 share a target
+        rows.append({"pair_id": f"p{i}", "subset": "a" if i < n - 1 else "b", "shard_id": 7, "shard_size": n,
+                     "row_index": i, "quarantine_reason": None, "target_text": target, "target_image_path": None,
+                     "target_image": None, "negatives": [{"text": "target 1", "image_path": None, "image": None}]
+                     if i == 0 else [],
+                     "candidates": [{"generator": g, "text": f"{g} says {i}.{k}", "finish_reason": "stop"}
+                                    for g in ("g1", "g2") for k in range(2)]})
+    return rows
+
+
+def test_decoys_come_from_other_targets_of_the_same_shard_and_subset():
+    rows = _shard()
+    draw_decoys(rows, {"query": {"g1": 2, "g2": 1}}, seed=0)
+    by_id = {r["pair_id"]: r for r in rows}
+    for r in rows:
+        donors = [by_id[d["donor_pair_id"]] for d in r["decoys"]]
+        assert all(d["subset"] == r["subset"] and d["target_text"] != r["target_text"] for d in donors)
+        assert all(d["text"] == by_id[d["donor_pair_id"]]["candidates"][d["donor_candidate"]]["text"] for d in r["decoys"])
+        assert all(d["generator"] == by_id[d["donor_pair_id"]]["candidates"][d["donor_candidate"]]["generator"]
+                   for d in r["decoys"])
+    # p0's negative is p1's target: never a donor; p0 and p3 share a target
+    assert {d["donor_pair_id"] for d in by_id["p0"]["decoys"]} <= {"p2", "p4"}
+    assert [d["generator"] for d in by_id["p2"]["decoys"]] == ["g1", "g1", "g2"]
+    assert by_id["p5"]["decoys"] == []  # alone in its subset
+    again = _shard()
+    draw_decoys(list(reversed(again)), {"query": {"g1": 2, "g2": 1}}, seed=0)
+    assert [r["decoys"] for r in again] == [r["decoys"] for r in rows]  # a function of the shard, not of row order
+    other = _shard()
+    draw_decoys(other, {"query": {"g1": 2, "g2": 1}}, seed=1)
+    assert [r["decoys"] for r in other] != [r["decoys"] for r in rows]
+
+
+def test_the_decoy_stage_refuses_part_of_a_shard():
+    rows = _shard()
+    check_whole_shards(rows)
+    with pytest.raises(RuntimeError, match="shard 7 arrived in part"):
+        check_whole_shards(rows[:4])
+    assert Decoys.contract({"query": {"g1": 1}}).writes == ("decoys",)
+
+
+def test_decoy_counts_per_candidate_slot():
+    gens = [{"name": "a", "k": 4, "k_target": 0}, {"name": "b", "k": 3, "k_target": 2}]
+    assert decoy_counts(gens, 1.0) == {"query": {"a": 4, "b": 3}, "target": {"b": 2}}
+    assert decoy_counts(gens, 0.5) == {"query": {"a": 2, "b": 2}, "target": {"b": 1}}
+
+
+def test_scores_labels_and_calibration_recompute_from_rows():
+    rng = np.random.default_rng(3)
+    rows = [_pair(rng, 3.0, 4, 4) for _ in range(60)]
+    score_rows(rows, 0.0, {"query": 4})
+    calibration = calibrate(row_scores(rows, "subset"), 0.05, 0.5)
+    label_rows(rows, 0.0, margin_lookup(calibration, "subset"), {"query": 4})
+    fresh = copy.deepcopy(rows)
+    for r in fresh:
+        for key in ("decision", "need_reasoning", "help_threshold", "null_margin", "null_score"):
+            r[key] = None
+    score_rows(fresh, 0.0, {"query": 4})
+    label_rows(fresh, 0.0, margin_lookup(calibrate(row_scores(fresh, "subset"), 0.05, 0.5), "subset"), {"query": 4})
+    assert fresh == rows
