@@ -38,12 +38,28 @@ def _md(x) -> str:
     return str(x).replace("|", "\\|")
 
 
+def _calibration_lines(rule: dict) -> list[str]:
+    """Under the decoy rule: each side and calibration group's margin and estimated false-discovery rate."""
+    if rule.get("rule") != "decoys" or not rule.get("calibration"):
+        return []
+
+    def margin(c: dict) -> str:
+        return "none (no pair reason)" if c["margin"] is None else f"{c['margin']:.4g}"
+
+    return ["| side | group | tested pairs | reason | margin | estimated FDR |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+            *(f"| {c['side']} | {_md(c['group'])} | {c['pairs']} | {c['reason']} | {margin(c)} |"
+              f" {_rate(c['fdr_estimate'])} |" for c in rule["calibration"]),
+            ""]
+
+
 def body(manifest: dict) -> str:
     counts = manifest.get("counts") or {}
     subsets = manifest.get("subsets") or {}
     generators = manifest.get("generators") or {}
     embedder = manifest.get("embedder") or {}
     scoring = (manifest.get("config") or {}).get("scoring") or {}
+    rule = manifest.get("decision") or {}
     lines = [
         "# pairsel output",
         "",
@@ -51,10 +67,12 @@ def body(manifest: dict) -> str:
         "one or more MLLM generators. Every rationale r_k is scored by how much appending it to the query moves",
         "the query's embedding towards its target: delta_k = s(q + r_k, t+) - s(q, t+) (cosine mode) or the",
         "change of log p(t+ | x) under a softmax over the target and negatives (pair_aware mode). Each pair",
-        "has one of three outcomes (`decision`): **reason** (a rationale helps: delta > epsilon, and with",
-        "content-free controls it also beats every control by more than epsilon; `need_reasoning` true),",
-        "**direct** (reasoning was tested and no rationale helps; `need_reasoning` false) or **undecided** (no",
-        "valid candidate, so reasoning was never tested; `need_reasoning` null).",
+        "has one of three outcomes (`decision`): **reason** (a rationale helps: its delta > the pair's",
+        "`help_threshold`; `need_reasoning` true), **direct** (reasoning was tested and no rationale helps;",
+        "`need_reasoning` false) or **undecided** (reasoning was never tested: no valid candidate, or too few",
+        "decoys; `need_reasoning` null).",
+        "",
+        f"Decision rule: {rule.get('promise', '?')}.",
         "",
         f"- status: **{manifest.get('status', 'unknown')}**, finished {manifest.get('finished_at', '?')}"
         f" ({manifest.get('wall_seconds', '?')} s)",
@@ -63,7 +81,8 @@ def body(manifest: dict) -> str:
         f"- outcomes: reason {counts.get('need_reasoning', '?')} ({_rate(counts.get('need_reasoning_rate'))}),"
         f" direct {counts.get('direct', '?')} ({_rate(counts.get('direct_rate'))}),"
         f" undecided {counts.get('undecided', '?')} ({_rate(counts.get('undecided_rate'))});"
-        f" turned from reason to direct by the control: {counts.get('control_turned_direct', '?')}",
+        f" turned from reason to direct by the control: {counts.get('control_turned_direct', '?')},"
+        f" by the decoys: {counts.get('null_turned_direct', '?')}",
         f"- candidates: {counts.get('candidates', '?')}; tokens generated: {counts.get('tokens_generated', '?')}",
         f"- scoring: mode {scoring.get('mode', '?')}, epsilon {scoring.get('epsilon', '?')}, content-free controls:"
         f" {', '.join(repr(c) for c in scoring.get('controls') or []) or 'none'}",
@@ -72,13 +91,14 @@ def body(manifest: dict) -> str:
         "",
         "## Subsets",
         "",
-        "| subset | pairs | reason | direct | undecided | turned direct by the control |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| subset | pairs | reason | direct | undecided | turned direct by the control | by the decoys |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         *(f"| {_md(name)} | {s.get('pairs', '?')} | {s.get('need_reasoning', '?')} ({_rate(s.get('need_reasoning_rate'))}) |"
           f" {s.get('direct', '?')} ({_rate(s.get('direct_rate'))}) | {s.get('undecided', '?')} ({_rate(s.get('undecided_rate'))}) |"
-          f" {s.get('control_turned_direct', '?')} |"
+          f" {s.get('control_turned_direct', '?')} | {s.get('null_turned_direct', '?')} |"
           for name, s in sorted(subsets.items())),
         "",
+        *_calibration_lines(rule),
         "## Models",
         "",
         f"- embedder: `{_md(embedder.get('model', '?'))}` ({embedder.get('backend', '?')})",
@@ -114,7 +134,9 @@ def body(manifest: dict) -> str:
         f"- `data/shard-NNNNNN.parquet`: one row per pair (schema version {SCHEMA_VERSION}, `schemas/` OUTPUT_SCHEMA):",
         "  the pair, its negatives, `candidates` (text, generator, tokens, finish_reason, s_k, delta,",
         "  delta_control, neg_delta, valid, ...), `s_direct`, `s_control`, `control_delta`, `decision`, `chosen`,",
-        "  `best_delta`, `need_reasoning`, `rejected`, `provenance`; with target rationales (k_target > 0) also",
+        "  `best_delta`, `need_reasoning`, `rejected`, `decoys` (donor pair and candidate, s_k, s_neg, delta),",
+        "  `base_threshold`, `null_score`, `null_margin`, `help_threshold`, `provenance`; with target rationales",
+        "  (k_target > 0) also the same `target_` columns,",
         "  `target_candidates`, `target_s_control`, `target_decision`, `target_chosen`, `target_best_delta`,",
         "  `target_need_reasoning`, `target_rejected`, `joint_query`, `joint_target`, `joint_delta`,",
         "  `joint_beats_query`, `joint_beats_target`, and per query candidate `s_joint` and `delta_joint`",

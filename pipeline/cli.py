@@ -227,10 +227,18 @@ def print_summary(result: dict, out: str, stream) -> None:
         return f"{c.get(key, 0)}/{n}" + (f" ({rate:.1%})" if rate is not None else "")
 
     print(f"pairsel: {n} pairs written to {out}/data/ ({len(result['shards'])} shards): reason "
-          f"{share('need_reasoning')}, direct {share('direct')}, undecided (no valid candidate) {share('undecided')}",
+          f"{share('need_reasoning')}, direct {share('direct')}, undecided {share('undecided')}",
           file=stream)
     if c.get("control_turned_direct"):
         print(f"  the content-free control turned {c['control_turned_direct']} pairs from reason to direct", file=stream)
+    rule = result.get("decision") or {}
+    if rule.get("rule") == "decoys":
+        print(f"  decoy rule at a false-discovery rate of {rule['fdr']:g}: the decoys turned "
+              f"{c.get('null_turned_direct', 0)} pairs from reason to direct", file=stream)
+        for cal in rule.get("calibration", []):
+            what = ("no pair reason (too few candidate wins over decoys)" if cal["margin"] is None else
+                    f"{cal['reason']} reason, estimated FDR {cal['fdr_estimate']:.1%}")
+            print(f"    {cal['side']} side, {cal['group']}: {what}", file=stream)
     target = result.get("target_side")
     if target:  # target rationales (generators[].k_target > 0)
         t, j = target["counts"], target["counts"]["joint"]

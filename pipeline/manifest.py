@@ -8,13 +8,15 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 import polars as pl
 
 from pipeline import version
 from pipeline.config import config_hash, to_dict
 from schemas import SCHEMA_VERSION
-from stages.select import DIRECT, REASON, UNDECIDED, turned_direct_by_control
+from stages.calibrate import calibrate, output_scores, win_chance
+from stages.select import DIRECT, REASON, UNDECIDED, turned_direct
 from stages.files import SHARD_GLOB, atomic_write_json
 
 
@@ -33,17 +35,20 @@ def _rate(num: int, den: int) -> float | None:
     return None if den == 0 else num / den
 
 
-def outcome_counts(pairs: int, reason: int, direct: int, undecided: int, turned: int) -> dict:
+def outcome_counts(pairs: int, reason: int, direct: int, undecided: int, control_turned: int,
+                   null_turned: int) -> dict:
     """The three outcomes of a set of pairs, each with its share of the pairs (the shares add up to 1), and
-    how many pairs the content-free control turned from reason to direct."""
+    how many pairs the content-free control and the decoys turned from reason to direct."""
     return {"pairs": pairs, "need_reasoning": reason, "direct": direct, "undecided": undecided,
             "need_reasoning_rate": _rate(reason, pairs), "direct_rate": _rate(direct, pairs),
-            "undecided_rate": _rate(undecided, pairs), "control_turned_direct": turned}
+            "undecided_rate": _rate(undecided, pairs), "control_turned_direct": control_turned,
+            "null_turned_direct": null_turned}
 
 
 def outcomes_by_subset(pairs: pl.LazyFrame, epsilon: float, side: str = "query") -> pl.LazyFrame:
-    """Per subset: pairs, need_reasoning (decision reason), direct, undecided, control_turned_direct, of one
-    side (query: `decision`; target: `target_decision`, over the pairs that have target candidates)."""
+    """Per subset: pairs, need_reasoning (decision reason), direct, undecided, control_turned_direct,
+    null_turned_direct (stages/select.py:turned_direct), of one side (query: `decision`; target:
+    `target_decision`, over the pairs that have target candidates)."""
     decision = pl.col("decision" if side == "query" else "target_decision")
     if side == "target":
         pairs = pairs.filter(pl.col("target_candidates").list.len().fill_null(0) > 0)
@@ -52,8 +57,29 @@ def outcomes_by_subset(pairs: pl.LazyFrame, epsilon: float, side: str = "query")
                  (decision == REASON).sum().alias("need_reasoning"),
                  (decision == DIRECT).sum().alias("direct"),
                  (decision == UNDECIDED).sum().alias("undecided"),
-                 turned_direct_by_control(epsilon, side).sum().alias("control_turned_direct"))
+                 turned_direct("control", epsilon, side).sum().alias("control_turned_direct"),
+                 turned_direct("null", epsilon, side).sum().alias("null_turned_direct"))
             .sort("subset"))
+
+
+def decision_rule(pairs: Optional[pl.LazyFrame], cfg) -> dict:
+    """The rule the labels were decided by, its parameters and what it promises; under the decoy rule also the
+    calibration of every side and group, recomputed from the output (stages/calibrate.py)."""
+    rule = cfg.scoring.decision
+    out = {"rule": rule.rule, "epsilon": float(cfg.scoring.epsilon), "controls": len(cfg.scoring.controls)}
+    if rule.rule != "decoys":
+        out["promise"] = ("reason iff best_delta > help_threshold = epsilon (and the best control's delta + "
+                          "epsilon): a fixed bar, no stated error rate")
+        return out
+    chance = win_chance(to_dict(cfg)["generators"], rule.decoys_per_candidate)
+    out.update(fdr=float(rule.fdr), decoys_per_candidate=float(rule.decoys_per_candidate), group=rule.group,
+               win_chance=chance, promise=(
+                   f"reason iff best_delta > help_threshold = max(base_threshold + null_margin, best decoy delta); "
+                   f"per {rule.group} and side, null_margin is set so that the estimated false-discovery rate of "
+                   f"the reason labels is at most {rule.fdr:g} (knockoff+ over decoys: the expected share of reason "
+                   f"labels whose rationales carry nothing about the pair stays under it)"))
+    out["calibration"] = [] if pairs is None else calibrate(output_scores(pairs, rule.group), rule.fdr, chance)
+    return out
 
 
 def joint_by_subset(pairs: pl.LazyFrame) -> pl.LazyFrame:
@@ -67,7 +93,7 @@ def joint_by_subset(pairs: pl.LazyFrame) -> pl.LazyFrame:
             .sort("subset"))
 
 
-OUTCOME_KEYS = ("pairs", "need_reasoning", "direct", "undecided", "control_turned_direct")
+OUTCOME_KEYS = ("pairs", "need_reasoning", "direct", "undecided", "control_turned_direct", "null_turned_direct")
 JOINT_KEYS = ("pairs_with_joint", "beats_query", "beats_target", "beats_both")
 
 
@@ -98,7 +124,7 @@ def _stats(out_dir: Path, records: list[dict], epsilon: float) -> dict:
             "pairs_read": written + quarantined,
             "pairs_written": written,
             "pairs_quarantined": quarantined,
-            **{k: v for k, v in outcome_counts(written, 0, 0, 0, 0).items() if k != "pairs"},
+            **{k: v for k, v in outcome_counts(written, 0, 0, 0, 0, 0).items() if k != "pairs"},
             "quarantined_by_reason": {},
             "candidates": 0,
             "candidates_invalid_by_reason": {},
@@ -189,6 +215,7 @@ def build(out_dir: str | Path, cfg, started_at: str, wall_seconds: float, planne
     stats["generators"] = {name: {**EMPTY_GENERATOR, **found.pop(name, {}), **info}
                            for name, info in generator_info.items()}
     stats["generators"].update(found)
+    data = [str(out_dir / r["path"]) for r in records if r["path"]]
     return {
         "pairsel_version": version(),
         "schema_version": SCHEMA_VERSION,
@@ -199,6 +226,7 @@ def build(out_dir: str | Path, cfg, started_at: str, wall_seconds: float, planne
         "finished_at": now_iso(),
         "wall_seconds": round(wall_seconds, 3),
         **stats,
+        "decision": decision_rule(pl.scan_parquet(data) if data else None, cfg),
         "embedder": {"backend": cfg.embedder.backend, "model": cfg.embedder.model},
         "shards": records,
     }

@@ -161,14 +161,6 @@ def write_kwargs(cfg: DictConfig) -> dict:
             "target_side": has_target_side(cfg), "decoys": cfg.scoring.decision.rule == "decoys"}
 
 
-def null_chance(cfg: DictConfig) -> float:
-    """c of stages/calibrate.py: the most a pair's candidates win the decoy competition by chance (every side has
-    the same candidate slots and decoys per generator)."""
-    counts = decoy_counts_of(cfg)
-    slots = {"query": sum(g.k for g in cfg.generators), "target": sum(g.k_target for g in cfg.generators)}
-    return max(win_chance(slots[side], sum(c.values())) for side, c in counts.items())
-
-
 def label_job(cfg: DictConfig, rows: list[dict]) -> Optional[list[dict]]:
     """The decoy rule's decisions for rows held in memory (every pair of the job): the calibration over all of
     them (one record per side and group, returned), then each pair's decision. None under the bar rule (select
@@ -176,7 +168,8 @@ def label_job(cfg: DictConfig, rows: list[dict]) -> Optional[list[dict]]:
     rule = cfg.scoring.decision
     if rule.rule != "decoys":
         return None
-    calibration = calibrate(row_scores(rows, rule.group), rule.fdr, null_chance(cfg))
+    calibration = calibrate(row_scores(rows, rule.group), rule.fdr,
+                            win_chance(to_dict(cfg)["generators"], rule.decoys_per_candidate))
     label_rows(rows, cfg.scoring.epsilon, margin_lookup(calibration, rule.group), required(decoy_counts_of(cfg)))
     return calibration
 

@@ -35,12 +35,13 @@ def render_html(n: dict, figs: dict, out_dir) -> str:
     o = n["outcomes_per_subset"]
     subset_rows = [[s, o[s]["pairs"],
                     *(f"{o[s][k]} ({percent(o[s][f'{k}_rate'])})" for k in ("need_reasoning", "direct", "undecided")),
-                    o[s]["control_turned_direct"],
+                    o[s]["control_turned_direct"], o[s]["null_turned_direct"],
                     n["best_delta"][s].get("median"), n["s_direct"][s].get("median")]
                    for s in subsets]
     gen_rows = [[g, c["candidates"], c["valid"], c["tokens"], c["mean_delta"], n["chosen_count"].get(g, 0),
                  percent(n["chosen_share"].get(g, 0.0))] for g, c in n["candidates_per_generator"].items()]
     prov_rows = [[k, v] for k, v in n["provenance"].items()]
+    rule = n["decision"]
     q_rows = [[r, c] for r, c in n["quarantine_by_reason"].items()] or [["(none)", 0]]
 
     def fig(name: str, alt: str) -> str:
@@ -61,17 +62,20 @@ img {{ max-width: 100%; display: block; margin: 0.5em 0; }}
 <b>{percent(n['need_reasoning_overall'])}</b> need reasoning (reason),
 {percent(n['outcomes_overall']['direct_rate'])} direct, {percent(n['outcomes_overall']['undecided_rate'])} undecided;
 {sum(n['quarantine_by_reason'].values()):,} quarantined.</p>
-<p>Outcomes: <b>reason</b> a rationale helps (delta &gt; epsilon{", and beats every content-free control" if n["controls"] else ""});
-<b>direct</b> reasoning was tested and no rationale helps; <b>undecided</b> no valid candidate, so reasoning was
-never tested (need_reasoning is null). {n["controls"]} control text(s); "turned direct by the control": pairs
-with a rationale above epsilon that no rationale beats the control with.</p>
+<p>Outcomes: <b>reason</b> a rationale helps (its delta &gt; the pair's help_threshold); <b>direct</b> reasoning
+was tested and no rationale helps; <b>undecided</b> reasoning was never tested (no valid candidate, or too few
+decoys): need_reasoning is null. {n["controls"]} control text(s); "turned direct by the control": pairs with a
+rationale above epsilon that does not beat the controls; "by the decoys": pairs with a rationale above that bar that
+does not beat the pair's decoys by the calibrated margin.</p>
+{_decision_section(rule)}
 <h2>Subsets</h2>
 {fig("subsets", "pairs per subset by outcome")}
-{_table(["subset", "pairs", "reason", "direct", "undecided (no valid candidate)", "turned direct by the control", "median best_delta", "median s_direct"], subset_rows)}
+{_table(["subset", "pairs", "reason", "direct", "undecided", "turned direct by the control", "turned direct by the decoys", "median best_delta", "median s_direct"], subset_rows)}
 {_target_section(n["target_side"])}
 <h2>Distributions of best delta and s_direct</h2>
 {fig("distributions", "best_delta and s_direct per subset")}
 {fig("best_delta_histogram", "histogram of best delta per subset, epsilon marked")}
+{fig("over_threshold_histogram", "histogram of best delta minus help_threshold per subset")}
 <h2>Delta vs rationale length</h2>
 {fig("delta_vs_length", "delta against rationale length")}
 <h2>Generators</h2>
@@ -84,6 +88,23 @@ with a rationale above epsilon that no rationale beats the control with.</p>
 {_table(["key", "value"], prov_rows)}
 </body></html>
 """
+
+
+def _decision_section(rule: dict) -> str:
+    """The rule the labels were decided by, and under the decoy rule each calibration group's margin, estimated
+    false-discovery rate and where the tested pairs' best rationale lies against its threshold."""
+    if not rule:
+        return "<h2>Decision rule</h2><p>No manifest: the rule is not known.</p>"
+    head = f"<h2>Decision rule: {html.escape(str(rule.get('rule')))}</h2><p>{html.escape(str(rule.get('promise', '')))}</p>"
+    over = rule.get("over_threshold", {})
+    if rule.get("rule") != "decoys":
+        return head
+    rows = [[c["side"], c["group"], c["pairs"], c["wins"], c["losses"], c["reason"],
+             "none (no pair reason)" if c["margin"] is None else c["margin"], percent(c["fdr_estimate"]),
+             *(over.get(c["group"], {}).get(k) if c["side"] == "query" else "" for k in ("p5", "median", "p95"))]
+            for c in rule.get("calibration", [])]
+    return head + _table(["side", "group", "tested pairs", "candidate wins", "decoy wins", "reason",
+                          "margin", "estimated FDR", "best - threshold p5", "median", "p95"], rows)
 
 
 def _joint_cells(j: dict) -> list:
@@ -112,7 +133,8 @@ def _target_section(t: Optional[dict]) -> str:
 
 def summary_text(n: dict) -> str:
     def outcomes(o: dict) -> str:
-        turned = f", {o['control_turned_direct']:,} turned direct by the control" if o["control_turned_direct"] else ""
+        turned = "".join(f", {o[f'{by}_turned_direct']:,} turned direct by the {name}"
+                         for by, name in (("control", "control"), ("null", "decoys")) if o[f"{by}_turned_direct"])
         return (f"reason {o['need_reasoning']:,} ({percent(o['need_reasoning_rate'])}), direct {o['direct']:,} "
                 f"({percent(o['direct_rate'])}), undecided {o['undecided']:,} ({percent(o['undecided_rate'])}){turned}")
 
@@ -134,6 +156,13 @@ def summary_text(n: dict) -> str:
                      f"{j['beats_query']:,} ({percent(j['beats_query'] / den if den else None)}), the target side in "
                      f"{j['beats_target']:,} ({percent(j['beats_target'] / den if den else None)}), both in "
                      f"{j['beats_both']:,} ({percent(j['beats_both'] / den if den else None)})")
+    rule = n["decision"]
+    if rule.get("rule") == "decoys":
+        for c in rule.get("calibration", []):
+            what = ("labels no pair reason" if c["margin"] is None else
+                    f"margin {c['margin']:.4g}, {c['reason']:,} reason, estimated FDR {percent(c['fdr_estimate'])}")
+            lines.append(f"  decoy rule ({c['side']} side, {c['group']}): {what} "
+                         f"[{c['wins']:,} candidate wins, {c['losses']:,} decoy wins]")
     q = n["quarantine_by_reason"]
     lines.append(f"  quarantined: {sum(q.values()):,}" + (f" ({', '.join(f'{r} {c}' for r, c in q.items())})" if q else ""))
     hashes = n["provenance"]["config_hashes_in_data"]

@@ -51,8 +51,10 @@ def _fig_subsets(n: dict):
                            fontsize=8)
         start = [a + c for a, c in zip(start, counts)]
     for y, s in enumerate(names):
-        turned = out[s]["control_turned_direct"]
-        note = f" {out[s]['pairs']}" + (f" ({turned} turned direct by the control)" if turned else "")
+        turned = [f"{out[s][f'{by}_turned_direct']} by the {name}" for by, name in (("control", "control"),
+                                                                                    ("null", "decoys"))
+                  if out[s][f"{by}_turned_direct"]]
+        note = f" {out[s]['pairs']}" + (f" (turned direct {', '.join(turned)})" if turned else "")
         left.text(out[s]["pairs"], y, note, va="center", fontsize=8)
     left.set_title("Pairs per subset, by outcome")
     left.set_xlabel("pairs")
@@ -63,7 +65,7 @@ def _fig_subsets(n: dict):
     right.set_xlim(0, 1)
     right.set_xticks([0, 0.25, 0.5, 0.75, 1.0], [percent(x) for x in (0, 0.25, 0.5, 0.75, 1.0)])
     right.set_title("Outcome shares per subset")
-    right.set_xlabel("share of pairs: reason / direct / undecided (no valid candidate)")
+    right.set_xlabel("share of pairs: reason / direct / undecided")
     left.invert_yaxis()
     return fig
 
@@ -133,10 +135,11 @@ def _fig_delta_vs_length(n: dict, epsilon: Optional[float]):
     return fig
 
 
-def _fig_best_delta_histogram(n: dict):
+def _fig_histogram(n: dict, key: str, marker: str, xlabel: str, title: str):
+    """One panel per subset of the histogram n[key] (report_numbers._histograms), its marker as a dashed line."""
     import matplotlib.pyplot as plt
 
-    h = n["best_delta_histogram"]
+    h = n[key]
     names = list(n["pairs_per_subset"])
     fig, axes = plt.subplots(len(names), 1, figsize=(9, max(2.6, 1.5 * len(names) + 1)), sharex=True,
                              layout="constrained", squeeze=False)
@@ -145,18 +148,17 @@ def _fig_best_delta_histogram(n: dict):
         undecided = n["outcomes_per_subset"][s]["undecided"]
         if not h["edges"] or not sum(counts):
             # not _empty(): clearing this axis's ticks would clear the x ticks that all subsets share
-            ax.text(0.5, 0.5, "no valid candidate: undecided", ha="center", va="center", color="0.4",
-                    transform=ax.transAxes)
+            ax.text(0.5, 0.5, "no tested pair", ha="center", va="center", color="0.4", transform=ax.transAxes)
             ax.set_yticks([])
         else:
             ax.stairs(counts, h["edges"], fill=True, color="tab:orange", alpha=0.7)
-            ax.axvline(h["epsilon"], color="tab:red", linestyle="--", linewidth=1, label=f"epsilon = {h['epsilon']:g}")
+            ax.axvline(h["marker"], color="tab:red", linestyle="--", linewidth=1, label=f"{marker} = {h['marker']:g}")
             ax.legend(fontsize=8, loc="upper right")
         ax.set_ylabel(s, rotation=0, ha="right", va="center")
-        ax.set_title(f"{s}: {sum(counts):,} pairs with a valid candidate, {undecided:,} undecided "
+        ax.set_title(f"{s}: {sum(counts):,} pairs, {undecided:,} undecided "
                      f"({percent(n['outcomes_per_subset'][s]['undecided_rate'])}) not shown", fontsize=9, loc="left")
-    axes[-1, 0].set_xlabel("best delta (the chosen candidate's)")
-    fig.suptitle("Best delta per subset")
+    axes[-1, 0].set_xlabel(xlabel)
+    fig.suptitle(title)
     return fig
 
 
@@ -212,7 +214,8 @@ def _fig_quarantine(n: dict):
     return fig
 
 
-FIGURES = ("subsets", "distributions", "best_delta_histogram", "delta_vs_length", "generators", "quarantine")
+FIGURES = ("subsets", "distributions", "best_delta_histogram", "over_threshold_histogram", "delta_vs_length",
+           "generators", "quarantine")
 
 
 def figures(n: dict) -> dict:
@@ -224,7 +227,11 @@ def figures(n: dict) -> dict:
     return {
         "subsets": _fig_to_data_uri(_fig_subsets(n)),
         "distributions": _fig_to_data_uri(_fig_distributions(n, epsilon)),
-        "best_delta_histogram": _fig_to_data_uri(_fig_best_delta_histogram(n)),
+        "best_delta_histogram": _fig_to_data_uri(_fig_histogram(
+            n, "best_delta_histogram", "epsilon", "best delta (the chosen candidate's)", "Best delta per subset")),
+        "over_threshold_histogram": _fig_to_data_uri(_fig_histogram(
+            n, "over_threshold_histogram", "reason above", "best delta - help_threshold",
+            "How far the best rationale is above (reason) or below what it had to beat")),
         "delta_vs_length": _fig_to_data_uri(_fig_delta_vs_length(n, epsilon)),
         "generators": _fig_to_data_uri(_fig_generators(n)),
         "quarantine": _fig_to_data_uri(_fig_quarantine(n)),

