@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import ConfigError
+from pipeline.verify import DamagedOutput
 
 log = logging.getLogger("pairsel")
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -175,6 +176,8 @@ def _run(args) -> int:
 
     out = Path(cfg.output.dir)
     console.divert(out / "_logs" / "run.log")
+    for line in job.redone:  # a committed shard whose files differ from its commit record is never kept
+        console.say(f"pairsel: {line}")
     console.say(f"pairsel: {len(job.specs)} shards planned, {len(job.committed)} already committed, "
                 f"{len(job.todo)} to do")
     progress = ProgressLine(console, len(job.specs), len(job.committed)) if job.todo else None
@@ -295,9 +298,10 @@ def _first_detail(out: Path, reason: str) -> str | None:
 
 # ---------------------------------------------------------------- the output tools
 def _output_tool(module, args) -> int:
-    """report / show / export: their add_arguments() names every flag after run()'s keywords."""
-    module.run(**{k: v for k, v in vars(args).items() if k not in ("func", "command")})
-    return 0
+    """report / show / export / verify: their add_arguments() names every flag after run()'s keywords. verify's
+    run() returns the exit code; the others return what they made."""
+    result = module.run(**{k: v for k, v in vars(args).items() if k not in ("func", "command")})
+    return result if isinstance(result, int) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_text in (("report", "write report.html for a job's output"),
                             ("show", "print one pair of a job's output"),
-                            ("export", "export a job's output for a trainer")):
+                            ("export", "export a job's output for a trainer"),
+                            ("verify", "check that a job's output is whole: every shard as committed, every label "
+                                       "as recomputed")):
         module = __import__(f"pipeline.{name}", fromlist=["run"])
         p = sub.add_parser(name, help=help_text)
         module.add_arguments(p)
@@ -343,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"pairsel: config error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except DamagedOutput as e:  # report, show, export on an output whose shards differ from their commit records
+        print(f"pairsel: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("pairsel: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
