@@ -12,6 +12,7 @@ import argparse
 import functools
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -213,11 +214,26 @@ def _stopped(console: Console, job, e: BaseException) -> int:
     if isinstance(e, KeyboardInterrupt) or e.interrupted:
         console.say(f"pairsel: interrupted; {kept}. Rerun the same command to resume.")
         return EXIT_INTERRUPTED
-    cause = e.cause
-    said = (str(cause).strip().splitlines() or [""])[-1][:300]  # a Ray task error ends with the cause's own line
-    console.say(f"pairsel: the job failed ({type(cause).__name__}: {said}); {kept}. "
+    console.say(f"pairsel: the job failed ({_cause_line(e.cause)}); {kept}. "
                 f"Details: {console.log_path}. Rerun the same command to finish the rest.")
     return EXIT_FAILED
+
+
+# "OSError: [Errno 28] No space left on device": an exception's own line in a traceback's text
+_EXCEPTION_LINE = re.compile(r"(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception)): (.+)")
+
+
+def _cause_line(cause: BaseException) -> str:
+    """What failed, as "Type: message". A Ray task error holds the task's exception only as the text of its
+    traceback, which Ray Data ends with its own advice on retries: the last exception line in it that is not
+    Ray's own wrapper names the cause."""
+    lines = str(cause).strip().splitlines() or [""]
+    if type(cause).__module__.startswith("ray."):
+        for line in reversed(lines):
+            found = _EXCEPTION_LINE.fullmatch(line.strip())
+            if found and not found[1].startswith(("Ray", "UserCodeException")):
+                return f"{found[1]}: {found[2][:300]}"
+    return f"{type(cause).__name__}: {lines[-1][:300]}"
 
 
 def print_summary(result: dict, out: str, stream) -> None:
