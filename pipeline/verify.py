@@ -11,10 +11,10 @@ and sha256, and the schema version. Three users check files against it, each at 
   recomputed), or with --quick at QUICK (sizes and sha256 only), against the manifest too;
 - report, show and export (pipeline/read_output.py) refuse a damaged output (`check_readable`, at QUICK).
 
-Labels are recomputed by the job's own stages, never by a copy of the rule: the last Score step and the Select step
-of pipeline/plan.py:steps, built from the config the run stored in manifest.json, run over the stored rows turned
-back into the work schema (stages/write.py:to_work_table), and every column their contracts write is compared with
-the stored one.
+Labels are recomputed by the job's own stages, never by a copy of the rule: the steps of pipeline/plan.py:steps after
+its last model step (the last Score step and the Select step), built from the config the run stored in
+manifest.json, run over the stored rows turned back into the work schema (stages/write.py:to_work_table), and every
+column their contracts write is compared with the stored one.
 """
 from __future__ import annotations
 
@@ -185,16 +185,16 @@ def check_readable(out_dir) -> list[dict]:
 
 # ---------------------------------------------------------------- the labels
 def label_stages(config: dict) -> list:
-    """The job's own label stages, built as pipeline/plan.py:steps builds them from the run's config: the last
-    Score step (the one that scores every candidate) and the Select step."""
+    """The job's own label steps, as pipeline/plan.py:steps builds them from the run's config: the steps after
+    the last model step (the last round's Score, which scores every candidate, then Select). They need no model:
+    they compute from columns the output stores."""
     from omegaconf import OmegaConf
 
     from pipeline.plan import steps
-    from stages.score import Score
-    from stages.select import Select
 
     plan = steps(OmegaConf.create(config))
-    return [[s for s in plan if s.stage is Score][-1], next(s for s in plan if s.stage is Select)]
+    last_model_step = max(i for i, step in enumerate(plan) if step.resources is not None)
+    return plan[last_model_step + 1:]
 
 
 def _values(table: pa.Table, name: str) -> list:

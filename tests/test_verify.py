@@ -107,6 +107,10 @@ def test_verify_finds_a_clean_output_whole_and_writes_nothing(demo_output):
         assert proc.stdout.startswith(f"pairsel verify: {demo_output} is whole: 3 shards, 40 pairs, 2 quarantined rows;")
     assert "every score and label recomputed" in cli("verify", str(demo_output)).stdout
     assert checksums(demo_output) == before
+    not_ours = cli("verify", str(demo_output / "data"))
+    assert not_ours.returncode == 2 and not_ours.stderr.splitlines() == [
+        f"pairsel: config error: out_dir: {demo_output / 'data'} is not a pairsel output folder (no "
+        "_commits/job.json nor manifest.json)"]
 
 
 @pytest.mark.slow
