@@ -12,11 +12,13 @@ import argparse
 import functools
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 from pipeline.config import ConfigError
+from pipeline.verify import DamagedOutput
 
 log = logging.getLogger("pairsel")
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -175,6 +177,8 @@ def _run(args) -> int:
 
     out = Path(cfg.output.dir)
     console.divert(out / "_logs" / "run.log")
+    for line in job.redone:  # a committed shard whose files differ from its commit record is never kept
+        console.say(f"pairsel: {line}")
     console.say(f"pairsel: {len(job.specs)} shards planned, {len(job.committed)} already committed, "
                 f"{len(job.todo)} to do")
     progress = ProgressLine(console, len(job.specs), len(job.committed)) if job.todo else None
@@ -210,11 +214,26 @@ def _stopped(console: Console, job, e: BaseException) -> int:
     if isinstance(e, KeyboardInterrupt) or e.interrupted:
         console.say(f"pairsel: interrupted; {kept}. Rerun the same command to resume.")
         return EXIT_INTERRUPTED
-    cause = e.cause
-    said = (str(cause).strip().splitlines() or [""])[-1][:300]  # a Ray task error ends with the cause's own line
-    console.say(f"pairsel: the job failed ({type(cause).__name__}: {said}); {kept}. "
+    console.say(f"pairsel: the job failed ({_cause_line(e.cause)}); {kept}. "
                 f"Details: {console.log_path}. Rerun the same command to finish the rest.")
     return EXIT_FAILED
+
+
+# "OSError: [Errno 28] No space left on device": an exception's own line in a traceback's text
+_EXCEPTION_LINE = re.compile(r"(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception)): (.+)")
+
+
+def _cause_line(cause: BaseException) -> str:
+    """What failed, as "Type: message". A Ray task error holds the task's exception only as the text of its
+    traceback, which Ray Data ends with its own advice on retries: the last exception line in it that is not
+    Ray's own wrapper names the cause."""
+    lines = str(cause).strip().splitlines() or [""]
+    if type(cause).__module__.startswith("ray."):
+        for line in reversed(lines):
+            found = _EXCEPTION_LINE.fullmatch(line.strip())
+            if found and not found[1].startswith(("Ray", "UserCodeException")):
+                return f"{found[1]}: {found[2][:300]}"
+    return f"{type(cause).__name__}: {lines[-1][:300]}"
 
 
 def print_summary(result: dict, out: str, stream) -> None:
@@ -303,9 +322,10 @@ def _first_detail(out: Path, reason: str) -> str | None:
 
 # ---------------------------------------------------------------- the output tools
 def _output_tool(module, args) -> int:
-    """report / show / export: their add_arguments() names every flag after run()'s keywords."""
-    module.run(**{k: v for k, v in vars(args).items() if k not in ("func", "command")})
-    return 0
+    """report / show / export / verify: their add_arguments() names every flag after run()'s keywords. verify's
+    run() returns the exit code; the others return what they made."""
+    result = module.run(**{k: v for k, v in vars(args).items() if k not in ("func", "command")})
+    return result if isinstance(result, int) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_text in (("report", "write report.html for a job's output"),
                             ("show", "print one pair of a job's output"),
-                            ("export", "export a job's output for a trainer")):
+                            ("export", "export a job's output for a trainer"),
+                            ("verify", "check that a job's output is whole: every shard as committed, every label "
+                                       "as recomputed")):
         module = __import__(f"pipeline.{name}", fromlist=["run"])
         p = sub.add_parser(name, help=help_text)
         module.add_arguments(p)
@@ -351,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"pairsel: config error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except DamagedOutput as e:  # report, show, export on an output whose shards differ from their commit records
+        print(f"pairsel: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("pairsel: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

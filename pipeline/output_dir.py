@@ -2,8 +2,9 @@
 
 A user's files are sacred: output.dir must be new, empty or a pairsel output (its marker: _commits/job.json or
 a manifest of its own), and pairsel deletes there only what it writes itself (OWN_FOLDERS, OWN_FILES, shard
-files); --overwrite too. A resume keeps the committed shards and deletes only what a dead run staged or left
-uncommitted (pipeline/run.py says why that is exactly once).
+files); --overwrite too. A resume keeps the committed shards whose files are as their commit records say
+(pipeline/verify.py), redoes the others, and deletes only what a dead run staged or left uncommitted
+(pipeline/run.py says why that is exactly once).
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
-from pipeline import manifest
 from pipeline.config import ConfigError, config_hash, label_config
+from pipeline.verify import Depth, check_records, read_commit_records
 from schemas import SCHEMA_VERSION
 from stages.files import SHARD_FILE, SHARD_GLOB, TEMP_SHARD_FILE, atomic_write_json, shard_file
 from stages.images import IMAGES_DIR
@@ -132,8 +133,9 @@ def remove_own_output(out_dir: Path, cache_dir: str | None) -> None:
 
 
 def prepare_output(out_dir: Path, cfg: DictConfig, overwrite: bool, force: bool,
-                   specs: list[dict] | None = None) -> set[int]:
-    """Make out_dir ready and return the shard ids already committed there (resume is the default)."""
+                   specs: list[dict] | None = None) -> tuple[set[int], list[str]]:
+    """Make out_dir ready; return the shard ids already committed there (resume is the default), and one line
+    for each committed shard that is redone because its files differ from its commit record."""
     check_output_dir(out_dir)
     if overwrite:
         remove_own_output(out_dir, cfg.embedder.cache_dir)
@@ -164,15 +166,16 @@ def prepare_output(out_dir: Path, cfg: DictConfig, overwrite: bool, force: bool,
     if not job.exists() or force:
         atomic_write_json(current, job)
 
-    committed = set()
-    for record in manifest.commit_records(out_dir):
-        files = [record[k] for k in ("path", "quarantine_path") if record[k]]
-        if all((out_dir / f).is_file() for f in files):
-            committed.add(record["shard_id"])
-        else:  # a record without its files cannot be trusted: redo the shard
-            (commits / shard_file(record["shard_id"], ".json")).unlink()
+    # A committed shard is kept only as committed: its files there, with the size, sha256, rows and schema version
+    # of its record. Any other is redone (its record goes first, so that a crash now still redoes it).
+    records, unreadable = read_commit_records(out_dir)
+    damaged = unreadable + [p for found in check_records(out_dir, records, Depth.RESUME).values() for p in found[:1]]
+    for problem in damaged:
+        (commits / shard_file(problem.shard_id, ".json")).unlink(missing_ok=True)
+    redone = {p.shard_id for p in damaged}
+    committed = {r["shard_id"] for r in records} - redone
     # Parts of unfinished shards and shard files never committed are leftovers of a crash; nothing else is.
     shutil.rmtree(out_dir / "_staging", ignore_errors=True)
     for f in _shard_files(out_dir, keep=committed):
         f.unlink()
-    return committed
+    return committed, [f"shard {p.shard_id} is redone: {p.line()}" for p in damaged]

@@ -1,7 +1,10 @@
 """Readers of a pairsel output folder, shared by report, show and export: the committed shards, the
 quarantine shards, the manifest, and one lazy frame over every output row.
 
-Only committed shards are read: their names come from stages/files.py (SHARD_GLOB), so the temporary files of
+Only committed shards are read, and only as committed: the files that the commit records name (else the
+manifest's list of them), each checked first against its record, size and sha256 (pipeline/verify.py); a damaged
+output is refused with pipeline/verify.py:DamagedOutput, which names the first damaged shard. An output with no
+records at all is read as its files are named (stages/files.py: SHARD_GLOB), so that the temporary files of
 atomic writes (".shard-…tmp") and the "_" bookkeeping folders are never taken for data.
 """
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Optional
 
 import polars as pl
 
+from pipeline.verify import check_readable
 from stages.files import SHARD_GLOB
 
 
@@ -21,13 +25,39 @@ def _shard_files(folder: Path) -> list[Path]:
     return sorted(folder.glob(f"{SHARD_GLOB}.parquet"))
 
 
+# The last output checked, by its files' names, sizes and times: one reader (report reads the data and the
+# quarantine files twice) hashes an unchanged output once.
+_CHECKED: dict[tuple, list[dict]] = {}
+
+
+def _stamp(out_dir) -> tuple:
+    out = Path(out_dir).resolve()
+    files = [out / "manifest.json"]
+    files += [f for sub in ("_commits", "data", "quarantine") for f in sorted((out / sub).glob("*"))]
+    return (str(out), *((str(f), st.st_size, st.st_mtime_ns) for f in files if f.is_file() and (st := f.stat())))
+
+
+def _committed(out_dir, key: str, sub: str) -> list[Path]:
+    """The files of one kind (key: "path" or "quarantine_path") of the committed shards, in shard order, after
+    checking every committed file; DamagedOutput if one differs from its record."""
+    stamp = _stamp(out_dir)
+    if stamp not in _CHECKED:
+        records = check_readable(out_dir)  # raises before anything is remembered
+        _CHECKED.clear()
+        _CHECKED[stamp] = records
+    records = _CHECKED[stamp]
+    if not records:
+        return _shard_files(Path(out_dir) / sub)
+    return [Path(out_dir) / r[key] for r in records if r.get(key)]
+
+
 def data_files(out_dir) -> list[Path]:
     """The committed output shards, OUT/data/shard-*.parquet, in shard order."""
-    return _shard_files(Path(out_dir) / "data")
+    return _committed(out_dir, "path", "data")
 
 
 def quarantine_files(out_dir) -> list[Path]:
-    return _shard_files(Path(out_dir) / "quarantine")
+    return _committed(out_dir, "quarantine_path", "quarantine")
 
 
 def check_schema_version(files: list[Path]) -> None:

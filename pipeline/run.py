@@ -3,9 +3,10 @@ files), start Ray, find the pair_ids repeated across shards, drive the plan of p
 shard once all its rows are written, and write the manifest.
 
 Exactly once: a shard is done when its commit record is (stages/write.py). A rerun into the same output dir,
-after any crash or a Ctrl-C, keeps the committed shards, deletes what the dead run staged or left uncommitted,
-and redoes only the missing shards; seeds derive from pair_id and the embedder is batch-invariant, so a redone
-shard is the same, bit for bit, as in a run that never died.
+after any crash or a Ctrl-C, keeps the committed shards whose files still match their records (pipeline/verify.py),
+deletes what the dead run staged or left uncommitted, and redoes only the missing or damaged shards; seeds
+derive from pair_id and the embedder is batch-invariant, so a redone shard is the same, bit for bit, as in a run
+that never died.
 
 Only small per-part records reach the driver, never rows; what it holds grows with the number of shards (a few
 hundred bytes each), not with the rows.
@@ -209,6 +210,7 @@ class Job:
     committed: set[int]
     started_at: str
     t0: float
+    redone: list[str]  # one line for each committed shard redone because its files differ from its commit record
 
     @property
     def todo(self) -> list[dict]:
@@ -223,12 +225,14 @@ def prepare(cfg: DictConfig, overwrite: bool = False, force: bool = False) -> Jo
     check_output_dir(out_dir)
     specs = plan_input(cfg)
     try:
-        committed = prepare_output(out_dir, cfg, overwrite, force, specs)
+        committed, redone = prepare_output(out_dir, cfg, overwrite, force, specs)
     except OSError as e:  # a folder the user cannot write to, a full disk
         raise ConfigError(f"output.dir: cannot write to {e.filename or out_dir}: {e.strerror or e}") from None
+    for line in redone:
+        log.info(line)
     log.info("%d shards planned, %d already committed, %d to do", len(specs), len(committed),
              len(specs) - len(committed))
-    return Job(cfg, out_dir, specs, committed, started_at, t0)
+    return Job(cfg, out_dir, specs, committed, started_at, t0, redone)
 
 
 def execute(job: Job, address: str | None = None, quiet: bool = False, progress: Progress | None = None,

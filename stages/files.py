@@ -1,4 +1,5 @@
-"""The names and the writing of pairsel's files: one helper for shard file names, one for atomic writes.
+"""The names and the writing of pairsel's files: one helper for shard file names, one for atomic writes, one for
+a file's sha256 (what a commit record holds, stages/write.py).
 
 Shard names: shard N of the input is `shard-NNNNNN` everywhere (staged parts, output and quarantine files,
 commit records, the pair_id index), zero-padded so that a sorted listing is shard order.
@@ -11,6 +12,7 @@ on read (stages/embed_cache.py) writes with `durable=False`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -82,3 +84,10 @@ def atomic_write_json(obj, path: Path) -> None:
 def atomic_write_table(table: pa.Table, path: Path, compression: str = "snappy", **options) -> None:
     """A Parquet file; `options` go to pyarrow.parquet.write_table (snappy is its default compression)."""
     atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression=compression, **options))
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (hashlib reads it in chunks and releases the GIL while it hashes, so threads
+    may hash several files at once)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

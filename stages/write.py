@@ -6,7 +6,9 @@ Ray may batch rows of one input shard into several batches, and several shards i
    record per part: shard id, shard size, row counts.
 2. The driver adds those records up. Once a shard's parts hold all `shard_size` rows it read, `commit_shard`
    merges them into `data/shard-XXXXXX.parquet` (and `quarantine/shard-XXXXXX.parquet`), each through a
-   temporary name and an atomic rename, and last writes `_commits/shard-XXXXXX.json`.
+   temporary name and an atomic rename, and last writes `_commits/shard-XXXXXX.json`: for each file its path,
+   rows, bytes and sha256, and the schema version, which a resume and `pairsel verify` check the files against
+   (pipeline/verify.py).
 
 A shard counts as done only once its commit record exists. After a crash, a rerun skips the shards that have
 one and redoes the others from scratch: nothing is lost and nothing is written twice.
@@ -18,7 +20,6 @@ worker died) finds its record and returns it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from collections import Counter
@@ -29,10 +30,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas import (CALIBRATED_COLUMNS, DECOY_RULE_COLUMNS, OUTPUT_SCHEMA, PART_META, QUARANTINE_SCHEMA,
-                     TARGET_COLUMNS, conform)
+                     SCHEMA_VERSION, TARGET_COLUMNS, WORK_SCHEMA, conform)
 from stages.contract import Contract
 from stages.faults import fault_point
-from stages.files import atomic_write_json, atomic_write_table, shard_file, shard_name
+from stages.files import atomic_write_json, atomic_write_table, file_sha256, shard_file, shard_name
+
 
 def to_output_row(row: dict, provenance: dict) -> dict:
     out = dict(row)
@@ -42,6 +44,14 @@ def to_output_row(row: dict, provenance: dict) -> dict:
     ]
     out["provenance"] = provenance
     return out
+
+
+def to_work_table(output: pa.Table) -> pa.Table:
+    """Output rows (OUTPUT_SCHEMA) back as WORK_SCHEMA rows, for the job's stages to run over again
+    (pipeline/verify.py recomputes the labels so). What the output does not keep is null: the image references
+    (`query_image`, `target_image`, `negatives[].image`), `shard_size`, the quarantine columns and `raw`;
+    `provenance` is dropped. The inverse of to_output_row on every column the output keeps."""
+    return conform(output.to_pylist(), WORK_SCHEMA)
 
 
 def to_quarantine_row(row: dict) -> dict:
@@ -108,14 +118,6 @@ class WriteParts:
         return pa.Table.from_pylist(meta, schema=PART_META)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _merge(parts: list[str], schema: pa.Schema, dest: Path, compression: str) -> pa.ChunkedArray:
     """Parts -> one file, rows in input order, so a shard's bytes do not depend on how Ray batched it.
     Returns the row_index column."""
@@ -143,8 +145,9 @@ def commit_shard(out_dir: str, shard_id: int, parts: list[str], quarantine_parts
     commit_path = out / "_commits" / shard_file(shard_id, ".json")
     if commit_path.is_file():  # a retry of a commit that got as far as its record
         return json.loads(commit_path.read_text())
-    record = {"shard_id": shard_id, "path": None, "rows": 0, "sha256": None,
-              "quarantine_path": None, "quarantine_rows": 0}
+    record = {"shard_id": shard_id, "schema_version": SCHEMA_VERSION, "path": None, "rows": 0, "bytes": None,
+              "sha256": None, "quarantine_path": None, "quarantine_rows": 0, "quarantine_bytes": None,
+              "quarantine_sha256": None}
     data_dest, quarantine_dest = out / "data" / shard_file(shard_id), out / "quarantine" / shard_file(shard_id)
     good = _merge(parts, OUTPUT_SCHEMA, data_dest, compression) if parts else pa.chunked_array([], pa.int64())
     bad = (_merge(quarantine_parts, QUARANTINE_SCHEMA, quarantine_dest, compression) if quarantine_parts
@@ -157,9 +160,11 @@ def commit_shard(out_dir: str, shard_id: int, parts: list[str], quarantine_parts
             quarantine_dest.unlink(missing_ok=True)
             raise
     if parts:
-        record.update(path=f"data/{shard_file(shard_id)}", rows=len(good), sha256=_sha256(data_dest))
+        record.update(path=f"data/{shard_file(shard_id)}", rows=len(good), bytes=data_dest.stat().st_size,
+                      sha256=file_sha256(data_dest))
     if quarantine_parts:
-        record.update(quarantine_path=f"quarantine/{shard_file(shard_id)}", quarantine_rows=len(bad))
+        record.update(quarantine_path=f"quarantine/{shard_file(shard_id)}", quarantine_rows=len(bad),
+                      quarantine_bytes=quarantine_dest.stat().st_size, quarantine_sha256=file_sha256(quarantine_dest))
     fault_point("commit")  # the shard's files are in place, its record is not: a crash here must redo it
     commit_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(record, commit_path)  # the commit point

@@ -27,6 +27,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 import schemas
+from stages.files import file_sha256
 from stages.score import score_rows
 from stages.select import select_rows
 
@@ -162,8 +163,8 @@ def make_output(
         bad = [r for r in quarantined if r["shard_id"] == shard_id]
         (out / "data").mkdir(parents=True, exist_ok=True)
         pq.write_table(schemas.conform(good, schemas.OUTPUT_SCHEMA), out / "data" / name)
-        record = {"shard_id": shard_id, "path": f"data/{name}", "rows": len(good), "sha256": "0" * 64,
-                  "quarantine_path": None, "quarantine_rows": len(bad)}
+        record = {"shard_id": shard_id, "path": f"data/{name}", "rows": len(good),
+                  "sha256": file_sha256(out / "data" / name), "quarantine_path": None, "quarantine_rows": len(bad)}
         if bad:
             (out / "quarantine").mkdir(parents=True, exist_ok=True)
             pq.write_table(schemas.conform(bad, schemas.QUARANTINE_SCHEMA), out / "quarantine" / name)
