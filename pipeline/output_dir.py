@@ -18,9 +18,9 @@ import yaml
 from omegaconf import DictConfig
 
 from pipeline.config import ConfigError, config_hash, label_config
-from pipeline.verify import Depth, check_records, read_commit_records
+from pipeline.verify import Depth, Problem, check_records, read_commit_records
 from schemas import SCHEMA_VERSION
-from stages.files import SHARD_FILE, SHARD_GLOB, TEMP_SHARD_FILE, atomic_write_json, shard_file
+from stages.files import SCORED_DIR, SHARD_FILE, SHARD_GLOB, TEMP_SHARD_FILE, atomic_write_json, shard_file
 from stages.images import IMAGES_DIR
 
 
@@ -53,7 +53,8 @@ def plan_fingerprint(specs: list[dict]) -> dict:
 # What pairsel writes into an output dir, and so the only things it ever deletes there. Anything else (a user's
 # notes, another tool's files) is left alone, and a non-empty folder without pairsel's marker is refused.
 # IMAGES_DIR: the read's store of the image bytes that an input holds inline (stages/images.py).
-OWN_FOLDERS = ("_staging", "_index", "_stats", "_cache", "_logs", IMAGES_DIR)  # wholly pairsel's; _commits goes last
+# SCORED_DIR: the shards scored and waiting for the decoy rule's labels (pipeline/calibration.py). _commits goes last.
+OWN_FOLDERS = ("_staging", SCORED_DIR, "_index", "_stats", "_cache", "_logs", IMAGES_DIR)
 OWN_FILES = ("manifest.json", "report.html")
 JOB_RECORD = Path("_commits") / "job.json"
 
@@ -132,10 +133,25 @@ def remove_own_output(out_dir: Path, cache_dir: str | None) -> None:
         commits.rmdir()
 
 
+def _keep_committed(folder: Path) -> tuple[set[int], list[Problem]]:
+    """The shards committed in `folder` (the output dir, or the scored shards' OUT/_scored) whose files match their
+    records; the record of any other goes (first, so that a crash now still redoes it), and so do the shard files
+    that no kept record names."""
+    records, unreadable = read_commit_records(folder)
+    damaged = unreadable + [p for found in check_records(folder, records, Depth.RESUME).values() for p in found[:1]]
+    for problem in damaged:
+        (folder / "_commits" / shard_file(problem.shard_id, ".json")).unlink(missing_ok=True)
+    kept = {r["shard_id"] for r in records} - {p.shard_id for p in damaged}
+    for f in _shard_files(folder, keep=kept):
+        f.unlink()
+    return kept, damaged
+
+
 def prepare_output(out_dir: Path, cfg: DictConfig, overwrite: bool, force: bool,
-                   specs: list[dict] | None = None) -> tuple[set[int], list[str]]:
-    """Make out_dir ready; return the shard ids already committed there (resume is the default), and one line
-    for each committed shard that is redone because its files differ from its commit record."""
+                   specs: list[dict] | None = None) -> tuple[set[int], set[int], list[str]]:
+    """Make out_dir ready; return the shard ids already committed there (resume is the default), those scored and
+    waiting for their labels (the decoy rule: pipeline/calibration.py), and one line for each committed shard that
+    is redone because its files differ from its commit record."""
     check_output_dir(out_dir)
     if overwrite:
         remove_own_output(out_dir, cfg.embedder.cache_dir)
@@ -167,15 +183,12 @@ def prepare_output(out_dir: Path, cfg: DictConfig, overwrite: bool, force: bool,
         atomic_write_json(current, job)
 
     # A committed shard is kept only as committed: its files there, with the size, sha256, rows and schema version
-    # of its record. Any other is redone (its record goes first, so that a crash now still redoes it).
-    records, unreadable = read_commit_records(out_dir)
-    damaged = unreadable + [p for found in check_records(out_dir, records, Depth.RESUME).values() for p in found[:1]]
-    for problem in damaged:
-        (commits / shard_file(problem.shard_id, ".json")).unlink(missing_ok=True)
-    redone = {p.shard_id for p in damaged}
-    committed = {r["shard_id"] for r in records} - redone
-    # Parts of unfinished shards and shard files never committed are leftovers of a crash; nothing else is.
+    # of its record. Any other is redone. Parts of unfinished shards and shard files never committed are leftovers
+    # of a crash; nothing else is.
+    committed, damaged = _keep_committed(out_dir)
+    scored, damaged_scored = _keep_committed(out_dir / SCORED_DIR)
     shutil.rmtree(out_dir / "_staging", ignore_errors=True)
-    for f in _shard_files(out_dir, keep=committed):
-        f.unlink()
-    return committed, [f"shard {p.shard_id} is redone: {p.line()}" for p in damaged]
+    lines = [f"shard {p.shard_id} is redone: {p.line()}" for p in damaged]
+    lines += [f"shard {p.shard_id} is scored again: {SCORED_DIR}/{p.line()}" for p in damaged_scored
+              if p.shard_id not in committed]
+    return committed, scored - committed, lines

@@ -28,12 +28,13 @@ import ray
 from omegaconf import DictConfig
 
 from pipeline import card, manifest
+from pipeline.calibration import commit_dir, label_scored_shards
 from pipeline.config import REPO_ROOT, ConfigError, to_dict
 from pipeline.output_dir import check_output_dir, is_pairsel_card, prepare_output
 from pipeline.plan import build_dataset
 from stages import faults
 from stages.duplicates import find_duplicates, index_pair_ids
-from stages.files import shard_file
+from stages.files import SCORED_DIR, shard_file
 from stages.inputs import plan_shards
 from stages.write import commit_shard
 
@@ -140,6 +141,7 @@ Progress = Callable[[int, int], None]
 def drive(ds: ray.data.Dataset, cfg: DictConfig, specs: list[dict], progress: Progress | None = None) -> int:
     """Consume the part records; commit each shard as soon as all of its rows are on disk."""
     commit = ray.remote(num_cpus=cfg.ray.write_num_cpus)(commit_shard)
+    staging = str(Path(cfg.output.dir) / "_staging")  # where WriteParts stages the parts
     todo = {s["shard_id"] for s in specs}
     pending: dict[int, dict] = {}  # shards with some rows on disk
     in_flight, committed, pairs = [], 0, 0
@@ -158,8 +160,8 @@ def drive(ds: ray.data.Dataset, cfg: DictConfig, specs: list[dict], progress: Pr
             raise RuntimeError(f"shard {shard_id}: {shard['rows']} rows written for {meta['shard_size']} read; "
                                "not committed, rerun to redo it")
         if shard["rows"] == meta["shard_size"]:
-            in_flight.append(commit.remote(cfg.output.dir, shard_id, shard["parts"], shard["quarantine_parts"],
-                                           cfg.output.compression, meta["shard_size"]))
+            in_flight.append(commit.remote(commit_dir(cfg), shard_id, shard["parts"], shard["quarantine_parts"],
+                                           cfg.output.compression, meta["shard_size"], staging))
             del pending[shard_id]
             todo.discard(shard_id)
         if in_flight:
@@ -171,7 +173,7 @@ def drive(ds: ray.data.Dataset, cfg: DictConfig, specs: list[dict], progress: Pr
         shard_id = min(pending)
         raise RuntimeError(f"shard {shard_id}: only {pending[shard_id]['rows']} rows written; rerun to resume")
     for shard_id in sorted(todo):  # read no rows at all: an empty shard is committed as such
-        in_flight.append(commit.remote(cfg.output.dir, shard_id, [], [], cfg.output.compression))
+        in_flight.append(commit.remote(commit_dir(cfg), shard_id, [], [], cfg.output.compression, None, staging))
     while in_flight:
         done, in_flight = ray.wait(in_flight, num_returns=1)
         committed += len(ray.get(done))
@@ -211,10 +213,12 @@ class Job:
     started_at: str
     t0: float
     redone: list[str]  # one line for each committed shard redone because its files differ from its commit record
+    scored: set[int] = frozenset()  # the decoy rule: shards scored, waiting for their labels
 
     @property
     def todo(self) -> list[dict]:
-        return [s for s in self.specs if s["shard_id"] not in self.committed]
+        """The shards the Ray Data plan still has to run."""
+        return [s for s in self.specs if s["shard_id"] not in self.committed | self.scored]
 
 
 def prepare(cfg: DictConfig, overwrite: bool = False, force: bool = False) -> Job:
@@ -225,14 +229,16 @@ def prepare(cfg: DictConfig, overwrite: bool = False, force: bool = False) -> Jo
     check_output_dir(out_dir)
     specs = plan_input(cfg)
     try:
-        committed, redone = prepare_output(out_dir, cfg, overwrite, force, specs)
+        committed, scored, redone = prepare_output(out_dir, cfg, overwrite, force, specs)
     except OSError as e:  # a folder the user cannot write to, a full disk
         raise ConfigError(f"output.dir: cannot write to {e.filename or out_dir}: {e.strerror or e}") from None
     for line in redone:
         log.info(line)
     log.info("%d shards planned, %d already committed, %d to do", len(specs), len(committed),
              len(specs) - len(committed))
-    return Job(cfg, out_dir, specs, committed, started_at, t0, redone)
+    if scored:
+        log.info("%d shards scored already, waiting for their labels", len(scored))
+    return Job(cfg, out_dir, specs, committed, started_at, t0, redone, scored)
 
 
 def execute(job: Job, address: str | None = None, quiet: bool = False, progress: Progress | None = None,
@@ -250,6 +256,7 @@ def execute(job: Job, address: str | None = None, quiet: bool = False, progress:
             drive(build_dataset(cfg, todo, duplicates), cfg, todo, progress)
             if duplicates is not None:
                 log.info("%d rows repeat a pair_id that an earlier shard holds", ray.get(duplicates)["rows"])
+            label_scored_shards(cfg, job.specs, _ray_tasks(cfg))
         except KeyboardInterrupt:
             log.info("interrupted with %d of %d shards committed in %s", len(manifest.commit_records(out_dir)),
                      len(job.specs), out_dir)
@@ -262,14 +269,30 @@ def execute(job: Job, address: str | None = None, quiet: bool = False, progress:
         finally:
             if not had_ray:  # also after a Ctrl-C inside ray.init: no process of this run may outlive it
                 _shutdown_ray()
+    try:  # a resume that found every shard scored labels here, without Ray
+        label_scored_shards(cfg, job.specs)
+    except Exception as e:
+        log.exception("labelling the scored shards failed; rerun the same command to finish")
+        raise JobStopped(interrupted=False, cause=e) from e
     result = manifest.build(out_dir, cfg, job.started_at, time.monotonic() - job.t0, planned_shards=len(job.specs))
     manifest.write(out_dir, result)
     if (out_dir / "README.md").exists() and not is_pairsel_card(out_dir / "README.md"):
         log.warning("%s/README.md is not pairsel's dataset card: left as it is, no card written", out_dir)
     else:
         card.write_card(str(out_dir), result)
-    shutil.rmtree(out_dir / "_staging", ignore_errors=True)
+    for folder in ("_staging", SCORED_DIR):  # the labelled shards hold everything the scored ones did
+        shutil.rmtree(out_dir / folder, ignore_errors=True)
     return result
+
+
+def _ray_tasks(cfg: DictConfig):
+    """Run calls as Ray tasks, all at once, and wait for them (pipeline/calibration.py's `submit`)."""
+    task = ray.remote(num_cpus=cfg.ray.write_num_cpus, max_retries=-1)
+
+    def submit(fn, calls: list[tuple]) -> list:
+        remote = task(fn)
+        return ray.get([remote.remote(*args) for args in calls])
+    return submit
 
 
 def _shutdown_ray() -> None:

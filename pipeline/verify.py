@@ -216,21 +216,22 @@ def _same(a, b) -> bool:
     return json.dumps(a) == json.dumps(b)  # NaN equals NaN; floats compare bit for bit (repr round-trips)
 
 
-def label_problems(rel: str, stored: pa.Table, stages: list, config_hash: Optional[str],
-                   shard_id: int) -> list[Problem]:
-    """Where the stored score and label columns of a data file differ from what the stages compute again."""
+def recompute(stored: pa.Table, stages: list) -> tuple[pa.Table, pa.Table, list[str]]:
+    """(the stored rows as work rows, the same rows after the label stages ran over them again, the columns those
+    stages write)."""
     from stages.write import to_work_table
 
-    hashes = set(stored["provenance"].combine_chunks().field("config_hash").to_pylist())
-    if config_hash is not None and hashes != {config_hash}:
-        return [Problem(rel, f"labelled under config {', '.join(sorted(map(str, hashes)))}, not the manifest's "
-                             f"{config_hash} (a resume with --force): its labels cannot be recomputed", shard_id)]
     work = to_work_table(stored)
     again = work
     names: list[str] = []
     for step in stages:
         again = step.stage(**step.kwargs)(again)
         names += [n for n in step.stage.contract(**step.kwargs).writes if n not in names]
+    return work, again, names
+
+
+def column_problems(rel: str, work: pa.Table, again: pa.Table, names: list[str], shard_id: int) -> list[Problem]:
+    """Where the columns `names` of `again` differ from the stored ones in `work`."""
     problems, ids = [], work["pair_id"].to_pylist()
     for name in names:
         column = name.partition(".")[0]
@@ -243,6 +244,43 @@ def label_problems(rel: str, stored: pa.Table, stages: list, config_hash: Option
             problems.append(Problem(rel, f"{name} does not recompute in {len(wrong)} of {work.num_rows} rows (e.g. "
                                          f"pair {ids[i]}: stored {_short(was[i])}, recomputed {_short(now[i])})",
                                     shard_id))
+    return problems
+
+
+def label_problems(rel: str, stored: pa.Table, stages: list, config_hash: Optional[str],
+                   shard_id: int) -> tuple[list[Problem], Optional[pa.Table]]:
+    """Where the stored score and label columns of a data file differ from what the stages compute again, and
+    the recomputed rows (None where they cannot be recomputed)."""
+    hashes = set(stored["provenance"].combine_chunks().field("config_hash").to_pylist())
+    if config_hash is not None and hashes != {config_hash}:
+        return [Problem(rel, f"labelled under config {', '.join(sorted(map(str, hashes)))}, not the manifest's "
+                             f"{config_hash} (a resume with --force): its labels cannot be recomputed", shard_id)], None
+    work, again, names = recompute(stored, stages)
+    return column_problems(rel, work, again, names, shard_id), again
+
+
+def calibration_problems(out_dir: Path, records: list[dict], stages: list, config: dict, recomputed: dict) -> list:
+    """The decoy rule: the calibration over every recomputed pair of the job (pipeline/calibration.py), then each
+    shard's decisions from it, compared with the stored ones (CALIBRATED_COLUMNS)."""
+    from omegaconf import OmegaConf
+
+    from pipeline.calibration import labeller
+    from schemas import CALIBRATED_COLUMNS, WORK_SCHEMA
+    from stages.calibrate import calibrate, row_scores, win_chance
+
+    cfg = OmegaConf.create(config)
+    rule = cfg.scoring.decision
+    scores = [s for again in recomputed.values() for s in row_scores(again.to_pylist(), rule.group)]
+    labels = labeller(cfg, calibrate(scores, rule.fdr, win_chance(config["generators"], rule.decoys_per_candidate)))
+    problems = []
+    for record in records:
+        if record["shard_id"] not in recomputed:
+            continue
+        rows = recomputed[record["shard_id"]].to_pylist()
+        labels(rows)
+        work, _, _ = recompute(pq.read_table(out_dir / record["path"]), [])
+        again = pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
+        problems += column_problems(record["path"], work, again, list(CALIBRATED_COLUMNS), record["shard_id"])
     return problems
 
 
@@ -316,10 +354,16 @@ def verify(out_dir, quick: bool = False) -> Verdict:
             checked += "; labels not checked (they need the run's config, in manifest.json)"
         else:
             stages = label_stages(config)
+            recomputed = {}
             for record in records:
                 if record["path"] and not found[record["shard_id"]]:
-                    problems += label_problems(record["path"], pq.read_table(out_dir / record["path"]), stages,
-                                               manifest.get("config_hash"), record["shard_id"])
+                    found_here, again = label_problems(record["path"], pq.read_table(out_dir / record["path"]),
+                                                       stages, manifest.get("config_hash"), record["shard_id"])
+                    problems += found_here
+                    if again is not None:
+                        recomputed[record["shard_id"]] = again
+            if config["scoring"]["decision"]["rule"] == "decoys":  # decisions come from the whole job's calibration
+                problems += calibration_problems(out_dir, records, stages, config, recomputed)
             checked += ", and every score and label recomputed from the stored similarities"
     problems.sort(key=lambda p: (p.shard_id is None, p.shard_id or 0))
     return Verdict(problems, len(records), sum(r["rows"] for r in records),

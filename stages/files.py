@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 SHARD_GLOB = "shard-*"
+SCORED_DIR = "_scored"  # under the output dir: shards scored and waiting for their labels (the decoy rule)
 # an output or quarantine shard file, and the temporary name atomic_write_table gives it on its way in
 SHARD_FILE = re.compile(r"shard-(\d+)\.parquet")
 TEMP_SHARD_FILE = re.compile(r"\.shard-\d+\.parquet\.[0-9a-f]{32}\.tmp")
@@ -74,6 +76,11 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
 
 def atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), durable)
+
+
+def atomic_copy(source: Path, path: Path) -> None:
+    """A copy of a file, byte for byte, written atomically."""
+    atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def atomic_write_json(obj, path: Path) -> None:

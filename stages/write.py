@@ -24,7 +24,7 @@ import json
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,7 +33,7 @@ from schemas import (CALIBRATED_COLUMNS, DECOY_RULE_COLUMNS, OUTPUT_SCHEMA, PART
                      SCHEMA_VERSION, TARGET_COLUMNS, WORK_SCHEMA, conform)
 from stages.contract import Contract
 from stages.faults import fault_point
-from stages.files import atomic_write_json, atomic_write_table, file_sha256, shard_file, shard_name
+from stages.files import atomic_copy, atomic_write_json, atomic_write_table, file_sha256, shard_file, shard_name
 
 
 def to_output_row(row: dict, provenance: dict) -> dict:
@@ -138,16 +138,40 @@ def _check_rows(shard_id: int, size: int, *row_indices: pa.ChunkedArray) -> None
                            f"row_index twice: {twice}, missing: {missing}; not committed, rerun to redo it")
 
 
+def _file_entry(out: Path, sub: str, shard_id: int, rows: int) -> dict:
+    """A commit record's entry for the shard's file in `sub` (data: path, rows, bytes, sha256; quarantine: the same
+    keys with the quarantine_ prefix)."""
+    prefix = "" if sub == "data" else "quarantine_"
+    dest = out / sub / shard_file(shard_id)
+    return {f"{prefix}path": f"{sub}/{shard_file(shard_id)}", f"{prefix}rows": rows,
+            f"{prefix}bytes": dest.stat().st_size, f"{prefix}sha256": file_sha256(dest)}
+
+
+def _commit(out: Path, shard_id: int, record: dict) -> dict:
+    """Write the shard's commit record, the commit point: its files are in place before."""
+    fault_point("commit")  # the shard's files are in place, its record is not: a crash here must redo it
+    commit_path = out / "_commits" / shard_file(shard_id, ".json")
+    commit_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(record, commit_path)
+    return record
+
+
+def _empty_record(shard_id: int) -> dict:
+    return {"shard_id": shard_id, "schema_version": SCHEMA_VERSION, "path": None, "rows": 0, "bytes": None,
+            "sha256": None, "quarantine_path": None, "quarantine_rows": 0, "quarantine_bytes": None,
+            "quarantine_sha256": None}
+
+
 def commit_shard(out_dir: str, shard_id: int, parts: list[str], quarantine_parts: list[str], compression: str,
-                 size: int | None = None) -> dict:
+                 size: int | None = None, staging_dir: str | None = None) -> dict:
+    """Merge a shard's staged parts (in staging_dir, default OUT/_staging) into its files in out_dir and commit
+    them."""
     out = Path(out_dir)
     name = shard_name(shard_id)
     commit_path = out / "_commits" / shard_file(shard_id, ".json")
     if commit_path.is_file():  # a retry of a commit that got as far as its record
         return json.loads(commit_path.read_text())
-    record = {"shard_id": shard_id, "schema_version": SCHEMA_VERSION, "path": None, "rows": 0, "bytes": None,
-              "sha256": None, "quarantine_path": None, "quarantine_rows": 0, "quarantine_bytes": None,
-              "quarantine_sha256": None}
+    record = _empty_record(shard_id)
     data_dest, quarantine_dest = out / "data" / shard_file(shard_id), out / "quarantine" / shard_file(shard_id)
     good = _merge(parts, OUTPUT_SCHEMA, data_dest, compression) if parts else pa.chunked_array([], pa.int64())
     bad = (_merge(quarantine_parts, QUARANTINE_SCHEMA, quarantine_dest, compression) if quarantine_parts
@@ -160,18 +184,42 @@ def commit_shard(out_dir: str, shard_id: int, parts: list[str], quarantine_parts
             quarantine_dest.unlink(missing_ok=True)
             raise
     if parts:
-        record.update(path=f"data/{shard_file(shard_id)}", rows=len(good), bytes=data_dest.stat().st_size,
-                      sha256=file_sha256(data_dest))
+        record.update(_file_entry(out, "data", shard_id, len(good)))
     if quarantine_parts:
-        record.update(quarantine_path=f"quarantine/{shard_file(shard_id)}", quarantine_rows=len(bad),
-                      quarantine_bytes=quarantine_dest.stat().st_size, quarantine_sha256=file_sha256(quarantine_dest))
-    fault_point("commit")  # the shard's files are in place, its record is not: a crash here must redo it
-    commit_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(record, commit_path)  # the commit point
+        record.update(_file_entry(out, "quarantine", shard_id, len(bad)))
+    _commit(out, shard_id, record)
     for part in parts + quarantine_parts:  # only our own parts: a rerun's may sit beside them
         Path(part).unlink(missing_ok=True)
     try:
-        (out / "_staging" / name).rmdir()
+        (Path(staging_dir or out / "_staging") / name).rmdir()
     except OSError:  # not empty (a dead task's part) or already gone: the next run's cleanup takes it
         pass
     return record
+
+
+def label_shard(out_dir: str, shard_id: int, scored_dir: str, labels: Callable[[list[dict]], None],
+                compression: str) -> dict:
+    """Under the decoy rule: the shard scored into `scored_dir` (committed there by commit_shard) with its
+    decisions, `labels(rows)` filling them in place, committed into out_dir as commit_shard commits: data file,
+    quarantine file (the same bytes) and record. The scored files stay until the job ends."""
+    out, scored = Path(out_dir), Path(scored_dir)
+    commit_path = out / "_commits" / shard_file(shard_id, ".json")
+    if commit_path.is_file():  # a retry of a commit that got as far as its record
+        return json.loads(commit_path.read_text())
+    source = json.loads((scored / "_commits" / shard_file(shard_id, ".json")).read_text())
+    record = _empty_record(shard_id)
+    if source["path"]:
+        table = pq.read_table(scored / source["path"], schema=OUTPUT_SCHEMA)
+        rows = table.to_pylist()
+        labels(rows)
+        dest = out / "data" / shard_file(shard_id)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_table(conform(rows, OUTPUT_SCHEMA).replace_schema_metadata(OUTPUT_SCHEMA.metadata), dest,
+                           compression)
+        record.update(_file_entry(out, "data", shard_id, len(rows)))
+    if source["quarantine_path"]:
+        dest = out / "quarantine" / shard_file(shard_id)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        atomic_copy(scored / source["quarantine_path"], dest)
+        record.update(_file_entry(out, "quarantine", shard_id, source["quarantine_rows"]))
+    return _commit(out, shard_id, record)
