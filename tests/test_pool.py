@@ -63,8 +63,10 @@ def read_job(out: Path, stdout: str) -> dict:
 
 @pytest.fixture(scope="module")
 def pool_job(tiny_models, demo_data, server, tmp_path_factory):
+    """The pool under the fixed rule: the tiny generators write noise, which the decoy rule rightly labels no pair
+    reason for, and the per-generator figures need chosen rationales."""
     out = tmp_path_factory.mktemp("pool") / "out"
-    proc = run_pool(*pool_args(tiny_models, demo_data, out, server))
+    proc = run_pool(*pool_args(tiny_models, demo_data, out, server, "scoring.decision.rule=bar"))
     return {**read_job(out, proc.stdout), "url": server}
 
 

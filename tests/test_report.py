@@ -57,13 +57,16 @@ def test_three_outcomes_per_subset(out, numbers):
         assert o["direct"] == sum(bool(v) and r["need_reasoning"] is False for r, v in zip(mine, valid))
         assert o["need_reasoning"] + o["direct"] + o["undecided"] == o["pairs"] == n
         assert o["control_turned_direct"] == sum(
-            r["decision"] == "direct" and any(c["delta"] > eps for c in v) for r, v in zip(mine, valid))
+            r["decision"] == "direct" and any(eps < c["delta"] <= r["base_threshold"] for c in v) and
+            r["best_delta"] <= r["base_threshold"] for r, v in zip(mine, valid))
+        assert o["null_turned_direct"] == sum(r["decision"] == "direct" and r["best_delta"] is not None
+                                              and r["best_delta"] > r["base_threshold"] for r in mine)
         for key in ("need_reasoning", "direct", "undecided"):
             assert o[f"{key}_rate"] == pytest.approx(o[key] / n)
     manifest = read_output.read_manifest(out)
     if manifest:  # the manifest counts what the report counts
         for subset, o in numbers["outcomes_per_subset"].items():
-            for key in ("need_reasoning", "direct", "undecided", "control_turned_direct"):
+            for key in ("need_reasoning", "direct", "undecided", "control_turned_direct", "null_turned_direct"):
                 assert manifest["subsets"][subset][key] == o[key], (subset, key)
 
 
@@ -76,7 +79,7 @@ def test_best_delta_histogram_counts_every_pair_with_a_best_delta(out, numbers):
         if best:
             assert h["edges"][0] <= min(best) and max(best) <= h["edges"][-1] + 1e-12
     if h["edges"]:
-        assert h["edges"][0] <= h["epsilon"] <= h["edges"][-1]  # epsilon is on the axis
+        assert h["edges"][0] <= h["marker"] <= h["edges"][-1]  # epsilon is on the axis
 
 
 def test_percentages_are_written_one_way(out, numbers):

@@ -9,8 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from omegaconf import OmegaConf
+
+from pipeline.plan import decoy_counts_of, label_job
+from stages.decoys import required
 from stages.score import score_rows
-from stages.select import select_rows
+from stages.select import score_rows as select_scores
 from tests.test_job import job_args, run_job
 
 pytestmark = pytest.mark.slow
@@ -27,24 +31,30 @@ def target_job(tiny_models, demo_data, tmp_path_factory):
 def test_both_sides_and_the_joint_recompute_from_the_output(target_job, demo_data):
     rows = pq.read_table(target_job["out"] / "data").to_pylist()
     assert len(rows) == demo_data["valid_rows"] == len({r["pair_id"] for r in rows})
-    eps = target_job["manifest"]["config"]["scoring"]["epsilon"]
+    cfg = OmegaConf.create(target_job["manifest"]["config"])
     blank = copy.deepcopy(rows)
     for r in blank:  # forget every score and label; keep the stored similarities only
         for key in ("decision", "chosen", "best_delta", "need_reasoning", "rejected", "target_decision",
                     "target_chosen", "target_best_delta", "target_need_reasoning", "target_rejected", "joint_query",
                     "joint_target", "joint_delta", "joint_beats_query", "joint_beats_target", "lse_direct",
-                    "target_control_delta", "control_delta"):
+                    "target_control_delta", "control_delta", "help_threshold", "target_help_threshold", "null_score",
+                    "target_null_score", "null_margin", "target_null_margin", "base_threshold",
+                    "target_base_threshold"):
             r[key] = None
-        for c in r["candidates"] + r["target_candidates"]:
+        for c in r["candidates"] + r["target_candidates"] + r["decoys"] + r["target_decoys"]:
             c["delta"] = c["delta_control"] = c["delta_joint"] = c["valid"] = None
-    again = select_rows(score_rows(blank, rows[0]["scoring_mode"], rows[0]["temperature"]), eps)
+    # the job's own stages over the stored similarities: score, select, then the decoy rule's calibration
+    again = score_rows(blank, rows[0]["scoring_mode"], rows[0]["temperature"])
+    select_scores(again, cfg.scoring.epsilon, required(decoy_counts_of(cfg)))
+    label_job(cfg, again)
     decisions = {"reason", "direct", "undecided"}
     for r, a in zip(rows, again):
         assert len(r["target_candidates"]) == 2 and len(r["target_s_control"]) == len(r["s_control"]) > 0
         assert r["target_decision"] in decisions and r["decision"] in decisions
         for key in ("decision", "chosen", "need_reasoning", "rejected", "target_decision", "target_chosen",
                     "target_need_reasoning", "target_rejected", "joint_query", "joint_target", "joint_beats_query",
-                    "joint_beats_target"):
+                    "joint_beats_target", "null_score", "target_null_score", "help_threshold",
+                    "target_help_threshold"):
             assert a[key] == r[key], (r["pair_id"], key)
         for key in ("best_delta", "target_best_delta", "joint_delta"):
             assert (a[key] is None) == (r[key] is None) and (r[key] is None or np.isclose(a[key], r[key], atol=1e-12))

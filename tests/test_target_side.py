@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import config
-from schemas import WORK_SCHEMA, conform
+from schemas import TARGET_COLUMNS, WORK_SCHEMA, conform
 from stages.score import score_rows
 from stages.select import DIRECT, REASON, UNDECIDED, select_rows
 
@@ -100,10 +100,8 @@ def test_undecided_target_side_leaves_the_query_label_alone():
 
 def test_without_target_candidates_every_target_column_is_null():
     row = label(pair(target_candidates=None, candidates=[cand(0.6, [0.2])]), "pair_aware", 0.5, 0.0)
-    target_columns = [f.name for f in WORK_SCHEMA if f.name.startswith(("target_candidates", "target_s", "target_l",
-                                                                      "target_c", "target_d", "target_b",
-                                                                      "target_n", "target_r", "joint_"))]
-    assert len(target_columns) == 15  # 10 target-side columns, 5 joint ones
+    target_columns = TARGET_COLUMNS
+    assert len(target_columns) == 20  # 15 target-side columns, 5 joint ones
     assert all(row[name] is None for name in target_columns)
     assert row["candidates"][0]["s_joint"] is None and row["candidates"][0]["delta_joint"] is None
 

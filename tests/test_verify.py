@@ -34,7 +34,8 @@ def job_args(clean: Path, out: Path) -> list[str]:
     c = json.loads((clean / "manifest.json").read_text())["config"]
     return [f"input.path={c['input']['path']}", f"input.image_root={c['input']['image_root']}",
             f"generators.0.model={c['generators'][0]['model']}", f"embedder.model={c['embedder']['model']}",
-            f"input.rows_per_shard={c['input']['rows_per_shard']}", f"output.dir={out}"]
+            f"input.rows_per_shard={c['input']['rows_per_shard']}", f"output.dir={out}",
+            f"scoring.decision.rule={c['scoring']['decision']['rule']}"]
 
 
 def flip(path: Path, n: int = 64) -> None:
