@@ -83,6 +83,11 @@ bench: venv
 bench-bytes: models demo-data
 	$(PY) bench/stage_bytes.py
 
+# How often the labels are right: the decoy rule and the fixed rule on constructed pairs with MiniLM (README).
+.PHONY: bench-labels
+bench-labels: venv
+	$(PY) bench/labels.py
+
 # vLLM side by side (job on vLLM vs standalone vLLM, transformers, Ray Data LLM): prints a table (BENCHMARKS.md).
 bench-vllm: vllm-env
 	$(VPY) bench/bench_vllm.py

@@ -208,9 +208,9 @@ def model_only(data: Path, threads: int, overrides: list[str]) -> dict:
 # ------------------------------------------------------------------ the figures
 def minimum_inputs(rows: dict, embedder: dict, image_root: Path, controls=()) -> int:
     """The distinct embedder inputs the written pairs need: plain queries, rationale-augmented queries of the
-    candidates that were embedded, the queries with each content-free control (scoring.controls), targets and
-    negatives (a target that is another pair's negative once), and with target rationales the targets with
-    each rationale and each control."""
+    candidates that were embedded, the queries with each content-free control (scoring.controls) and each decoy
+    (the decoy rule), targets and negatives (a target that is another pair's negative once), and with target
+    rationales the targets with each rationale, control and decoy."""
     from stages.embed import control_text
 
     digests: dict[str, str] = {}
@@ -224,6 +224,10 @@ def minimum_inputs(rows: dict, embedder: dict, image_root: Path, controls=()) ->
 
     q_ins, t_ins, r_ins = (embedder[k] for k in ("query_instruction", "target_instruction", "reasoned_query_instruction"))
     need = set()
+
+    def decoy_texts(r: dict, field: str, cands: str) -> list[str]:  # a decoy's text is its donor's candidate's
+        return [rows[d["donor_pair_id"]][cands][d["donor_candidate"]]["text"] for d in r.get(field) or []]
+
     for r in rows.values():
         q, q_img = r["query_text"] or "", image(r["query_image_path"])
         need.add((q_ins.replace("{text}", q), q_img))
@@ -233,6 +237,8 @@ def minimum_inputs(rows: dict, embedder: dict, image_root: Path, controls=()) ->
                     for c in r["candidates"] if c["s_k"] is not None)
         need.update((r_ins.replace("{text}", q).replace("{rationale}", control_text(c, r["query_text"])), q_img)
                     for c in controls)
+        need.update((r_ins.replace("{text}", q).replace("{rationale}", text), q_img)  # the decoy rule's decoys
+                    for text in decoy_texts(r, "decoys", "candidates"))
         # target rationales (generators[].k_target): the target with each rationale, and with each control
         rt_ins = embedder.get("reasoned_target_instruction")
         t, t_img = r["target_text"] or "", image(r["target_image_path"])
@@ -242,6 +248,8 @@ def minimum_inputs(rows: dict, embedder: dict, image_root: Path, controls=()) ->
         if targets:
             need.update((rt_ins.replace("{text}", t).replace("{rationale}", control_text(c, r["target_text"])), t_img)
                         for c in controls)
+            need.update((rt_ins.replace("{text}", t).replace("{rationale}", text), t_img)
+                        for text in decoy_texts(r, "target_decoys", "target_candidates"))
     return len(need)
 
 
@@ -257,24 +265,37 @@ def compare_labels(rounds: dict, full: dict) -> dict:
             "chosen_differs": sum(rounds[p]["chosen"] != full[p]["chosen"] for p in full)}
 
 
-def replay(full: dict, schedule: list[int], epsilon: float, margin: float, valid: tuple) -> dict:
+def replay(full: dict, schedule: list[int], epsilon: float, margin: float, valid: tuple, rule: dict) -> dict:
     """What rounds would give, replayed on a full-K run's candidates (candidate k is the same candidate in
     both, so this is exact up to the embedder's batch invariance; the measured row checks it): token saving,
-    need_reasoning agreement and mean loss in chosen delta, for any margin and set of valid finish reasons."""
-    spent, agree, losses = 0, 0, []
+    need_reasoning agreement and mean loss in chosen delta, for any margin and set of valid finish reasons. A
+    pair stops once its best valid candidate beats its threshold with the margin (stages/select.py:satisfied);
+    under the decoy rule with the full-K run's decoys, and the replayed pairs are calibrated again."""
+    from stages.calibrate import calibrate, margin_lookup, row_scores
+    from stages.select import label_rows, satisfied, score_rows
+
+    need = {"query": len(next(iter(full.values()))["candidates"])} if rule["rule"] == "decoys" else None
+    replayed, spent, losses = [], 0, []
     for r in full.values():
-        cands = r["candidates"]
-        ok = [c["finish_reason"] in valid and c["delta"] is not None for c in cands]
+        cands = [{**c, "valid": c["finish_reason"] in valid and c["delta"] is not None} for c in r["candidates"]]
         for reach in schedule:
             n = min(reach, len(cands))
-            if n == len(cands) or any(o and c["delta"] > epsilon + margin for c, o in zip(cands[:n], ok)):
+            if n == len(cands) or satisfied({**r, "candidates": cands[:n]}, "query", epsilon, margin,
+                                            (need or {}).get("query", 0)):
                 break
         spent += sum(c["tokens"] for c in cands[:n])
-        best_full = max((c["delta"] for c, o in zip(cands, ok) if o), default=None)
-        best = max((c["delta"] for c, o in zip(cands[:n], ok) if o), default=None)
+        best_full = max((c["delta"] for c in cands if c["valid"]), default=None)
+        best = max((c["delta"] for c in cands[:n] if c["valid"]), default=None)
         if best_full is not None:
             losses.append(best_full - best)
-        agree += (best_full is not None and best_full > epsilon) == (best is not None and best > epsilon)
+        replayed.append({**r, "candidates": cands[:n], "target_candidates": None})
+    score_rows(replayed, epsilon, need)
+    margins = None
+    if need:
+        calibration = calibrate(row_scores(replayed, rule["group"]), rule["fdr"], 0.5)
+        margins = margin_lookup(calibration, rule["group"])
+    label_rows(replayed, epsilon, margins, need)
+    agree = sum(r["need_reasoning"] == full[r["pair_id"]]["need_reasoning"] for r in replayed)
     return {"saving": 1 - spent / max(1, tokens(full)), "agree": agree, "pairs": len(full),
             "mean_loss": sum(losses) / max(1, len(losses))}
 
@@ -335,6 +356,12 @@ def table(res: dict, n: int) -> str:
             f"**{four['forwards'] / four['minimum']:.2f}**", "1.00"),
         row("**embedder inputs per pair over the minimum, target rationales (k_target 2, full K)**",
             f"**{res['target']['forwards'] / res['target']['minimum']:.2f}**", "–", "1.00"),
+        row("embedder inputs per pair, full K (K = 8): fixed rule / decoy rule",
+            f"{res['full_bar']['forwards'] / n:.2f} / {res['full']['forwards'] / n:.2f}", "–"),
+        row("**what the decoys cost: embedder inputs, decoy rule / fixed rule, full K = 8**",
+            f"**{res['full']['forwards'] / res['full_bar']['forwards']:.2f}x**", "–", "< 1.5x"),
+        row("embedder inputs per pair, rounds (decoy rule: decoys for every K_max slot in round 1)",
+            f"{one['forwards'] / n:.2f}", f"{four['forwards'] / (4 * n):.2f}"),
         row("rows the embedder model ran per input (padding copies included; loop)",
             f"{loop1['embedder_rows'] / max(1, loop1['forwards']):.2f}",
             f"{loop4['embedder_rows'] / max(1, loop4['forwards']):.2f}"),
@@ -403,7 +430,10 @@ def main(argv=None) -> int:
         save()
         if s == 1:
             print("job with every candidate at once (full K) at 1x, and its model-only loop ...", flush=True)
-            res["full"] = run_job(data[1], out / "full-1x", *model_args, "rounds.k0=null")
+            res["full"] = count_inputs(run_job(data[1], out / "full-1x", *model_args, "rounds.k0=null"), 1)
+            print("the same under the fixed rule (no decoys) at 1x ...", flush=True)
+            res["full_bar"] = count_inputs(run_job(data[1], out / "full-bar-1x", *model_args, "rounds.k0=null",
+                                                   "scoring.decision.rule=bar"), 1)
             res["loop"]["full"] = model_only(data[1], args.loop_threads, model_args + ["rounds.k0=null"])
             print("job with target rationales (k_target 2, full K) at 1x ...", flush=True)
             res["target"] = count_inputs(run_job(data[1], out / "target-1x", *model_args, "rounds.k0=null",
@@ -419,7 +449,7 @@ def main(argv=None) -> int:
     replays = ["| margin | valid finish reasons | token saving | need_reasoning agreement | mean loss in chosen delta |",
                "|---|---|---|---|---|"]
     for m, v in [(margin, valid), (0.5, valid), (1.0, valid), (2.0, valid), (margin, ("stop",))]:
-        r = replay(res["full"]["rows"], schedule, eps, m, v)
+        r = replay(res["full"]["rows"], schedule, eps, m, v, cfg["scoring"]["decision"])
         replays.append(f"| {m:g} | {', '.join(v)} | {r['saving']:.1%} | {r['agree']}/{r['pairs']} | {r['mean_loss']:.4f} |")
     text += (f"\n\nRounds {schedule} of K_max = {k_max}, margin {margin:g}, valid finish reasons {list(valid)}. "
              f"The same rounds replayed on the full-K run at 1x:\n\n" + "\n".join(replays))
