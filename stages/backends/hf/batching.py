@@ -4,7 +4,7 @@ worker threads that build the next batches' tensors while the model runs the cur
 Every plan here is a function of the call's rows (their lengths, in call order) and the options, never of
 timing or of the machine's load, so a rerun of the same call runs the same batches.
 
-The embedder has two plans (`embedder.options.batching`):
+The embedder has two plans (`embedder.options.batching`), and the generator pads prompts the same two ways:
 - `exact_batches`: every forward pass has a shape that each of its rows alone decides: the row's length rounded
   up to a multiple of `length_bucket` (always at least one pad token) and exactly `batch_size` rows (a short batch
   filled up with copies). A row's vector is then the same bit for bit whatever else the call holds.
@@ -42,12 +42,18 @@ class Batch:
     rows: int  # rows the model runs: the members, then copies of the first (exact batches only)
 
 
+def padded_length(n: int, bucket: int) -> int:
+    """n rounded up to the next multiple of bucket, with at least one pad: a row of a batch without pads could
+    take another attention path (no mask) than the same row among padded ones."""
+    return (n // bucket + 1) * bucket
+
+
 def exact_batches(lengths: list[int], alone: list[bool], length_bucket: int, batch_size: int) -> list[Batch]:
     """Rows grouped by padded length (a row that must run alone is its own group), each group in batches of
     exactly `batch_size` rows (1 for a row alone), longest first."""
     groups: dict[tuple[int, bool], list[int]] = {}
     for i, (n, solo) in enumerate(zip(lengths, alone)):
-        groups.setdefault(((n // length_bucket + 1) * length_bucket, solo), []).append(i)
+        groups.setdefault((padded_length(n, length_bucket), solo), []).append(i)
     out = []
     for (length, solo), members in sorted(groups.items(), reverse=True):
         size = 1 if solo else batch_size
@@ -55,35 +61,38 @@ def exact_batches(lengths: list[int], alone: list[bool], length_bucket: int, bat
     return out
 
 
-def sorted_batches(lengths: list[int], max_tokens: int, max_rows: Optional[int] = None) -> list[Batch]:
-    """Rows sorted by length, longest first (ties in call order), cut greedily: a batch takes rows while its
-    rows times its longest row stay within max_tokens (a row longer than that runs alone)."""
+def sorted_batches(lengths: list[int], max_tokens: int, max_rows: Optional[int] = None,
+                   copies: Optional[list[int]] = None) -> list[Batch]:
+    """Items sorted by length, longest first (ties in call order), cut greedily: a batch takes items while its
+    rows times its longest row stay within max_tokens and its rows within max_rows (an item over that runs
+    alone). An item is one row, or `copies[i]` rows of the same length (a prompt sampled with several seeds)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     out: list[Batch] = []
     for i in order:
+        n = 1 if copies is None else copies[i]
         last = out[-1] if out else None
-        if (last is not None and (len(last.members) + 1) * last.length <= max_tokens
-                and (max_rows is None or len(last.members) < max_rows)):
+        if (last is not None and (last.rows + n) * last.length <= max_tokens
+                and (max_rows is None or last.rows + n <= max_rows)):
             last.members.append(i)
-            last.rows += 1
+            last.rows += n
         else:
-            out.append(Batch([i], lengths[i], 1))
+            out.append(Batch([i], lengths[i], n))
     return out
 
 
-def default_batch_tokens(model, device: str, bytes_per_token: int) -> int:
-    """Padded tokens per batch from the GPU's memory: a share of what the weights leave, over an estimate of
-    the activation bytes one token needs, between MIN_ and MAX_DEFAULT_BATCH_TOKENS. It reads the device's total
-    memory (a property of the machine), not its free memory, so that it does not change from run to run.
-    Off a GPU: CPU_BATCH_TOKENS."""
+def default_batch_tokens(model, device: str, bytes_per_token: int, share: float = ACTIVATION_SHARE,
+                         most: int = MAX_DEFAULT_BATCH_TOKENS, off_gpu: int = CPU_BATCH_TOKENS) -> int:
+    """Tokens per batch from the GPU's memory: `share` of what the weights leave, over the bytes one token
+    needs, between MIN_DEFAULT_BATCH_TOKENS and `most`. It reads the device's total memory (a property of the
+    machine), not its free memory, so that it does not change from run to run. Off a GPU: `off_gpu`."""
     if not device.startswith("cuda"):
-        return CPU_BATCH_TOKENS
+        return off_gpu
     import torch
 
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    fits = int(ACTIVATION_SHARE * max(0, total - weights) / max(1, bytes_per_token))
-    return max(MIN_DEFAULT_BATCH_TOKENS, min(MAX_DEFAULT_BATCH_TOKENS, fits // 1024 * 1024))
+    fits = int(share * max(0, total - weights) / max(1, bytes_per_token))
+    return max(MIN_DEFAULT_BATCH_TOKENS, min(most, fits // 1024 * 1024))
 
 
 def text_config(model):
