@@ -21,6 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
+# `options.batching` of both transformers backends: how a call's rows become batches
+BATCHINGS = ("exact", "sorted")
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -93,6 +96,14 @@ def default_batch_tokens(model, device: str, bytes_per_token: int, share: float 
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     fits = int(share * max(0, total - weights) / max(1, bytes_per_token))
     return max(MIN_DEFAULT_BATCH_TOKENS, min(most, fits // 1024 * 1024))
+
+
+def batching_for(option: Optional[str], device: str) -> str:
+    """The `batching` option, checked, or its default: sorted on a GPU, exact elsewhere."""
+    batching = option or ("sorted" if device.startswith("cuda") else "exact")
+    if batching not in BATCHINGS:
+        raise ValueError(f"batching must be one of {', '.join(BATCHINGS)}, got {batching!r}")
+    return batching
 
 
 def text_config(model):

@@ -8,14 +8,12 @@ from typing import Optional
 import numpy as np
 
 from stages.backends.base import POOLINGS, EmbedInput, l2_normalise
-from stages.backends.hf.batching import (Batch, default_batch_tokens, exact_batches, prefetched, preparing_threads,
-                                         sorted_batches, text_config)
+from stages.backends.hf.batching import (Batch, batching_for, default_batch_tokens, exact_batches, prefetched,
+                                         preparing_threads, sorted_batches, text_config)
 from stages.backends.hf.inputs import ModelInputs, device_for, dtype_for, load_model, pinned, to_device
 from stages.backends.prompt_text import raw_text
 from stages.faults import fault_point
 
-# embedder.options.batching: how a call's rows become batches (TransformersEmbedder says what each gives)
-BATCHINGS = ("exact", "sorted")
 
 
 class TransformersEmbedder:
@@ -51,9 +49,7 @@ class TransformersEmbedder:
         self.pooling = pooling
         self.max_length = max_length
         self.device = device_for(device)
-        self.batching = options.get("batching") or ("sorted" if self.device.startswith("cuda") else "exact")
-        if self.batching not in BATCHINGS:
-            raise ValueError(f"batching must be one of {', '.join(BATCHINGS)}, got {self.batching!r}")
+        self.batching = batching_for(options.get("batching"), self.device)
         self.batch_size = int(options.get("batch_size", 16))
         self.length_bucket = int(options.get("length_bucket", 32))
         self.inputs = ModelInputs(model, trust_remote_code)

@@ -22,7 +22,7 @@ from dataclasses import replace
 from typing import Optional
 
 from stages.backends.base import Generation, GenRequest
-from stages.backends.hf.batching import default_batch_tokens, padded_length, sorted_batches, text_config
+from stages.backends.hf.batching import batching_for, default_batch_tokens, padded_length, sorted_batches, text_config
 from stages.backends.hf.inputs import ModelInputs, device_for, dtype_for, load_model, to_device
 from stages.faults import fault_point
 
@@ -110,9 +110,7 @@ class TransformersGenerator:
 
         self.model_id = model
         self.device = device_for(device)
-        self.batching = options.get("batching") or ("sorted" if self.device.startswith("cuda") else "exact")
-        if self.batching not in ("exact", "sorted"):
-            raise ValueError(f"batching must be exact or sorted, got {self.batching!r}")
+        self.batching = batching_for(options.get("batching"), self.device)
         self.length_bucket = int(options.get("length_bucket", 32))
         self.inputs = ModelInputs(model, trust_remote_code)
         self.model = load_model(model, [AutoModelForImageTextToText, AutoModelForCausalLM],
