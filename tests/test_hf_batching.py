@@ -234,8 +234,9 @@ def generators(tiny_models):
 
 
 def generator_requests():
-    return [request("Describe a red car." + " More words here." * (i % 5), range(i, i + 3),
-                    picture(i, (64, 64)) if i % 2 else None) for i in range(8)] + [request("Greedy.", [1, 2], None, 0.0)]
+    sampled = [request("Describe a red car." + " More words here." * (i % 5), range(i, i + 3),
+                       picture(i, (64, 64)) if i % 2 else None) for i in range(8)]
+    return sampled + [request("Greedy.", [1, 2], None, 0.0)]
 
 
 def test_exact_generation_pads_each_prompt_to_its_bucket_and_a_rows_logits_do_not_depend_on_batchmates(generators):

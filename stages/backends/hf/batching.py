@@ -119,7 +119,8 @@ def preparing_threads(device: str) -> int:
     return max(1, min(4, len(os.sched_getaffinity(0)) - 1))
 
 
-def prefetched(items: Iterable[T], prepare: Callable[[T], R], threads: int = 1, ahead: int = 2) -> Iterator[tuple[T, R]]:
+def prefetched(items: Iterable[T], prepare: Callable[[T], R], threads: int = 1,
+               ahead: int = 2) -> Iterator[tuple[T, R]]:
     """(item, prepare(item)) in the items' order, each prepared on a worker thread up to `ahead` + threads - 1
     items before the caller asks for it, so preparing the next batches overlaps the caller's work on this one.
     An exception in prepare reaches the caller when it asks for that item; the items not yet started are then

@@ -74,10 +74,10 @@ class TransformersEmbedder:
             return np.zeros((0, self._dim()), dtype=np.float32)
         texts = [self.inputs.raw_text(x.text, x.image) for x in inputs]
         images = [x.image for x in inputs]
-        if self.inputs.counts_image_tokens or all(image is None for image in images):
+        if self.inputs.processor is None and (self.inputs.counts_image_tokens or all(im is None for im in images)):
             rows = None  # encoded batch by batch, on the preparing threads
             lengths = self.inputs.lengths(texts, images, add_special_tokens=True, max_length=self.max_length)
-        else:  # the processor decides how many tokens an image takes: encode every row now
+        else:  # a processor decides how many tokens its text and images take: encode every row now
             rows = [self.inputs.encode(t, image, add_special_tokens=True, max_length=self.max_length)
                     for t, image in zip(texts, images)]
             lengths = [row["input_ids"].shape[1] for row in rows]
@@ -141,7 +141,8 @@ class TransformersEmbedder:
                                   "image_grid_thw": torch.cat([new[k]["image_grid_thw"] for k in keys])}, self.device)
                 out = self.model.get_image_features(both["pixel_values"], both["image_grid_thw"], return_dict=True)
                 if getattr(out, "deepstack_features", None) is None:
-                    features.update({key: type(out)(pooler_output=(part,)) for key, part in zip(keys, out.pooler_output)})
+                    features.update({key: type(out)(pooler_output=(part,))
+                                     for key, part in zip(keys, out.pooler_output)})
                     return
             for key in keys:
                 one = to_device(new[key], self.device)
