@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-vllm models demo-data venv clean faults bench bench-bytes bench-vllm pool-demo vllm-env vllm-demo
+.PHONY: demo test test-vllm models demo-data venv clean faults bench bench-bytes bench-vllm bench-gpu pool-demo vllm-env vllm-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -91,6 +91,13 @@ bench-labels: venv
 # vLLM side by side (job on vLLM vs standalone vLLM, transformers, Ray Data LLM): prints a table (BENCHMARKS.md).
 bench-vllm: vllm-env
 	$(VPY) bench/bench_vllm.py
+
+# The transformers backends on one GPU against the same model driven directly (BENCHMARKS.md, "GPU"). A GPU
+# machine needs no .venv: any Python with CUDA torch, transformers, omegaconf, polars and pyarrow (no Ray), e.g.
+# `make bench-gpu GPU_PYTHON=python3`. `python bench/gpu.py --smoke` runs it on the CPU with a tiny model.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+bench-gpu:
+	$(GPU_PYTHON) bench/gpu.py
 
 clean:
 	rm -rf out models data/demo

@@ -16,20 +16,19 @@ Model stages are callable classes in actor pools: the model loads once per actor
 Resources per stage come from the config; each round has its own pools, with the same resources.
 
 `steps` lists the steps between read and write once, for both `build_dataset` (Ray) and `run_local` (the
-same stages in a plain loop in this process, for debugging and for the benchmark's model-only time).
+same stages in a plain loop in this process, for debugging and for the benchmark's model-only time). Ray is
+imported only where the Ray Data plan is built, so `run_local` runs on a machine without Ray.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-import ray
 from omegaconf import DictConfig
 
 from pipeline import version
 from pipeline.config import config_hash, to_dict
-from pipeline.read_source import read_pairs
 from schemas import SCHEMA_VERSION, WORK_SCHEMA, conform
 from stages.calibrate import calibrate, margin_lookup, row_scores, win_chance
 from stages.contract import check_chain
@@ -42,6 +41,9 @@ from stages.read import read_shard_table
 from stages.score import Score
 from stages.select import Select, label_rows
 from stages.write import WriteParts
+
+if TYPE_CHECKING:
+    import ray
 
 log = logging.getLogger("pairsel")
 
@@ -59,6 +61,8 @@ class Step:
 
 
 def _actor_args(resources) -> dict:
+    import ray
+
     return {
         "compute": ray.data.ActorPoolStrategy(size=resources.pool_size),
         "num_cpus": resources.num_cpus,
@@ -184,6 +188,8 @@ def check_contracts(cfg: DictConfig, plan: list[Step]) -> None:
 def _warn_if_pools_do_not_fit(cfg: DictConfig, plan: list[Step]) -> None:
     """Every actor pool must be up at once, or Ray Data waits forever for the ones that cannot start: say so
     (an autoscaling cluster may still grow, so this only warns)."""
+    import ray
+
     pools = [s.resources for s in plan if s.resources is not None]
     need = {"CPU": sum(r.num_cpus * r.pool_size for r in pools) + cfg.ray.read_num_cpus + cfg.ray.write_num_cpus,
             "GPU": sum(r.num_gpus * r.pool_size for r in pools)}
@@ -198,6 +204,8 @@ def _warn_if_pools_do_not_fit(cfg: DictConfig, plan: list[Step]) -> None:
 def build_dataset(cfg: DictConfig, specs: list[dict], duplicates=None) -> ray.data.Dataset:
     """The job over `specs`. `duplicates`: the file of stages/duplicates.py:find_duplicates, or a Ray reference
     to the task that writes it (pipeline/run.py:start_duplicate_index), which the read tasks wait for."""
+    from pipeline.read_source import read_pairs
+
     c = to_dict(cfg)
     task = {"batch_format": "pyarrow", "num_cpus": cfg.ray.write_num_cpus}
     plan = steps(cfg)

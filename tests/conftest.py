@@ -53,7 +53,10 @@ def demo_output(tiny_models, demo_data, tmp_path_factory) -> Path:
         [sys.executable, "-m", "pipeline", "run", "configs/demo.yaml", f"input.path={pairs}",
          f"input.image_root={demo_data['root']}", f"generators.0.model={tiny_models['generator']}",
          f"embedder.model={tiny_models['embedder']}", f"output.dir={out}", "input.rows_per_shard=16",
-         "scoring.decision.rule=bar"],
+         "scoring.decision.rule=bar",
+         # K = 8: some pairs that need reasoning also have a rejected rationale (the export tests need such
+         # preference pairs from a real job; with the demo's K = 3 a 40-pair draw often has none)
+         "generators.0.k=8"],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -2,35 +2,42 @@
 pooling, and sentence-transformers for text-only encoders."""
 from __future__ import annotations
 
-import hashlib
 import inspect
 from typing import Optional
 
 import numpy as np
 
 from stages.backends.base import POOLINGS, EmbedInput, l2_normalise
-from stages.backends.hf.inputs import ModelInputs, device_for, dtype_for, load_model
+from stages.backends.hf.batching import (Batch, batching_for, default_batch_tokens, exact_batches, prefetched,
+                                         preparing_threads, sorted_batches, text_config)
+from stages.backends.hf.inputs import ModelInputs, device_for, dtype_for, load_model, pinned, to_device
 from stages.backends.prompt_text import raw_text
 from stages.faults import fault_point
+
 
 
 class TransformersEmbedder:
     """Embeddings from a transformers model's last hidden states: the last real
     token's state (VLM2Vec style, pooling="last") or the masked mean ("mean").
 
-    Batch-invariant: an input's vector is the same, bit for bit, whatever else
-    the call embeds, so a resumed or retried shard reproduces every score. Float
-    kernels give results that depend on the shapes they run on (blocking,
-    reduction order, kernel choice), so every forward pass has a shape that its
-    rows alone decide: each row is right-padded to its own length rounded up to
-    a multiple of `length_bucket` (always at least one pad token, so every row
-    takes the masked-attention path), and rows of one length run `batch_size` at
-    a time, a short micro-batch filled up with copies. With causal attention and
-    right padding a real token never sees a pad, and every other op is row-wise.
-    Images go through the vision tower one at a time (each distinct image once
-    per call) and reach the language model as precomputed features
-    (`mm_encoder_outputs`); a model that cannot take those embeds each row that
-    has an image on its own."""
+    A call's rows are planned into batches first (stages/backends/hf/batching.py), from their lengths alone
+    (no image processed yet); worker threads then tokenise, process images and collate the next batches (in
+    pinned memory for a GPU) while the model runs the current one; pooling runs on the device, and the pooled
+    vectors come back in one copy at the end of the call. Right padding: with causal attention a real token
+    never sees a pad.
+
+    `batching` (option; default `sorted` on a GPU, `exact` elsewhere) chooses the plan:
+    - `exact` is batch-invariant: an input's vector is the same, bit for bit, whatever else the call embeds, so a
+      resumed or retried shard reproduces every score whoever embedded an input first. Float kernels give results
+      that depend on the shapes they run on, so every forward pass has a shape that its rows alone decide: each
+      row right-padded to its own length rounded up to a multiple of `length_bucket` (always at least one pad
+      token, so every row takes the masked-attention path), `batch_size` rows at a time, a short batch filled up
+      with copies; images go through the vision tower one at a time (each distinct image once per call) and
+      reach the language model as precomputed features (`mm_encoder_outputs`); a model that cannot take those
+      embeds each row that has an image on its own.
+    - `sorted` keeps a GPU busy: rows sorted by length, batches of at most `max_batch_tokens` padded tokens
+      (default from the GPU's memory) padded to their own longest row, each batch's new images through the
+      vision tower together. A vector then depends on its batchmates in the last bits."""
 
     def __init__(self, model: str, pooling: str = "last", max_length: int = 512, trust_remote_code: bool = False,
                  device: Optional[str] = None, dtype: Optional[str] = None, **options):
@@ -41,60 +48,106 @@ class TransformersEmbedder:
         self.model_id = model
         self.pooling = pooling
         self.max_length = max_length
+        self.device = device_for(device)
+        self.batching = batching_for(options.get("batching"), self.device)
         self.batch_size = int(options.get("batch_size", 16))
         self.length_bucket = int(options.get("length_bucket", 32))
-        self.device = device_for(device)
         self.inputs = ModelInputs(model, trust_remote_code)
         self.model = load_model(model, [AutoModel], trust_remote_code, self.device, dtype_for(dtype, self.device))
         params = inspect.signature(self.model.forward).parameters
         # decoders would build a KV cache nobody reads; encoders take no such argument
         self.forward_options = {"use_cache": False} if "use_cache" in params else {}
         self.takes_image_features = "mm_encoder_outputs" in params and hasattr(self.model, "get_image_features")
+        # images through the vision tower apart from the rows (Qwen-style: a grid per image, one token per merged
+        # patch); other models get each image's pixels with its row
+        self.image_features = self.takes_image_features and hasattr(self.inputs.image_processor, "merge_size")
+        text = text_config(self.model)
+        bytes_per_token = next(self.model.parameters()).element_size() * (
+            4 * text.hidden_size + 3 * getattr(text, "intermediate_size", 4 * text.hidden_size))
+        self.max_batch_tokens = int(options.get("max_batch_tokens") or
+                                    default_batch_tokens(self.model, self.device, bytes_per_token))
+        self.max_batch_rows = options.get("batch_size")  # sorted batching: a cap only where the config sets one
+        self.threads = preparing_threads(self.device)
 
     def embed(self, inputs: list[EmbedInput]) -> np.ndarray:
-        rows = [self.inputs.encode(self.inputs.raw_text(x.text, x.image), x.image, add_special_tokens=True,
-                                   max_length=self.max_length) for x in inputs]
-        if not rows:
+        if not inputs:
             return np.zeros((0, self._dim()), dtype=np.float32)
-        features = self._image_features(rows)
-        by_length: dict[tuple[int, bool], list[int]] = {}
-        for i, row in enumerate(rows):
-            alone = "pixel_values" in row and features[i] is None
-            by_length.setdefault((self._padded_length(row), alone), []).append(i)
-        vectors: list = [None] * len(rows)
-        for (length, alone), members in sorted(by_length.items(), reverse=True):
-            size = 1 if alone else self.batch_size
-            for start in range(0, len(members), size):
-                chunk = members[start:start + size]
-                pooled = self._forward([rows[i] for i in chunk], [features[i] for i in chunk], length, size)
-                for i, vector in zip(chunk, pooled):
-                    vectors[i] = vector
-        fault_point("embed", len(rows))
-        return l2_normalise(np.stack(vectors))
+        texts = [self.inputs.raw_text(x.text, x.image) for x in inputs]
+        images = [x.image for x in inputs]
+        if self.inputs.processor is None and (self.inputs.counts_image_tokens or all(im is None for im in images)):
+            rows = None  # encoded batch by batch, on the preparing threads
+            lengths = self.inputs.lengths(texts, images, add_special_tokens=True, max_length=self.max_length)
+        else:  # a processor decides how many tokens its text and images take: encode every row now
+            rows = [self.inputs.encode(t, image, add_special_tokens=True, max_length=self.max_length)
+                    for t, image in zip(texts, images)]
+            lengths = [row["input_ids"].shape[1] for row in rows]
+        vision: dict[int, dict] = {}  # id(image) -> its image tensors (pinned for a GPU), processed once per call
+        for row, image in zip(rows or [], images):
+            if image is not None and id(image) not in vision:
+                vision[id(image)] = pinned({k: row[k] for k in ("pixel_values", "image_grid_thw") if k in row},
+                                           self.device)
+        if self.batching == "exact":
+            alone = [image is not None and not self.image_features for image in images]
+            plan = exact_batches(lengths, alone, self.length_bucket, self.batch_size)
+        else:
+            plan = sorted_batches(lengths, self.max_batch_tokens, self.max_batch_rows)
 
-    def _padded_length(self, row: dict) -> int:
-        n = row["input_ids"].shape[1]
-        return (n // self.length_bucket + 1) * self.length_bucket  # > n: at least one pad token
+        def prepare(batch: Batch) -> dict:
+            members = [rows[i] if rows is not None else self._encode(texts[i], images[i], lengths[i], vision)
+                       for i in batch.members]
+            members += [members[0]] * (batch.rows - len(members))
+            tensors = self.inputs.collate(members, "right", length=batch.length)
+            if self.image_features:  # the language model gets features (and the grids, for its positions)
+                tensors.pop("pixel_values", None)
+                tensors["new_images"] = {id(images[i]): vision[id(images[i])] for i in batch.members
+                                         if images[i] is not None}
+            return pinned(tensors, self.device)
 
-    def _image_features(self, rows: list[dict]) -> list:
-        """Per row, the vision tower's output for its image alone (None: no
-        image, or the model takes pixels only), each distinct image computed once."""
+        features: dict[int, object] = {}  # id(image) -> the vision tower's output for it
+        pooled = []
+        for batch, tensors in prefetched(plan, prepare, self.threads):
+            new = {k: v for k, v in tensors.pop("new_images", {}).items() if k not in features}
+            if new:
+                self._add_features(features, new)
+            image_rows = [images[i] for i in batch.members if images[i] is not None] if self.image_features else []
+            if image_rows and images[batch.members[0]] is not None:  # the copies that fill an exact batch up
+                image_rows += [images[batch.members[0]]] * (batch.rows - len(batch.members))
+            pooled.append(self._forward(tensors, [features[id(im)] for im in image_rows], len(batch.members)))
+        order = np.argsort(np.concatenate([b.members for b in plan]), kind="stable")
+        vectors = torch_cat_cpu(pooled)[order]
+        fault_point("embed", len(inputs))
+        return l2_normalise(vectors)
+
+    def _encode(self, text: str, image, length: int, vision: dict) -> dict:
+        if image is not None and id(image) not in vision:
+            vision[id(image)] = pinned(self.inputs.image_tensors(image), self.device)
+        row = self.inputs.encode(text, image, add_special_tokens=True, max_length=self.max_length,
+                                 vision=None if image is None else vision[id(image)])
+        if row["input_ids"].shape[1] != length:
+            raise RuntimeError(f"planned {length} tokens for a row that has {row['input_ids'].shape[1]}")
+        return row
+
+    def _add_features(self, features: dict, new: dict) -> None:
+        """The vision tower's output for each new image: all of the batch's new images in one call (sorted
+        batching), or one image at a time (exact batching, so that an image's features never depend on other
+        images; also for a model whose output holds more than its per-image pooler_output, e.g. Qwen3-VL's
+        per-layer deepstack features)."""
         import torch
 
-        out, seen = [], {}
-        for row in rows:
-            grid = row.get("image_grid_thw")
-            if "pixel_values" not in row or grid is None or not self.takes_image_features:
-                out.append(None)
-                continue
-            pixels = row["pixel_values"]
-            key = hashlib.sha256(pixels.numpy().tobytes() + grid.numpy().tobytes()).digest()
-            if key not in seen:
-                with torch.inference_mode():
-                    seen[key] = self.model.get_image_features(pixels.to(self.device), grid.to(self.device),
+        keys = list(new)
+        with torch.inference_mode():
+            if self.batching == "sorted" and len(keys) > 1:
+                both = to_device({"pixel_values": torch.cat([new[k]["pixel_values"] for k in keys]),
+                                  "image_grid_thw": torch.cat([new[k]["image_grid_thw"] for k in keys])}, self.device)
+                out = self.model.get_image_features(both["pixel_values"], both["image_grid_thw"], return_dict=True)
+                if getattr(out, "deepstack_features", None) is None:
+                    features.update({key: type(out)(pooler_output=(part,))
+                                     for key, part in zip(keys, out.pooler_output)})
+                    return
+            for key in keys:
+                one = to_device(new[key], self.device)
+                features[key] = self.model.get_image_features(one["pixel_values"], one["image_grid_thw"],
                                                               return_dict=True)
-            out.append(seen[key])
-        return out
 
     @staticmethod
     def _join(per_image: list):
@@ -107,31 +160,34 @@ class TransformersEmbedder:
                                             for layer in range(len(first.deepstack_features))]
         return type(first)(**joined)
 
-    def _forward(self, rows: list[dict], features: list, length: int, size: int):
+    def _forward(self, tensors: dict, image_features: list, n_real: int):
+        """The batch's pooled rows, float32, on the device (no copy back yet)."""
         import torch
 
-        n_real = len(rows)
-        rows, features = rows + [rows[0]] * (size - n_real), features + [features[0]] * (size - n_real)
-        batch = self.inputs.collate(rows, "right", length=length)
-        if any(f is not None for f in features):
-            batch.pop("pixel_values", None)
-            batch["mm_encoder_outputs"] = {"image": self._join([f for f in features if f is not None])}
-        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = to_device(tensors, self.device)
+        if image_features:
+            batch["mm_encoder_outputs"] = {"image": self._join(image_features)}
         with torch.inference_mode():
-            hidden = self.model(**batch, **self.forward_options).last_hidden_state.float()
-        return self._pool(hidden, batch["attention_mask"]).cpu().numpy()[:n_real]
+            hidden = self.model(**batch, **self.forward_options).last_hidden_state
+            return self._pool(hidden, batch["attention_mask"])[:n_real]
 
     def _pool(self, hidden, mask):
         if self.pooling == "last":
             last = mask.sum(dim=1) - 1  # right padding: the last real token
-            return hidden[range(hidden.shape[0]), last]
+            return hidden[range(hidden.shape[0]), last].float()
+        hidden = hidden.float()
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
 
     def _dim(self) -> int:
-        config = self.model.config
-        text_config = getattr(config, "text_config", None) or config
-        return int(text_config.hidden_size)
+        return int(text_config(self.model).hidden_size)
+
+
+def torch_cat_cpu(parts: list) -> np.ndarray:
+    """The pooled rows of every batch, copied to the host in one go (the only wait for the device per call)."""
+    import torch
+
+    return torch.cat(parts).cpu().numpy()
 
 
 class SentenceTransformersEmbedder:

@@ -4,7 +4,10 @@ turning (text, image) into model tensors with one helper, ModelInputs.
 ModelInputs uses the model's processor where that loads; where it does not
 (Qwen-VL processors need torchvision for their video half), it builds the same
 tensors from the tokenizer and the image processor, expanding the image
-placeholder token to one token per merged image patch.
+placeholder token to one token per merged image patch. On that path a row's
+length is known before its image is processed (`lengths`), and an image shared
+by several rows is processed once (`image_tensors`), so batches can be planned
+first and their tensors built on another thread while the model runs.
 """
 from __future__ import annotations
 
@@ -82,6 +85,13 @@ class ModelInputs:
     def takes_images(self) -> bool:
         return self.image_processor is not None and self.image_token_id is not None
 
+    @property
+    def counts_image_tokens(self) -> bool:
+        """Whether a row's length is known without processing its image: the tokenizer + image processor path
+        of a Qwen-style image processor (one token per merged patch)."""
+        return (self.processor is None and self.takes_images and hasattr(self.image_processor, "merge_size")
+                and hasattr(self.image_processor, "get_number_of_image_patches"))
+
     # --- text -------------------------------------------------------------
 
     def chat_prompt(self, prompt: str, image: Optional[Image.Image]) -> str:
@@ -99,33 +109,61 @@ class ModelInputs:
 
     # --- tensors ------------------------------------------------------------
 
-    def encode(self, text: str, image: Optional[Image.Image], add_special_tokens: bool,
-               max_length: Optional[int] = None) -> dict:
-        """Tensors for one row (batch dimension 1). max_length caps the text
-        tokens; image tokens are never cut (the model needs all of them)."""
+    def check(self, text: str, image: Optional[Image.Image]) -> None:
         if image is not None and not isinstance(image, Image.Image):
             raise TypeError(f"image must be a PIL image, got {type(image).__name__}")
         if image is not None and not self.takes_images:
             raise ValueError("this model takes no images (no image processor or image token)")
         if image is not None and self.image_placeholder not in text and self.image_token not in text:
             raise ValueError("text has no image placeholder for its image")
+
+    def encode(self, text: str, image: Optional[Image.Image], add_special_tokens: bool,
+               max_length: Optional[int] = None, vision: Optional[dict] = None) -> dict:
+        """Tensors for one row (batch dimension 1). max_length caps the text
+        tokens; image tokens are never cut (the model needs all of them).
+        vision: the image's `image_tensors`, when the caller already has them."""
+        self.check(text, image)
         if self.processor is not None:
             row = dict(self.processor(text=[text], images=[image] if image is not None else None,
                                       add_special_tokens=add_special_tokens, return_tensors="pt"))
         else:
-            row = self._encode_without_processor(text, image, add_special_tokens)
+            row = self._encode_without_processor(text, image, add_special_tokens, vision)
         if max_length is not None:
             row = self._truncate(row, max_length)
         return row
 
-    def _encode_without_processor(self, text: str, image: Optional[Image.Image], add_special_tokens: bool) -> dict:
+    def image_tensors(self, image: Image.Image) -> dict:
+        """The image processor's tensors for one image (tokenizer + image processor path)."""
+        return dict(self.image_processor(images=[image], return_tensors="pt"))
+
+    def lengths(self, texts: list[str], images: list[Optional[Image.Image]], add_special_tokens: bool,
+                max_length: Optional[int] = None) -> list[int]:
+        """The number of tokens `encode` gives each row, without processing any image (needs
+        counts_image_tokens where a row has an image): one tokenizer call for all texts, and each image's
+        token count from its size."""
+        for text, image in zip(texts, images):
+            self.check(text, image)
+        out = []
+        for ids, image in zip(self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"], images):
+            n_text = len(ids) - (0 if self.image_token_id is None else ids.count(self.image_token_id))
+            if max_length is not None:
+                n_text = min(n_text, max_length)
+            out.append(n_text + (0 if image is None else self._image_token_count(image)))
+        return out
+
+    def _image_token_count(self, image: Image.Image) -> int:
+        width, height = image.size
+        return self.image_processor.get_number_of_image_patches(height, width, {}) // self.image_processor.merge_size**2
+
+    def _encode_without_processor(self, text: str, image: Optional[Image.Image], add_special_tokens: bool,
+                                  vision: Optional[dict] = None) -> dict:
         import torch
 
         encoded = self.tokenizer(text, add_special_tokens=add_special_tokens)
         ids = list(encoded["input_ids"])
         row = {}
         if image is not None:
-            vision = self.image_processor(images=[image], return_tensors="pt")
+            vision = vision if vision is not None else self.image_tensors(image)
             grid = vision.get("image_grid_thw")
             merge = getattr(self.image_processor, "merge_size", None)
             if grid is None or merge is None:
@@ -175,6 +213,24 @@ class ModelInputs:
                 values = [r[key] for r in rows if key in r]
                 batch[key] = torch.cat(values) if isinstance(values[0], torch.Tensor) else values
         return batch
+
+
+def pinned(batch: dict, device: str) -> dict:
+    """The batch's CPU tensors in pinned (page-locked) memory when they go to a GPU, so that `to_device` copies
+    them without blocking the host; elsewhere as they are. Called on the thread that prepares batches."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return batch
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def to_device(batch: dict, device: str) -> dict:
+    """The batch's tensors on `device`, copied without waiting (from pinned memory the host goes on queueing
+    work while the copy runs)."""
+    import torch
+
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def load_model(model: str, auto_classes: list, trust_remote_code: bool, device: str, dtype):
