@@ -153,7 +153,10 @@ class Embed:
         fresh = row.get("s_direct") is None
         new = [k for k, cand in enumerate(cands) if needs_embedding(cand)]
         targets = row.get("target_candidates") or []
-        target_pass = bool(targets) and (fresh or bool(new) or any(needs_embedding(t) for t in targets))
+        # a later round that added only target candidates that are not embedded (empty) still changes the joint's
+        # shape: every query candidate needs one s_joint entry per target candidate
+        joint_stale = any(embeddable(c) and len(c.get("s_joint") or []) != len(targets) for c in cands)
+        target_pass = bool(targets) and (fresh or bool(new) or joint_stale or any(needs_embedding(t) for t in targets))
         decoys = [d for d, x in enumerate(row.get("decoys") or []) if needs_embedding(x)]
         target_decoys = [d for d, x in enumerate(row.get("target_decoys") or []) if needs_embedding(x)]
         if not fresh and not new and not target_pass and not decoys and not target_decoys:

@@ -48,7 +48,6 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 
 from stages.contract import Contract
@@ -238,10 +237,12 @@ def _select_joint(row: dict, epsilon: float) -> None:
         epsilon)
 
 
-def turned_direct(by: str, epsilon: float, side: str = "query") -> pl.Expr:
+def turned_direct(by: str, epsilon: float, side: str = "query"):
     """Over output rows: the pairs that a part of the rule turned from reason to direct on this side. by
     "control": the best candidate clears epsilon but not the controls' bar; "null": it clears the bar but not the
     decoys (with the group's margin)."""
+    import polars as pl  # the stages themselves run without polars (pipeline/plan.py:run_local on a bare machine)
+
     best, base = pl.col(_column(side, "best_delta")), pl.col(_column(side, "base_threshold"))
     direct = pl.col(_column(side, "decision")) == DIRECT
     stopped = (best > epsilon) & (best <= base) if by == "control" else best > base

@@ -299,7 +299,7 @@ def parse_embeddings(outputs: list) -> np.ndarray:
 
 
 POOLING_TYPES = {p: p.upper() for p in POOLINGS}  # pairsel's pooling names -> vLLM's pooling_type (LAST, MEAN)
-TRANSFORMERS_ONLY_OPTIONS = ("batch_size", "length_bucket", "device")
+TRANSFORMERS_ONLY_OPTIONS = ("batch_size", "length_bucket", "device", "batching", "max_batch_tokens")
 
 
 class VLLMEmbedder:
