@@ -21,9 +21,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.availability import check_model_ref
 from pipeline.errors import ConfigError, fail  # callers import ConfigError from here too
-# The registry maps names to "module:Class" strings: importing it loads no backend and needs no extra.
-from stages.backends import EMBEDDER_BACKENDS, GENERATOR_BACKENDS, LOCAL_MODEL_BACKENDS, NOT_LABEL_OPTIONS
+# The registry maps names to "module:Class" strings: importing it loads no backend and needs no extra; a
+# backend's module (without its runtime: torch, vllm) is imported for its Options when a config names it.
+from stages.backends import (EMBEDDER_BACKENDS, GENERATOR_BACKENDS, LOCAL_MODEL_BACKENDS, embedder_class,
+                             generator_class)
 from stages.backends.base import POOLINGS
+from stages.backends.options import BackendOptions, OptionError
 from stages.backends.parsing import USES as RATIONALE_USES
 from stages.inputs import INPUT_FORMATS
 from stages.calibrate import NULL_GROUPS
@@ -158,7 +161,8 @@ CHOICES = {
 
 # The keys whose values decide the labels; a resume refuses if these changed.
 LABEL_KEYS = ("input.rows_per_shard", "generators", "prompts", "embedder", "rounds", "scoring")
-# Keys under those that change where or how fast work runs, not the labels.
+# Keys under those that change where or how fast work runs, not the labels (and each backend's speed-only
+# options: label_config asks its Options).
 _NOT_LABELS = ("resources", "cache_dir")
 
 
@@ -242,6 +246,7 @@ def check(cfg: DictConfig) -> None:
     for i, g in enumerate(cfg.generators):
         key = f"generators[{i}]"
         choice(f"{key}.backend", g.backend, rule="generators[].backend")
+        options = backend_options(f"{key}.options", generator_class(g.backend), g.backend, "generator", g.options)
         choice(f"{key}.rationale", g.rationale, rule="generators[].rationale")
         if g.name in names:
             fail(f"{key}.name", f"duplicate generator name {g.name!r}")
@@ -260,17 +265,19 @@ def check(cfg: DictConfig) -> None:
         if g.sampling.max_new_tokens < 1:
             fail(f"{key}.sampling.max_new_tokens", "must be >= 1")
         _check_resources(f"{key}.resources", g.resources)
-        if g.backend == "precomputed" and not Path(str(g.options.get("path", ""))).is_file():
-            fail(f"{key}.options.path", f"precomputed rationales file not found: {g.options.get('path')}")
+        if g.backend == "precomputed" and not Path(str(options.path)).is_file():
+            fail(f"{key}.options.path", f"precomputed rationales file not found: {options.path}")
         if g.backend in LOCAL_MODEL_BACKENDS:
             check_model_ref(f"{key}.model", g.model)
-        if g.backend == "openai" and cfg.rounds.k0 is not None and g.options.get("use_n", True):
+        if g.backend == "openai" and cfg.rounds.k0 is not None and options.use_n:
             # one request with n choices samples them all from the first candidate's seed: a later round
             # could not sample candidate k as a run without rounds does, and need_reasoning could change
             fail(f"{key}.options.use_n", "must be false with rounds (rounds.k0 is set): rounds need each "
                                           "candidate sampled from its own seed")
 
     choice("embedder.backend", cfg.embedder.backend)
+    backend_options("embedder.options", embedder_class(cfg.embedder.backend), cfg.embedder.backend, "embedder",
+                    cfg.embedder.options)
     choice("embedder.pooling", cfg.embedder.pooling)
     check_model_ref("embedder.model", cfg.embedder.model)
     _check_resources("embedder.resources", cfg.embedder.resources)
@@ -307,6 +314,15 @@ def check(cfg: DictConfig) -> None:
         fail("scoring.decision.fdr", "must be between 0 and 1 (the false-discovery rate of the reason labels)")
     if not cfg.scoring.decision.decoys_per_candidate > 0:
         fail("scoring.decision.decoys_per_candidate", "must be > 0")
+
+
+def backend_options(key: str, backend_cls: type, backend: str, role: str, options) -> BackendOptions:
+    """The entry's options as its backend reads them; a key it does not have (with the closest it has) or a
+    value of the wrong type fails here, before Ray starts."""
+    try:
+        return backend_cls.Options.parse(OmegaConf.to_container(options), f"{backend} {role}")
+    except OptionError as e:
+        fail(f"{key}.{e.key}", e.reason)
 
 
 def _check_resources(key, r):
@@ -353,11 +369,13 @@ def label_config(cfg: DictConfig) -> dict[str, Any]:
         for part in key.split("."):
             node = node[part]
         out[key] = node
-    # NOT_LABEL_OPTIONS (the registry's): how to reach a served model, which a resumed run may change
+    # a backend's speed-only options (batch sizes, how to reach a server) may change on a resume
     out["generators"] = [{**{k: v for k, v in g.items() if k not in _NOT_LABELS},
-                          "options": {k: v for k, v in g["options"].items() if k not in NOT_LABEL_OPTIONS}}
+                          "options": generator_class(g["backend"]).Options.label_options(g["options"])}
                          for g in out["generators"]]
-    out["embedder"] = {k: v for k, v in out["embedder"].items() if k not in _NOT_LABELS}
+    e = out["embedder"]
+    out["embedder"] = {**{k: v for k, v in e.items() if k not in _NOT_LABELS},
+                       "options": embedder_class(e["backend"]).Options.label_options(e["options"])}
     if out["rounds"]["k0"] is None:  # no rounds: the labels, and so the hash, of a plain run
         del out["rounds"]
     return out

@@ -1,12 +1,14 @@
-"""A bad config fails fast, before Ray starts or a model loads, with a message that names the key."""
+"""A bad config fails fast, before Ray starts or a model loads, with a message that names the key; backend
+options are checked against their backend's declaration, and only label options enter the label hash."""
 import subprocess
 import sys
+import typing
 
 import pytest
 
 from pipeline import config
 from pipeline.config import ConfigError
-from stages.backends import EMBEDDER_BACKENDS, GENERATOR_BACKENDS, NOT_LABEL_OPTIONS
+from stages.backends import EMBEDDER_BACKENDS, GENERATOR_BACKENDS, embedder_class, generator_class
 
 REPO = config.REPO_ROOT
 
@@ -23,6 +25,18 @@ def job(tmp_path):
         f"embedder: {{model: {tmp_path}/emb}}\n"
     )
     return path
+
+
+@pytest.fixture
+def rationales(tmp_path):
+    path = tmp_path / "rationales.jsonl"
+    path.write_text("")
+    return path
+
+
+def select(prefix: str, backend: str, rationales) -> list[str]:
+    """The overrides that make the entry at `prefix` use `backend` (precomputed needs its file)."""
+    return [f"{prefix}.backend={backend}"] + ([f"{prefix}.options.path={rationales}"] * (backend == "precomputed"))
 
 
 def test_defaults_fill_a_minimal_config(job):
@@ -49,6 +63,11 @@ def test_defaults_fill_a_minimal_config(job):
         ("input.format=csv", "input.format"),
         ("input.image_root=/no/such/dir", "input.image_root"),
         ("input.rows_per_shard=0", "input.rows_per_shard"),
+        # backend options: a type, a choice, a bound (stages/backends/options.py)
+        ("embedder.options.batch_size=four", "embedder.options.batch_size"),
+        ("embedder.options.batching=exakt", "embedder.options.batching"),
+        ("embedder.options.length_bucket=0", "embedder.options.length_bucket"),
+        ("generators.0.options.max_batch_tokens=[1]", "generators[0].options.max_batch_tokens"),
     ],
 )
 def test_bad_value_names_the_key(job, override, key):
@@ -58,10 +77,8 @@ def test_bad_value_names_the_key(job, override, key):
 
 
 @pytest.mark.parametrize("backend", GENERATOR_BACKENDS)
-def test_every_registered_generator_backend_is_a_choice(job, tmp_path, backend):
-    rationales = tmp_path / "rationales.jsonl"  # what the precomputed backend reads; the others ignore it
-    rationales.write_text("")
-    cfg = config.load(job, [f"generators.0.backend={backend}", f"generators.0.options.path={rationales}"])
+def test_every_registered_generator_backend_is_a_choice(job, rationales, backend):
+    cfg = config.load(job, select("generators.0", backend, rationales))
     assert cfg.generators[0].backend == backend
 
 
@@ -97,11 +114,13 @@ def test_hash_follows_label_keys_only(job):
     assert config.config_hash(a) == config.config_hash(config.load(job, ["generators.0.resources.pool_size=4"]))
     assert config.config_hash(a) != config.config_hash(config.load(job, ["scoring.epsilon=0.1"]))
     # how to reach a served model is not a label: a resumed run may use another port or timeout
-    assert config.config_hash(a) == config.config_hash(config.load(
-        job, ["generators.0.options.base_url=http://127.0.0.1:9001/v1", "generators.0.options.timeout_s=5"]))
-    assert config.config_hash(a) != config.config_hash(config.load(job, ["generators.0.options.use_n=false"]))
-    for option in NOT_LABEL_OPTIONS:  # the backend registry says which options these are
-        assert config.config_hash(a) == config.config_hash(config.load(job, [f"generators.0.options.{option}=7"]))
+    served = config.load(job, ["generators.0.backend=openai"])
+    assert config.config_hash(served) == config.config_hash(config.load(job, [
+        "generators.0.backend=openai", "generators.0.options.base_url=http://127.0.0.1:9001/v1",
+        "generators.0.options.timeout_s=5"]))
+    assert config.config_hash(served) != config.config_hash(config.load(
+        job, ["generators.0.backend=openai", "generators.0.options.use_n=false"]))
+    # every backend's speed-only options: tests/test_backend_options.py
 
 
 def test_cli_fails_fast_with_exit_2_and_the_key(job):
@@ -128,3 +147,64 @@ def test_rounds_refuse_n_choices_per_request(job):
         config.load(job, [*served, "rounds.k0=2"])
     config.load(job, [*served, "rounds.k0=2", "generators.0.options.use_n=false"])
     config.load(job, served)  # without rounds, n choices per request are fine
+
+
+# ------------------------------------------------------------------ backend options (stages/backends/options.py)
+ENTRIES = [("generators.0", b, generator_class(b)) for b in GENERATOR_BACKENDS] + \
+          [("embedder", b, embedder_class(b)) for b in EMBEDDER_BACKENDS]
+OPTIONS = [(prefix, backend, cls, f) for prefix, backend, cls in ENTRIES for f in cls.Options.declared()]
+OPTION_IDS = [f"{prefix}-{backend}-{f.name}" for prefix, backend, _, f in OPTIONS]
+
+
+def other_value(cls, f, rationales) -> str:
+    """An override value for option `f` of backend `cls` that differs from its default and that it takes."""
+    hint = typing.get_type_hints(cls.Options)[f.name]
+    kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    if f.metadata["choices"]:
+        return next(c for c in f.metadata["choices"] if c != f.default)
+    if f.name == "path":
+        return str(rationales.with_name("other.jsonl"))
+    if kind is bool:
+        return str(not f.default).lower()
+    if kind is int:
+        return str((f.default or 1) + 3)
+    if kind is float:
+        return str((f.default or 1) + 0.5)
+    if typing.get_origin(kind) is dict:
+        return "{k: 1}"
+    return "other"
+
+
+@pytest.mark.parametrize("prefix, backend, cls, f", OPTIONS, ids=OPTION_IDS)
+def test_a_misspelt_option_names_the_key_and_the_option_meant(job, rationales, prefix, backend, cls, f):
+    misspelt = [*select(prefix, backend, rationales), f"{prefix}.options.{f.name[:-1]}=1"]
+    if cls.Options.PASSES_ON:  # vLLM's engine arguments are vLLM's to check, when the engine starts
+        labels = config.label_config(config.load(job, misspelt))
+        entry = labels["generators"][0] if prefix.startswith("generators") else labels["embedder"]
+        assert entry["options"] == {f.name[:-1]: 1}
+        return
+    with pytest.raises(ConfigError) as e:
+        config.load(job, misspelt)
+    key = f"{prefix.replace('.0', '[0]')}.options.{f.name[:-1]}"
+    assert str(e.value).startswith(f"{key}: not an option of the {backend} "), str(e.value)
+    assert str(e.value).endswith(f"(did you mean {f.name}?)"), str(e.value)
+
+
+@pytest.mark.parametrize("prefix, backend, cls, f", OPTIONS, ids=OPTION_IDS)
+def test_only_label_options_change_the_label_hash(job, rationales, prefix, backend, cls, f):
+    rationales.with_name("other.jsonl").write_text("")
+    base = select(prefix, backend, rationales)
+    changed = config.load(job, [*base, f"{prefix}.options.{f.name}={other_value(cls, f, rationales)}"])
+    same = config.config_hash(config.load(job, base)) == config.config_hash(changed)
+    assert same != f.metadata["label"], f"{backend} {f.name}: label={f.metadata['label']} but the hash " + \
+                                        ("did not change" if same else "changed")
+
+
+def test_vllm_takes_the_transformers_embedder_options_and_passes_engine_options_on(job):
+    vllm = config.load(job, ["embedder.backend=vllm"])
+    ignored = config.load(job, ["embedder.backend=vllm", "embedder.options.batch_size=4",
+                                "embedder.options.batching=sorted"])
+    engine = config.load(job, ["embedder.backend=vllm", "embedder.options.max_model_len=64"])
+    assert config.config_hash(ignored) == config.config_hash(vllm) != config.config_hash(engine)
+    options = embedder_class("vllm").Options.parse({"batch_size": 4, "max_model_len": 64, "dtype": "float32"})
+    assert options.passed_on == {"max_model_len": 64, "dtype": "float32"}

@@ -1,6 +1,6 @@
-"""A user error (a typo in a model folder, a model that is nowhere, a missing input, the wrong input.format, a
-broken config file) ends `pipeline run` with exit code 2 and one line naming the key, before Ray starts: in
-seconds, with no traceback, writing nothing. Through the CLI as a user runs it."""
+"""A user error (a typo in a model folder or a backend option, a model that is nowhere, a missing input, the wrong
+input.format, a broken config file) ends `pipeline run` with exit code 2 and one line naming the key, before Ray
+starts: in seconds, with no traceback, writing nothing. Through the CLI as a user runs it."""
 import os
 import subprocess
 import sys
@@ -43,6 +43,18 @@ def test_a_typo_in_a_model_folder_names_the_key_and_the_folder(user, tiny_models
     spelled = key.replace(".0.", "[0].")  # config errors spell list entries generators[0]
     line = fails_fast(user, [f"{key}={value}"], spelled)
     assert f"model folder not found: {value} (did you mean {meant}?)" in line
+
+
+@pytest.mark.parametrize("override, key, ends", [
+    ("embedder.options.batch_sise=4", "embedder.options.batch_sise",
+     "not an option of the transformers embedder (did you mean batch_size?)"),
+    ("generators.0.options.length_bucet=16", "generators[0].options.length_bucet",
+     "not an option of the transformers generator (did you mean length_bucket?)"),
+    ("embedder.options.batch_size=four", "embedder.options.batch_size",
+     "Value 'four' of type 'str' could not be converted to Integer"),
+])
+def test_a_typo_or_a_wrong_type_in_backend_options_names_the_key(user, tiny_models, override, key, ends):
+    assert fails_fast(user, [override], key).endswith(ends)
 
 
 def test_a_typo_in_a_vllm_model_folder_fails_before_vllm_is_imported(user, tiny_models):

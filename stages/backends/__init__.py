@@ -1,6 +1,7 @@
 """Model backends, one small interface per role (see base.py). Backends are
 imported by name only when a config asks for them, so optional extras (vllm)
-are never needed to import pairsel."""
+are never needed to import pairsel. Each backend class declares its options
+(its `Options`, stages/backends/options.py)."""
 import importlib
 
 from stages.backends.base import EmbedderBackend, GeneratorBackend  # noqa: F401
@@ -25,11 +26,6 @@ EMBEDDER_BACKENDS = tuple(_EMBEDDERS)
 # before Ray starts); a served (openai) model's name belongs to its server, and precomputed rationales name no
 # model at all.
 LOCAL_MODEL_BACKENDS = ("transformers", "sentence_transformers", "vllm")
-
-# Options of the served (openai) backend that say how to reach the server and how hard to retry, not what it
-# samples: they do not change labels, so a resumed run may use another port, timeout or key variable.
-NOT_LABEL_OPTIONS = ("base_url", "api_key_env", "max_in_flight", "timeout_s", "max_retries", "backoff_s",
-                     "max_backoff_s")
 
 
 def _load(table: dict, backend: str):

@@ -40,8 +40,10 @@ class Generation:
 
 
 class GeneratorBackend(Protocol):
-    """Constructed once per actor: __init__(model: str, trust_remote_code: bool, **options)."""
+    """Constructed once per actor: __init__(model: str, trust_remote_code: bool, **options), the options as its
+    `Options` (a BackendOptions dataclass, stages/backends/options.py) declares them."""
 
+    Options: type
     model_id: str
 
     def generate(self, requests: list[GenRequest]) -> list[list[Generation]]:
@@ -63,8 +65,9 @@ POOLINGS = ("last", "mean")
 
 class EmbedderBackend(Protocol):
     """Constructed once per actor: __init__(model: str, pooling: str (one of POOLINGS), max_length: int,
-    trust_remote_code: bool, **options)."""
+    trust_remote_code: bool, **options), the options as its `Options` declares them."""
 
+    Options: type
     model_id: str
 
     def embed(self, inputs: list[EmbedInput]) -> np.ndarray:

@@ -15,18 +15,20 @@ Authorization header, and scrubbed from every message this module produces
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import logging
 import os
 import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import openai
 from PIL import Image
 
 from stages.backends.base import GenRequest, Generation
+from stages.backends.options import BackendOptions, option
 from stages.backends.prompt_text import chat_content
 
 log = logging.getLogger(__name__)
@@ -129,48 +131,46 @@ def parse_chat_response(body: bytes | str | dict, expected: int) -> list[Generat
     return [Generation(text=text, tokens=n, finish_reason=finish) for (_, text, finish), n in zip(parsed, tokens)]
 
 
+@dataclasses.dataclass(frozen=True)
+class OpenAIOptions(BackendOptions):
+    # How to reach the server and how hard to retry are not labels: a resumed run may use another port, timeout
+    # or key variable. What the server is asked for (use_n, send_seed, extra_body) is.
+    base_url: str = option("http://127.0.0.1:8000/v1", "the server's OpenAI-compatible root", label=False)
+    api_key_env: Optional[str] = option(None, "the environment variable holding the key", label=False)
+    max_in_flight: int = option(8, "requests at once, per actor", label=False, at_least=1)
+    timeout_s: float = option(60.0, "each socket wait (connect, each read), not a whole answer", label=False)
+    max_retries: int = option(4, "retries after the first attempt (the `openai` client's `max_retries`)",
+                              label=False, at_least=0)
+    use_n: bool = option(True, "K candidates in one request with `n` (see below)", label=True)
+    send_seed: bool = option(True, "send `seed` (switch off for a server that rejects it)", label=True)
+    extra_body: Optional[Dict[str, Any]] = option(
+        None, "merged into every request, e.g. `{chat_template_kwargs: {enable_thinking: true}}`; the fields "
+              "pairsel sets itself (`model`, `messages`, `temperature`, `top_p`, `max_tokens`, `n`, `seed`) are "
+              "ignored there, with a warning", label=True)
+    backoff_s: Optional[float] = option(None, "accepted so that older configs load; does nothing (the client "
+                                              "backs off as above)", label=False)
+    max_backoff_s: Optional[float] = option(None, "as `backoff_s`", label=False)
+
+
 class OpenAIGenerator:
-    def __init__(
-        self,
-        model: str,
-        trust_remote_code: bool = False,
-        base_url: str = "http://127.0.0.1:8000/v1",
-        api_key_env: Optional[str] = None,
-        max_in_flight: int = 8,
-        timeout_s: float = 60,
-        max_retries: int = 4,
-        backoff_s: Optional[float] = None,
-        use_n: bool = True,
-        send_seed: bool = True,
-        max_backoff_s: Optional[float] = None,
-        extra_body: Optional[dict] = None,
-        **options,
-    ):
-        """`extra_body` is merged into every request body (e.g.
-        {"chat_template_kwargs": {"enable_thinking": true}} for vLLM).
-        `timeout_s` bounds each wait on the socket (connect, each read), not a
-        whole answer; `max_retries` is the client's: retries after the first
-        attempt. `backoff_s` and `max_backoff_s` are still accepted (old configs
-        set them) but mean nothing now: the client waits 0.5 s doubling up to
-        8 s, with jitter, or what a Retry-After of up to 2 minutes says.
-        `trust_remote_code` means nothing for a remote server."""
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be >= 1")
-        if max_retries < 0:
-            raise ValueError("max_retries must be >= 0")
-        if options:
-            log.warning("openai backend ignores unknown options: %s", ", ".join(sorted(options)))
-        if backoff_s is not None or max_backoff_s is not None:
+    Options = OpenAIOptions
+
+    def __init__(self, model: str, trust_remote_code: bool = False, **options):
+        """`trust_remote_code` means nothing for a remote server. The client waits 0.5 s doubling up to 8 s
+        between attempts, with jitter, or what a Retry-After of up to 2 minutes says."""
+        o = self.options = self.Options.parse(options, "openai generator")
+        if o.backoff_s is not None or o.max_backoff_s is not None:
             log.info("openai backend: backoff_s and max_backoff_s no longer apply; the openai client backs off "
                      "0.5 s doubling up to 8 s and honours Retry-After")
+        extra_body, api_key_env = o.extra_body, o.api_key_env
         self.model = model
-        self.base_url = base_url.rstrip("/")
+        self.base_url = o.base_url.rstrip("/")
         self.model_id = f"openai:{model}@{self.base_url}"
-        self.max_in_flight = max_in_flight
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.use_n = use_n
-        self.send_seed = send_seed
+        self.max_in_flight = o.max_in_flight
+        self.timeout_s = o.timeout_s
+        self.max_retries = o.max_retries
+        self.use_n = o.use_n
+        self.send_seed = o.send_seed
         # the client merges extra_body over the request it builds: keys pairsel sets stay pairsel's (a seed
         # there would sample every candidate alike)
         self.extra_body = {k: v for k, v in (extra_body or {}).items() if k not in _REQUEST_KEYS}
@@ -193,8 +193,8 @@ class OpenAIGenerator:
             # always this key, never OPENAI_API_KEY from the environment: that key is for OpenAI, not for
             # whatever server base_url names. Without a key, _post omits the Authorization header.
             api_key=self._api_key or "no-key",
-            timeout=timeout_s,
-            max_retries=max_retries,
+            timeout=o.timeout_s,
+            max_retries=o.max_retries,
             http_client=openai.DefaultHttpxClient(event_hooks={"request": [self._count_attempt]}),
         )
 
@@ -226,7 +226,7 @@ class OpenAIGenerator:
             detail = e.response.text[:_BODY_SNIPPET]
             message = f"HTTP {e.status_code} from {self._url}" + (f": {detail}" if detail.strip() else "")
         elif isinstance(e, openai.APITimeoutError):
-            message = f"no answer from {self._url} within {self.timeout_s} s"
+            message = f"no answer from {self._url} within {self.timeout_s:g} s"
         elif isinstance(e, openai.APIConnectionError):
             message = f"cannot reach {self._url}: {e.__cause__ or e}"
         else:

@@ -5,12 +5,15 @@ pair is its k-th rationale, so the seeds only decide how many are taken.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
 from pathlib import Path
+from typing import Optional
 
 from stages.backends.base import GenRequest, Generation
+from stages.backends.options import BackendOptions, option
 
 log = logging.getLogger(__name__)
 
@@ -18,8 +21,17 @@ MISSING = "no precomputed rationale"
 _LOGGED_LINES = 5  # bad lines logged one by one; the rest only counted
 
 
+@dataclasses.dataclass(frozen=True)
+class PrecomputedOptions(BackendOptions):
+    path: Optional[str] = option(None, "the JSONL file of `{pair_id, rationales}` lines", label=True,
+                                 shown="none: required")
+
+
 class PrecomputedGenerator:
-    def __init__(self, model: str, trust_remote_code: bool = False, path: str | None = None, **options):
+    Options = PrecomputedOptions
+
+    def __init__(self, model: str, trust_remote_code: bool = False, **options):
+        path = self.Options.parse(options, "precomputed generator").path
         if not path:
             raise ValueError("the precomputed backend needs `path`: a JSONL of {pair_id, rationales}")
         if not Path(path).is_file():

@@ -14,11 +14,13 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, ClassVar, Iterable, Optional
 
 import numpy as np
 
 from stages.backends.base import IMAGE_MARKER, POOLINGS, EmbedInput, GenRequest, Generation, l2_normalise
+from stages.backends.hf.embedders import TransformersEmbedderOptions
+from stages.backends.options import BackendOptions, option
 from stages.backends.prompt_text import IMAGE, chat_content, image_parts
 
 log = logging.getLogger(__name__)
@@ -197,28 +199,44 @@ def engine_kwargs(**kwargs) -> dict:
     return {key: value for key, value in kwargs.items() if value is not None}
 
 
+# Every option that reaches vLLM is a label option: engine settings (batch limits, memory, CUDA graphs,
+# parallelism) change the shapes vLLM's kernels run on, and vLLM is not bit-exact across those.
+@dataclass(frozen=True)
+class VLLMGeneratorOptions(BackendOptions):
+    PASSES_ON: ClassVar[Optional[str]] = "`vllm.LLM`"
+    enable_prefix_caching: bool = option(True, "a pair's K samples share their prompt's KV cache", label=True)
+    chat_template: Optional[str] = option(None, "a chat template (a file, or inline Jinja) in place of the "
+                                                "tokenizer's", label=True)
+
+
+@dataclass(frozen=True)
+class VLLMEmbedderOptions(BackendOptions):
+    PASSES_ON: ClassVar[Optional[str]] = "`vllm.LLM`"
+    # vLLM batches by itself; dtype is an engine argument of its own
+    IGNORES: ClassVar[tuple[str, ...]] = tuple(f.name for f in TransformersEmbedderOptions.declared()
+                                               if f.name != "dtype")
+    image_placeholder: Optional[str] = option(None, "the text standing for the image in the prompt", label=True,
+                                              shown="from the vocabulary")
+
+
 class VLLMGenerator:
-    def __init__(
-        self,
-        model: str,
-        trust_remote_code: bool = False,
-        enable_prefix_caching: bool = True,
-        chat_template: Optional[str] = None,
-        **options,
-    ):
-        """`options` go to vllm.LLM as they are (tensor_parallel_size, max_model_len, dtype, enforce_eager,
-        gpu_memory_utilization, kv_cache_memory_bytes, max_num_seqs, mm_processor_kwargs, ...); on a CPU,
-        cpu_engine_defaults fills in what they leave unset. Prefix caching is on: a pair's K samples share
-        their prompt."""
+    Options = VLLMGeneratorOptions
+
+    def __init__(self, model: str, trust_remote_code: bool = False, **options):
+        """Options other than the declared ones go to vllm.LLM as they are (tensor_parallel_size, max_model_len,
+        dtype, enforce_eager, gpu_memory_utilization, kv_cache_memory_bytes, max_num_seqs, mm_processor_kwargs,
+        ...); on a CPU, cpu_engine_defaults fills in what they leave unset. Prefix caching is on by default: a
+        pair's K samples share their prompt."""
+        o = self.Options.parse(options, "vllm generator")
         LLM, SamplingParams, _ = _import_vllm()
-        self.chat_template = load_chat_template(chat_template)
+        self.chat_template = load_chat_template(o.chat_template)
         self._sampling_params = SamplingParams
         self.llm = LLM(
             model=str(model),
             **engine_kwargs(
                 trust_remote_code=trust_remote_code,
-                enable_prefix_caching=enable_prefix_caching,
-                **_engine_options(options),
+                enable_prefix_caching=o.enable_prefix_caching,
+                **_engine_options(o.passed_on),
             ),
         )
         self.tokenizer = self.llm.get_tokenizer()
@@ -299,40 +317,33 @@ def parse_embeddings(outputs: list) -> np.ndarray:
 
 
 POOLING_TYPES = {p: p.upper() for p in POOLINGS}  # pairsel's pooling names -> vLLM's pooling_type (LAST, MEAN)
-TRANSFORMERS_ONLY_OPTIONS = ("batch_size", "length_bucket", "device", "batching", "max_batch_tokens")
 
 
 class VLLMEmbedder:
-    def __init__(
-        self,
-        model: str,
-        pooling: str = "last",
-        max_length: int = 512,
-        trust_remote_code: bool = False,
-        image_placeholder: Optional[str] = None,
-        **options,
-    ):
-        """`image_placeholder`: the text standing for the image in the prompt; by default guessed from the
-        vocabulary (default_image_placeholder). `options` go to vllm.LLM as they are (convert="embed" for a
-        generative checkpoint vLLM does not convert by itself, dtype, max_model_len, ...); on a CPU,
-        cpu_engine_defaults fills in what they leave unset. The transformers embedder's own options
-        (batch_size, length_bucket) mean nothing to vLLM, which batches by itself, and are dropped."""
+    Options = VLLMEmbedderOptions
+
+    def __init__(self, model: str, pooling: str = "last", max_length: int = 512, trust_remote_code: bool = False,
+                 **options):
+        """`image_placeholder`: by default guessed from the vocabulary (default_image_placeholder). Options
+        other than the declared ones go to vllm.LLM as they are (convert="embed" for a generative checkpoint
+        vLLM does not convert by itself, dtype, max_model_len, ...); on a CPU, cpu_engine_defaults fills in what
+        they leave unset. The transformers embedder's batching options mean nothing to vLLM, which batches by
+        itself, and are dropped."""
         if pooling not in POOLING_TYPES:
             raise ValueError(f"pooling must be one of {', '.join(POOLING_TYPES)}; got {pooling!r}")
+        o = self.Options.parse(options, "vllm embedder")
         LLM, _, PoolerConfig = _import_vllm()
-        for key in TRANSFORMERS_ONLY_OPTIONS:
-            options.pop(key, None)
         self.max_length = max_length
         self.llm = LLM(
             model=str(model),
             runner="pooling",
             # we normalise ourselves; vLLM only picks the token(s) to pool
             pooler_config=PoolerConfig(pooling_type=POOLING_TYPES[pooling]),
-            **engine_kwargs(trust_remote_code=trust_remote_code, **_engine_options(options)),
+            **engine_kwargs(trust_remote_code=trust_remote_code, **_engine_options(o.passed_on)),
         )
         self.tokenizer = self.llm.get_tokenizer()
         vocab = self.tokenizer.get_vocab()
-        self.image_placeholder = image_placeholder or default_image_placeholder(vocab)
+        self.image_placeholder = o.image_placeholder or default_image_placeholder(vocab)
         self.reserved = [t for t in RESERVED_TOKENS if t in vocab]
         # the token an image expands into; text tokens are counted without it
         self.image_token_id = next((vocab[t] for t in ("<|image_pad|>", "<image>") if t in self.image_placeholder

@@ -2,6 +2,7 @@
 pooling, and sentence-transformers for text-only encoders."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Optional
 
@@ -10,10 +11,33 @@ import numpy as np
 from stages.backends.base import POOLINGS, EmbedInput, l2_normalise
 from stages.backends.hf.batching import (Batch, batching_for, default_batch_tokens, exact_batches, prefetched,
                                          preparing_threads, sorted_batches, text_config)
-from stages.backends.hf.inputs import ModelInputs, device_for, dtype_for, load_model, pinned, to_device
+from stages.backends.hf.inputs import (DeviceOptions, ModelInputs, TransformersOptions, device_for, dtype_for,
+                                       load_model, pinned, to_device)
+from stages.backends.options import option
 from stages.backends.prompt_text import raw_text
 from stages.faults import fault_point
 
+
+@dataclasses.dataclass(frozen=True)
+class TransformersEmbedderOptions(TransformersOptions):
+    # Speed only: `exact` fills a batch up to batch_size rows with copies; no sum runs across rows, so the size
+    # changes only the height of the per-token layers' matrices. The demo's shards are byte-identical at 4, 7
+    # and 16 rows (CPU, float32; tests/test_backend_options.py). `sorted` changes batchmates with it, as
+    # resources.batch_size does.
+    batch_size: int = option(16, "`exact`: rows per forward, a short batch filled up with copies; `sorted`: the "
+                                 "most rows of a batch, only where set", label=False, at_least=1)
+    # the length a row is padded to is the length its attention sums over: kept in the labels
+    length_bucket: int = option(32, "`exact`: each row padded to its length rounded up to a multiple of this",
+                                label=True, at_least=1)
+    # `exact` does not read it; in `sorted` it changes batchmates only, as resources.batch_size does
+    max_batch_tokens: Optional[int] = option(None, "`sorted`: the most padded tokens per forward", label=False,
+                                             shown="from the GPU's memory (at most 16,384); 8,192 off a GPU")
+
+
+@dataclasses.dataclass(frozen=True)
+class SentenceTransformersOptions(DeviceOptions):
+    # sentence-transformers pads each batch to its longest row: vectors move by ~1e-7 with batch_size (MiniLM)
+    batch_size: int = option(16, "rows per `encode` batch", label=True, at_least=1)
 
 
 class TransformersEmbedder:
@@ -39,21 +63,25 @@ class TransformersEmbedder:
       (default from the GPU's memory) padded to their own longest row, each batch's new images through the
       vision tower together. A vector then depends on its batchmates in the last bits."""
 
+    Options = TransformersEmbedderOptions
+
     def __init__(self, model: str, pooling: str = "last", max_length: int = 512, trust_remote_code: bool = False,
-                 device: Optional[str] = None, dtype: Optional[str] = None, **options):
+                 **options):
         from transformers import AutoModel
 
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        self.options = self.Options.parse(options, "transformers embedder")
         self.model_id = model
         self.pooling = pooling
         self.max_length = max_length
-        self.device = device_for(device)
-        self.batching = batching_for(options.get("batching"), self.device)
-        self.batch_size = int(options.get("batch_size", 16))
-        self.length_bucket = int(options.get("length_bucket", 32))
+        self.device = device_for(self.options.device)
+        self.batching = batching_for(self.options.batching, self.device)
+        self.batch_size = self.options.batch_size
+        self.length_bucket = self.options.length_bucket
         self.inputs = ModelInputs(model, trust_remote_code)
-        self.model = load_model(model, [AutoModel], trust_remote_code, self.device, dtype_for(dtype, self.device))
+        self.model = load_model(model, [AutoModel], trust_remote_code, self.device,
+                                dtype_for(self.options.dtype, self.device))
         params = inspect.signature(self.model.forward).parameters
         # decoders would build a KV cache nobody reads; encoders take no such argument
         self.forward_options = {"use_cache": False} if "use_cache" in params else {}
@@ -64,9 +92,10 @@ class TransformersEmbedder:
         text = text_config(self.model)
         bytes_per_token = next(self.model.parameters()).element_size() * (
             4 * text.hidden_size + 3 * getattr(text, "intermediate_size", 4 * text.hidden_size))
-        self.max_batch_tokens = int(options.get("max_batch_tokens") or
-                                    default_batch_tokens(self.model, self.device, bytes_per_token))
-        self.max_batch_rows = options.get("batch_size")  # sorted batching: a cap only where the config sets one
+        self.max_batch_tokens = (self.options.max_batch_tokens or
+                                 default_batch_tokens(self.model, self.device, bytes_per_token))
+        # sorted batching: a cap only where the config sets one
+        self.max_batch_rows = self.batch_size if "batch_size" in options else None
         self.threads = preparing_threads(self.device)
 
     def embed(self, inputs: list[EmbedInput]) -> np.ndarray:
@@ -194,13 +223,17 @@ class SentenceTransformersEmbedder:
     """A text-only sentence-transformers model; its own modules decide the
     pooling, so `pooling` is accepted for interface symmetry only."""
 
+    Options = SentenceTransformersOptions
+
     def __init__(self, model: str, pooling: Optional[str] = None, max_length: int = 512,
-                 trust_remote_code: bool = False, device: Optional[str] = None, **options):
+                 trust_remote_code: bool = False, **options):
         from sentence_transformers import SentenceTransformer
 
+        self.options = self.Options.parse(options, "sentence_transformers embedder")
         self.model_id = model
-        self.batch_size = int(options.get("batch_size", 16))
-        self.model = SentenceTransformer(model, device=device_for(device), trust_remote_code=trust_remote_code)
+        self.batch_size = self.options.batch_size
+        self.model = SentenceTransformer(model, device=device_for(self.options.device),
+                                         trust_remote_code=trust_remote_code)
         self.model.max_seq_length = max_length
 
     def embed(self, inputs: list[EmbedInput]) -> np.ndarray:

@@ -17,13 +17,15 @@ How far prompts are padded (`batching`, as for the embedder; stages/backends/hf/
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import replace
 from typing import Optional
 
 from stages.backends.base import Generation, GenRequest
 from stages.backends.hf.batching import batching_for, default_batch_tokens, padded_length, sorted_batches, text_config
-from stages.backends.hf.inputs import ModelInputs, device_for, dtype_for, load_model, to_device
+from stages.backends.hf.inputs import ModelInputs, TransformersOptions, device_for, dtype_for, load_model, to_device
+from stages.backends.options import option
 from stages.faults import fault_point
 
 log = logging.getLogger(__name__)
@@ -100,21 +102,35 @@ class DeviceSampler:
         return torch.full_like(scores, float("-inf")).scatter(-1, chosen, 0.0)
 
 
-class TransformersGenerator:
-    """Rationale generator on transformers (options: `batching`, `length_bucket`, `max_batch_tokens`; the
-    module says what they do)."""
+@dataclasses.dataclass(frozen=True)
+class TransformersGeneratorOptions(TransformersOptions):
+    # a prompt's padded width is what its attention sums over: kept in the labels
+    length_bucket: int = option(32, "`exact`: each prompt left-padded to its length rounded up to a multiple of "
+                                    "this", label=True, at_least=1)
+    # Speed only: `exact` rows meet in no sum, so it changes only how many rows one call runs; the demo's shards
+    # are byte-identical at 1,024 and 65,536 (CPU, float32). `sorted` changes batchmates with it, as
+    # resources.batch_size does.
+    max_batch_tokens: Optional[int] = option(None, "the most rows x (prompt + new tokens) per `generate` call",
+                                             label=False, shown="from the GPU's memory (at most 2^20); 65,536 "
+                                                                "off a GPU")
 
-    def __init__(self, model: str, trust_remote_code: bool = False, device: Optional[str] = None,
-                 dtype: Optional[str] = None, **options):
+
+class TransformersGenerator:
+    """Rationale generator on transformers (its Options; the module says what they do)."""
+
+    Options = TransformersGeneratorOptions
+
+    def __init__(self, model: str, trust_remote_code: bool = False, **options):
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
+        self.options = self.Options.parse(options, "transformers generator")
         self.model_id = model
-        self.device = device_for(device)
-        self.batching = batching_for(options.get("batching"), self.device)
-        self.length_bucket = int(options.get("length_bucket", 32))
+        self.device = device_for(self.options.device)
+        self.batching = batching_for(self.options.batching, self.device)
+        self.length_bucket = self.options.length_bucket
         self.inputs = ModelInputs(model, trust_remote_code)
         self.model = load_model(model, [AutoModelForImageTextToText, AutoModelForCausalLM],
-                                 trust_remote_code, self.device, dtype_for(dtype, self.device))
+                                 trust_remote_code, self.device, dtype_for(self.options.dtype, self.device))
         self.stop_ids = self._stop_ids()
         # Sampling settings come from the request alone: drop the model's
         # defaults (top_k, repetition_penalty, ...) that generate() would merge in.
@@ -126,7 +142,7 @@ class TransformersGenerator:
         heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         kv_bytes = 2 * text.num_hidden_layers * heads * head_dim * next(self.model.parameters()).element_size()
-        self.max_batch_tokens = int(options.get("max_batch_tokens") or default_batch_tokens(
+        self.max_batch_tokens = int(self.options.max_batch_tokens or default_batch_tokens(
             self.model, self.device, kv_bytes, share=0.5, most=MAX_GENERATE_TOKENS, off_gpu=CPU_GENERATE_TOKENS))
 
     def _stop_ids(self) -> list[int]:

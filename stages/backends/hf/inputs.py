@@ -11,11 +11,14 @@ first and their tensors built on another thread while the model runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Optional
 
 from PIL import Image
 
+from stages.backends.hf.batching import BATCHINGS
+from stages.backends.options import BackendOptions, option
 from stages.backends.prompt_text import chat_content, raw_text
 
 log = logging.getLogger(__name__)
@@ -23,6 +26,26 @@ log = logging.getLogger(__name__)
 # Keys of processor output that hold one value per token (padded when rows are
 # stacked); every other tensor holds per-image values and is concatenated.
 _PER_TOKEN_PAD = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceOptions(BackendOptions):
+    """The option of every backend that runs a torch model in the actor (each adds its own)."""
+
+    device: Optional[str] = option(None, "the torch device the model runs on", label=True,
+                                   shown="`cuda` with a GPU, else `cpu`")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformersOptions(DeviceOptions):
+    """The options of both transformers backends (each adds its own)."""
+
+    dtype: Optional[str] = option(None, "the model's dtype (a torch dtype name, or `auto`)", label=True,
+                                  shown="`bfloat16` on a GPU, `float32` elsewhere")
+    # exact and sorted batches give vectors and logits that differ in the last bits (BENCHMARKS.md)
+    batching: Optional[str] = option(None, "how a call's rows become batches: `exact` (batch-invariant) or "
+                                           "`sorted` (see below)", label=True, choices=BATCHINGS,
+                                     shown="`sorted` on a GPU, `exact` elsewhere")
 
 
 def device_for(device: Optional[str]) -> str:
