@@ -33,7 +33,8 @@ def job_args(clean: Path, out: Path) -> list[str]:
     """The arguments of the run that wrote `clean`, into `out` (from the config its manifest stores)."""
     c = json.loads((clean / "manifest.json").read_text())["config"]
     return [f"input.path={c['input']['path']}", f"input.image_root={c['input']['image_root']}",
-            f"generators.0.model={c['generators'][0]['model']}", f"embedder.model={c['embedder']['model']}",
+            f"generators.0.model={c['generators'][0]['model']}", f"generators.0.k={c['generators'][0]['k']}",
+            f"embedder.model={c['embedder']['model']}",
             f"input.rows_per_shard={c['input']['rows_per_shard']}", f"output.dir={out}",
             f"scoring.decision.rule={c['scoring']['decision']['rule']}"]
 
