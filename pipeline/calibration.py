@@ -26,7 +26,8 @@ from omegaconf import DictConfig
 from pipeline.config import to_dict
 from stages.calibrate import calibrate, margin_lookup, output_scores, win_chance
 from stages.decoys import decoy_counts, required
-from stages.files import SCORED_DIR, shard_file
+from stages import layout
+from stages.files import shard_file
 from stages.select import label_rows
 from stages.write import label_shard
 
@@ -39,11 +40,11 @@ def decoy_rule(cfg: DictConfig) -> bool:
 
 def commit_dir(cfg: DictConfig) -> str:
     """Where the Ray Data plan commits its shards: the output dir, or under the decoy rule OUT/_scored/."""
-    return str(Path(cfg.output.dir) / SCORED_DIR) if decoy_rule(cfg) else cfg.output.dir
+    return str(Path(cfg.output.dir) / layout.SCORED) if decoy_rule(cfg) else cfg.output.dir
 
 
 def _record(folder: Path, shard_id: int) -> Optional[dict]:
-    path = folder / "_commits" / shard_file(shard_id, ".json")
+    path = folder / layout.COMMITS / shard_file(shard_id, ".json")
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -52,7 +53,7 @@ def job_calibration(cfg: DictConfig, out_dir: Path, shard_ids: list[int]) -> lis
     from its labelled file, else its scored one."""
     files = []
     for shard_id in shard_ids:
-        for folder in (out_dir, out_dir / SCORED_DIR):
+        for folder in (out_dir, out_dir / layout.SCORED):
             record = _record(folder, shard_id)
             if record is not None:
                 if record["path"]:
@@ -86,7 +87,7 @@ def label_scored_shards(cfg: DictConfig, specs: list[dict], submit=None) -> int:
         return 0
     calibration = job_calibration(cfg, out_dir, shard_ids)
     labels = labeller(cfg, calibration)
-    args = [(str(out_dir), shard_id, str(out_dir / SCORED_DIR), labels, cfg.output.compression) for shard_id in todo]
+    args = [(str(out_dir), shard_id, str(out_dir / layout.SCORED), labels, cfg.output.compression) for shard_id in todo]
     if submit is None:
         for a in args:
             label_shard(*a)

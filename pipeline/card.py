@@ -13,6 +13,7 @@ import yaml
 from pipeline.export_formats import format_docs
 from pipeline.report_numbers import percent
 from schemas import SCHEMA_VERSION
+from stages import layout
 from stages.files import atomic_write_text
 
 FRONT_MATTER = {
@@ -169,6 +170,6 @@ def body(manifest: dict) -> str:
 
 def write_card(out_dir: str, manifest: dict) -> Path:
     """Write OUT/README.md (atomically) and return its path."""
-    path = Path(out_dir) / "README.md"
+    path = Path(out_dir) / layout.CARD
     atomic_write_text(path, front_matter() + "\n" + body(manifest))
     return path

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError
 from pipeline.verify import DamagedOutput
+from stages import layout
 
 log = logging.getLogger("pairsel")
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -176,7 +177,7 @@ def _run(args) -> int:
         return EXIT_INTERRUPTED
 
     out = Path(cfg.output.dir)
-    console.divert(out / "_logs" / "run.log")
+    console.divert(out / layout.RUN_LOG)
     for line in job.redone:  # a committed shard whose files differ from its commit record is never kept
         console.say(f"pairsel: {line}")
     console.say(f"pairsel: {len(job.specs)} shards planned, {len(job.committed)} already committed, "
@@ -274,7 +275,7 @@ def print_summary(result: dict, out: str, stream) -> None:
         print(f"  quarantined {c['pairs_quarantined']} rows ({reasons}) in {out}/quarantine/", file=stream)
     else:
         print("  quarantined 0 rows", file=stream)
-    print(f"  manifest: {out}/manifest.json", file=stream)
+    print(f"  manifest: {out}/{layout.MANIFEST}", file=stream)
     stream.flush()
 
 
@@ -312,7 +313,7 @@ def _first_detail(out: Path, reason: str) -> str | None:
 
     from stages.files import SHARD_GLOB
 
-    for f in sorted((out / "quarantine").glob(f"{SHARD_GLOB}.parquet")):
+    for f in sorted((out / layout.QUARANTINE).glob(f"{SHARD_GLOB}.parquet")):
         t = pq.read_table(f, columns=["reason", "detail"]).to_pylist()
         for row in t:
             if row["reason"] == reason:

@@ -25,6 +25,7 @@ from pipeline.export_formats import (
     DOCS, FORMATS, GATE_SIDES, PREFERENCE_STYLES, RATIONALE_MODES, RATIONALE_SIDES, SIDES,
     as_side, format_rows, preference_pairs)
 from pipeline.read_output import check_schema_version, data_files, read_manifest
+from stages.side import QUERY
 
 DEFAULT_ROWS_PER_PART = 100_000
 
@@ -182,19 +183,18 @@ def run(
     rows = sum(n for _, n in written)
     pairs = scan(kept).select(pl.col("pair_id").n_unique()).collect().item() if rows else 0
     filters = {"subsets": list(subsets) if subsets else None, "min_delta": min_delta, "need_reasoning": need_reasoning}
+    # an option that picks a side is recorded where it is not the query side (the default of each)
+    sides = {"contrastive": ("rationale_side", rationale_side), "preference": ("side", side),
+             "gate": ("sides", gate_sides)}
     if fmt == "contrastive":
         filters["rationale_mode"] = rationale_mode
-        if rationale_side != "query":
-            filters["rationale_side"] = rationale_side
     if fmt == "preference":
         filters.update(preference_style=preference_style, min_gap=min_gap, text_only=text_only,
                        images=opts["images"])
-        if side != "query":
-            filters["side"] = side
     if fmt == "gate":
         filters["include_undecided"] = include_undecided
-        if gate_sides != "query":
-            filters["sides"] = gate_sides
+    if fmt in sides and sides[fmt][1] != QUERY.name:
+        filters[sides[fmt][0]] = sides[fmt][1]
     result = {"format": fmt, "out": str(dest), "files": [str(p) for p in kept], "rows": rows, "pairs": pairs,
               "filters": filters}
     (dest / "README.md").write_text(_readme(fmt, out_dir, filters, result))

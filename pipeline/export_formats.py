@@ -13,10 +13,11 @@ import polars as pl
 
 from stages.backends.prompt_text import IMAGE_MARKER  # MMEB's image placeholder; kept in contrastive/gate text
 from stages.select import REASON, UNDECIDED
+from stages.side import BY_NAME, QUERY, TARGET, Side
 
 FORMATS = ("preference", "contrastive", "gate")
 RATIONALE_MODES = ("append", "column")
-SIDES = ("query", "target")  # preference --side: whose rationales the rows are about
+SIDES = tuple(BY_NAME)  # preference --side: whose rationales the rows are about
 RATIONALE_SIDES = ("query", "target", "both")  # contrastive --rationale-side: which side gets its rationale
 GATE_SIDES = ("query", "both")  # gate --sides: the query's row per pair, or one row per (pair, side)
 PREFERENCE_STYLES = ("conversational", "standard")
@@ -154,15 +155,15 @@ def _assistant(text: pl.Expr, parts: bool) -> pl.Expr:
 def as_side(lf: pl.LazyFrame, side: str) -> pl.LazyFrame:
     """The target side in the query side's column names, so that one preference query serves both: the
     target's candidates, label and content stand where the query's are (the prompt shows the target, the
-    input the rationale is about; a target-only rationale does not depend on the query)."""
-    if side == "query":
-        return lf
-    if side != "target":
+    input the rationale is about; a target-only rationale does not depend on the query). The query side stands
+    where it is."""
+    if side not in BY_NAME:
         raise ValueError(f"side must be one of {SIDES}, not {side!r}")
-    return lf.with_columns(*(pl.col(f"target_{c}").alias(c) for c in ("candidates", "chosen", "rejected", "decision",
+    s = BY_NAME[side]
+    return lf.with_columns(*(pl.col(s.column(c)).alias(c) for c in ("candidates", "chosen", "rejected", "decision",
                                                                      "best_delta", "need_reasoning")),
-                           pl.col("target_text").alias("query_text"),
-                           pl.col("target_image_path").alias("query_image_path"))
+                           pl.col(s.text).alias("query_text"),
+                           pl.col(s.image_path).alias("query_image_path"))
 
 
 def preference_pairs(lf: pl.LazyFrame, text_only: bool = False) -> pl.LazyFrame:
@@ -217,12 +218,10 @@ def preference(lf: pl.LazyFrame, style: str = "conversational", images: bool = T
     )
 
 
-def _side_rationale(side: str) -> pl.Expr:
+def _side_rationale(side: Side) -> pl.Expr:
     """The chosen rationale of one side where that side's decision is reason, else null."""
-    if side == "query":
-        return pl.when(pl.col("decision") == REASON).then(_candidate("chosen").struct.field("text"))
-    chosen = pl.col("target_candidates").list.get(pl.col("target_chosen"), null_on_oob=True)
-    return pl.when(pl.col("target_decision") == REASON).then(chosen.struct.field("text"))
+    chosen = pl.col(side.candidates).list.get(pl.col(side.column("chosen")), null_on_oob=True)
+    return pl.when(pl.col(side.column("decision")) == REASON).then(chosen.struct.field("text"))
 
 
 def contrastive(lf: pl.LazyFrame, rationale_mode: str = "append", rationale_side: str = "query") -> pl.LazyFrame:
@@ -231,8 +230,8 @@ def contrastive(lf: pl.LazyFrame, rationale_mode: str = "append", rationale_side
     if rationale_side not in RATIONALE_SIDES:
         raise ValueError(f"rationale_side must be one of {RATIONALE_SIDES}, not {rationale_side!r}")
     explicit = pl.col("negatives").list.filter(pl.element().struct.field("origin") == "explicit").list.first()
-    rationale = _side_rationale("query")
-    pos_rationale = _side_rationale("target")
+    rationale = _side_rationale(QUERY)
+    pos_rationale = _side_rationale(TARGET)
     query = pl.col("query_text").fill_null("")
     target = pl.col("target_text").fill_null("")
     on_query = rationale_side in ("query", "both")

@@ -15,8 +15,10 @@ import polars as pl
 from pipeline import version
 from pipeline.config import config_hash, to_dict
 from schemas import SCHEMA_VERSION
+from stages import layout
 from stages.calibrate import calibrate, output_scores, win_chance
 from stages.select import DIRECT, REASON, UNDECIDED, turned_direct
+from stages.side import QUERY, TARGET, Side
 from stages.files import SHARD_GLOB, atomic_write_json
 
 
@@ -26,7 +28,7 @@ def now_iso() -> str:
 
 def commit_records(out_dir: Path) -> list[dict]:
     return sorted(
-        (json.loads(p.read_text()) for p in (out_dir / "_commits").glob(f"{SHARD_GLOB}.json")),
+        (json.loads(p.read_text()) for p in (out_dir / layout.COMMITS).glob(f"{SHARD_GLOB}.json")),
         key=lambda r: r["shard_id"],
     )
 
@@ -45,13 +47,13 @@ def outcome_counts(pairs: int, reason: int, direct: int, undecided: int, control
             "null_turned_direct": null_turned}
 
 
-def outcomes_by_subset(pairs: pl.LazyFrame, epsilon: float, side: str = "query") -> pl.LazyFrame:
+def outcomes_by_subset(pairs: pl.LazyFrame, epsilon: float, side: Side = QUERY) -> pl.LazyFrame:
     """Per subset: pairs, need_reasoning (decision reason), direct, undecided, control_turned_direct,
     null_turned_direct (stages/select.py:turned_direct), of one side (query: `decision`; target:
     `target_decision`, over the pairs that have target candidates)."""
-    decision = pl.col("decision" if side == "query" else "target_decision")
-    if side == "target":
-        pairs = pairs.filter(pl.col("target_candidates").list.len().fill_null(0) > 0)
+    decision = pl.col(side.column("decision"))
+    if side.optional:  # the pairs that have rationales on this side
+        pairs = pairs.filter(pl.col(side.candidates).list.len().fill_null(0) > 0)
     return (pairs.group_by("subset")
             .agg(pl.len().alias("pairs"),
                  (decision == REASON).sum().alias("need_reasoning"),
@@ -100,7 +102,7 @@ JOINT_KEYS = ("pairs_with_joint", "beats_query", "beats_target", "beats_both")
 def target_side_stats(pairs: pl.LazyFrame, epsilon: float) -> dict | None:
     """The target side's outcomes (overall and per subset) and the joint choice's wins, or None when no pair
     has target candidates (generators[].k_target 0: the manifest of a query-side job is unchanged)."""
-    subsets = outcomes_by_subset(pairs, epsilon, "target").collect()
+    subsets = outcomes_by_subset(pairs, epsilon, TARGET).collect()
     if subsets.is_empty():
         return None
     joint = {r["subset"]: {k: int(r[k]) for k in JOINT_KEYS} for r in joint_by_subset(pairs).collect().iter_rows(named=True)}
@@ -233,7 +235,7 @@ def build(out_dir: str | Path, cfg, started_at: str, wall_seconds: float, planne
 
 
 def write(out_dir: str | Path, manifest: dict) -> Path:
-    path = Path(out_dir) / "manifest.json"
+    path = Path(out_dir) / layout.MANIFEST
     atomic_write_json(manifest, path)
     return path
 

@@ -1,7 +1,7 @@
 """The output folder: what pairsel may write and delete there, and getting it ready for a fresh run or a resume.
 
 A user's files are sacred: output.dir must be new, empty or a pairsel output (its marker: _commits/job.json or
-a manifest of its own), and pairsel deletes there only what it writes itself (OWN_FOLDERS, OWN_FILES, shard
+a manifest of its own), and pairsel deletes there only what it writes itself (stages/layout.py: its own folders and files, shard
 files); --overwrite too. A resume keeps the committed shards whose files are as their commit records say
 (pipeline/verify.py), redoes the others, and deletes only what a dead run staged or left uncommitted
 (pipeline/run.py says why that is exactly once).
@@ -20,8 +20,8 @@ from omegaconf import DictConfig
 from pipeline.config import ConfigError, config_hash, label_config
 from pipeline.verify import Depth, Problem, check_records, read_commit_records
 from schemas import SCHEMA_VERSION
-from stages.files import SCORED_DIR, SHARD_FILE, SHARD_GLOB, TEMP_SHARD_FILE, atomic_write_json, shard_file
-from stages.images import IMAGES_DIR
+from stages import layout
+from stages.files import SHARD_FILE, SHARD_GLOB, TEMP_SHARD_FILE, atomic_write_json, shard_file
 
 
 def _flatten(d, prefix=""):
@@ -50,18 +50,15 @@ def plan_fingerprint(specs: list[dict]) -> dict:
     return {"shards": len(specs), "sha256": hashlib.sha256(json.dumps(cut).encode()).hexdigest()[:16]}
 
 
-# What pairsel writes into an output dir, and so the only things it ever deletes there. Anything else (a user's
-# notes, another tool's files) is left alone, and a non-empty folder without pairsel's marker is refused.
-# IMAGES_DIR: the read's store of the image bytes that an input holds inline (stages/images.py).
-# SCORED_DIR: the shards scored and waiting for the decoy rule's labels (pipeline/calibration.py). _commits goes last.
-OWN_FOLDERS = ("_staging", SCORED_DIR, "_index", "_stats", "_cache", "_logs", IMAGES_DIR)
-OWN_FILES = ("manifest.json", "report.html")
-JOB_RECORD = Path("_commits") / "job.json"
+# What pairsel writes into an output dir (stages/layout.py), and so the only things it ever deletes there. Anything
+# else (a user's notes, another tool's files) is left alone, and a non-empty folder without pairsel's marker is
+# refused.
+JOB_RECORD = Path(layout.JOB_RECORD)
 
 
 def is_pairsel_output(out_dir: Path) -> bool:
     """pairsel's marker: the job record it writes before anything else, or a manifest of its own."""
-    for path, key in ((out_dir / JOB_RECORD, "label_config"), (out_dir / "manifest.json", "pairsel_version")):
+    for path, key in ((out_dir / JOB_RECORD, "label_config"), (out_dir / layout.MANIFEST, "pairsel_version")):
         try:
             if key in json.loads(path.read_text()):
                 return True
@@ -98,7 +95,7 @@ def check_output_dir(out_dir: Path) -> None:
 
 def _shard_files(out_dir: Path, keep: set[int] = frozenset()):
     """pairsel's shard files (and their temporary names) in data/ and quarantine/, but those of `keep`."""
-    for sub in ("data", "quarantine"):
+    for sub in layout.SHARD_FOLDERS:
         for f in sorted((out_dir / sub).glob(f"*{SHARD_GLOB}")):
             m = SHARD_FILE.fullmatch(f.name)
             if (m and int(m[1]) not in keep) or TEMP_SHARD_FILE.fullmatch(f.name):
@@ -112,20 +109,20 @@ def remove_own_output(out_dir: Path, cache_dir: str | None) -> None:
         return
     for f in _shard_files(out_dir):
         f.unlink()
-    for sub in ("data", "quarantine"):
+    for sub in layout.SHARD_FOLDERS:
         with contextlib.suppress(OSError):  # kept if it holds anything else
             (out_dir / sub).rmdir()
-    folders = [out_dir / name for name in OWN_FOLDERS]
+    folders = [out_dir / name for name in layout.OWN_FOLDERS]
     if cache_dir is not None and Path(cache_dir).resolve().is_relative_to(out_dir.resolve()):
         folders.append(Path(cache_dir))  # the embedding cache, where it lives in the output
     for folder in folders:
         if folder.resolve() != out_dir.resolve():
             shutil.rmtree(folder, ignore_errors=True)
-    for name in OWN_FILES:
+    for name in layout.OWN_FILES:
         (out_dir / name).unlink(missing_ok=True)
-    if is_pairsel_card(out_dir / "README.md"):
-        (out_dir / "README.md").unlink()
-    commits = out_dir / "_commits"
+    if is_pairsel_card(out_dir / layout.CARD):
+        (out_dir / layout.CARD).unlink()
+    commits = out_dir / layout.COMMITS
     for f in sorted(commits.glob(f"{SHARD_GLOB}.json")) + sorted(commits.glob(".*.tmp")):
         f.unlink()
     (out_dir / JOB_RECORD).unlink(missing_ok=True)
@@ -140,7 +137,7 @@ def _keep_committed(folder: Path) -> tuple[set[int], list[Problem]]:
     records, unreadable = read_commit_records(folder)
     damaged = unreadable + [p for found in check_records(folder, records, Depth.RESUME).values() for p in found[:1]]
     for problem in damaged:
-        (folder / "_commits" / shard_file(problem.shard_id, ".json")).unlink(missing_ok=True)
+        (folder / layout.COMMITS / shard_file(problem.shard_id, ".json")).unlink(missing_ok=True)
     kept = {r["shard_id"] for r in records} - {p.shard_id for p in damaged}
     for f in _shard_files(folder, keep=kept):
         f.unlink()
@@ -155,7 +152,7 @@ def prepare_output(out_dir: Path, cfg: DictConfig, overwrite: bool, force: bool,
     check_output_dir(out_dir)
     if overwrite:
         remove_own_output(out_dir, cfg.embedder.cache_dir)
-    commits = out_dir / "_commits"
+    commits = out_dir / layout.COMMITS
     commits.mkdir(parents=True, exist_ok=True)
     job = out_dir / JOB_RECORD
     current = {"label_config": label_config(cfg), "config_hash": config_hash(cfg), "schema_version": SCHEMA_VERSION}
@@ -178,7 +175,7 @@ def prepare_output(out_dir: Path, cfg: DictConfig, overwrite: bool, force: bool,
                 "afresh or --force to resume anyway. Changed:\n  " + "\n  ".join(diff)
             )
         if diff:  # forced: the pair_id index was made from the old input
-            shutil.rmtree(out_dir / "_index", ignore_errors=True)
+            shutil.rmtree(out_dir / layout.INDEX, ignore_errors=True)
     if not job.exists() or force:
         atomic_write_json(current, job)
 
@@ -186,9 +183,9 @@ def prepare_output(out_dir: Path, cfg: DictConfig, overwrite: bool, force: bool,
     # of its record. Any other is redone. Parts of unfinished shards and shard files never committed are leftovers
     # of a crash; nothing else is.
     committed, damaged = _keep_committed(out_dir)
-    scored, damaged_scored = _keep_committed(out_dir / SCORED_DIR)
-    shutil.rmtree(out_dir / "_staging", ignore_errors=True)
+    scored, damaged_scored = _keep_committed(out_dir / layout.SCORED)
+    shutil.rmtree(out_dir / layout.STAGING, ignore_errors=True)
     lines = [f"shard {p.shard_id} is redone: {p.line()}" for p in damaged]
-    lines += [f"shard {p.shard_id} is scored again: {SCORED_DIR}/{p.line()}" for p in damaged_scored
+    lines += [f"shard {p.shard_id} is scored again: {layout.SCORED}/{p.line()}" for p in damaged_scored
               if p.shard_id not in committed]
     return committed, scored - committed, lines

@@ -15,14 +15,14 @@ only those new candidates: the targets and negatives come back from the embeddin
 Model stages are callable classes in actor pools: the model loads once per actor and serves many batches.
 Resources per stage come from the config; each round has its own pools, with the same resources.
 
-`steps` lists the steps between read and write once, for both `build_dataset` (Ray) and `run_local` (the
-same stages in a plain loop in this process, for debugging and for the benchmark's model-only time). Ray is
+`steps` lists the stages between read and write once, as specs made from the typed config (stages/spec.py), for
+both `build_dataset` (Ray) and `run_local` (the same stages in a plain loop in this process, for debugging and for
+the benchmark's model-only time). Ray is
 imported only where the Ray Data plan is built, so `run_local` runs on a machine without Ray.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
 from omegaconf import DictConfig
@@ -30,34 +30,24 @@ from omegaconf import DictConfig
 from pipeline import version
 from pipeline.config import config_hash, to_dict
 from schemas import SCHEMA_VERSION, WORK_SCHEMA, conform
+from stages import layout
 from stages.calibrate import calibrate, margin_lookup, row_scores, win_chance
 from stages.contract import check_chain
-from stages.decoys import Decoys, decoy_counts, required
-from stages.embed import Embed
-from stages.generate import Generate
-from stages.images import IMAGES_DIR
+from stages.decoys import DecoysSpec, decoy_counts, required
+from stages.embed import EmbedderSpec, EmbedSpec
+from stages.generate import GeneratorSpec, GenerateSpec
 from stages.read import CONTRACT as READ_CONTRACT
 from stages.read import read_shard_table
-from stages.score import Score
-from stages.select import Select, label_rows
-from stages.write import WriteParts
+from stages.score import ScoreSpec
+from stages.select import SelectSpec, label_rows
+from stages.side import QUERY, SIDES, Side
+from stages.spec import Resources, StageSpec
+from stages.write import WriteSpec
 
 if TYPE_CHECKING:
     import ray
 
 log = logging.getLogger("pairsel")
-
-
-@dataclass
-class Step:
-    """One map_batches step: a stage class and its constructor arguments. With `resources` it runs in an
-    actor pool (a model stage); without, as tasks; `whole_shards`: each call gets whole input shards (Ray Data's
-    batch_size None: the blocks as they come, one or more whole shards each)."""
-
-    stage: type
-    kwargs: dict
-    resources: Optional[DictConfig] = None
-    whole_shards: bool = False
 
 
 def _actor_args(resources) -> dict:
@@ -86,15 +76,15 @@ def provenance(cfg: DictConfig) -> dict:
 def with_images_dir(cfg: DictConfig, specs: list[dict]) -> list[dict]:
     """The specs, each naming where its read stores the inline image bytes that no input file holds as they are
     (stages/images.py:InlineStore): OUTPUT/_images/, which the model stages read from while the job runs."""
-    return [{**spec, "images_dir": f"{cfg.output.dir}/{IMAGES_DIR}"} for spec in specs]
+    return [{**spec, "images_dir": f"{cfg.output.dir}/{layout.IMAGES}"} for spec in specs]
 
 
-def round_schedule(cfg: DictConfig, side: str = "query") -> list[dict[str, int]]:
-    """For each round, how many candidates each generator holds on this side (query: k, target: k_target) for
-    a pair whose side is still unsatisfied after it. No rounds (rounds.k0 null): one round, every generator's
-    k. Otherwise round 1 reaches k0 and each later round `step` more, each generator capped at its k (K_max),
+def round_schedule(cfg: DictConfig, side: Side = QUERY) -> list[dict[str, int]]:
+    """For each round, how many candidates each generator holds on this side (its k, or its k_target) for a pair
+    whose side is still unsatisfied after it. No rounds (rounds.k0 null): one round, every generator's count.
+    Otherwise round 1 reaches k0 and each later round `step` more, each generator capped at its count (K_max),
     until every generator has reached its k and its k_target (both sides share the rounds)."""
-    ks = {g.name: (g.k if side == "query" else g.k_target) for g in cfg.generators}
+    ks = {g.name: g[side.count_key] for g in cfg.generators}
     if cfg.rounds.k0 is None:
         return [ks]
     top = max(max(g.k, g.k_target) for g in cfg.generators)
@@ -113,56 +103,59 @@ def decoy_counts_of(cfg: DictConfig) -> Optional[dict]:
     return decoy_counts(to_dict(cfg)["generators"], cfg.scoring.decision.decoys_per_candidate)
 
 
-def steps(cfg: DictConfig) -> list[Step]:
-    """The steps between read and write: per round, one generate step per generator that still has
-    candidates to add, (round 1, the decoy rule: the decoys), embed and score; then select."""
-    c = to_dict(cfg)
-    stats_dir = f"{cfg.output.dir}/_stats"
-    order = [g.name for g in cfg.generators]
-    target_side = has_target_side(cfg)
-    counts = decoy_counts_of(cfg)
+def sides(cfg: DictConfig) -> tuple[Side, ...]:
+    """The sides the job has rationales for: the query side, and the target side where a generator has k_target
+    (without, no stage writes the target columns, so none may read them)."""
+    return tuple(side for side in SIDES if any(g[side.count_key] > 0 for g in cfg.generators))
+
+
+def resources(node) -> Resources:
+    return Resources(num_cpus=node.num_cpus, num_gpus=node.num_gpus, pool_size=node.pool_size,
+                     batch_size=node.batch_size)
+
+
+def steps(cfg: DictConfig) -> list[StageSpec]:
+    """The stages between read and write, as specs: per round, one generate step per generator and side that
+    still has candidates to add, (round 1, the decoy rule: the decoys), embed and score; then select."""
+    c = to_dict(cfg)  # plain containers: the specs hold no config nodes
+    stats_dir = f"{cfg.output.dir}/{layout.STATS}"
+    order = tuple(g.name for g in cfg.generators)
+    job_sides, counts = sides(cfg), decoy_counts_of(cfg)
     needed = required(counts) or {}
-    score = Step(Score, {"mode": cfg.scoring.mode, "temperature": cfg.scoring.temperature,
-                         "valid_finish_reasons": list(cfg.scoring.valid_finish_reasons), "target_side": target_side,
-                         "decoys": counts is not None})
-    out, held, held_t = [], {name: 0 for name in order}, {name: 0 for name in order}
-    for r, (reach, reach_t) in enumerate(zip(round_schedule(cfg), round_schedule(cfg, "target"))):
-        for side, template_key, reach_side, held_side in (("query", "template", reach, held),
-                                                          ("target", "target_template", reach_t, held_t)):
-            for g, g_cfg in zip(c["generators"], cfg.generators):
-                if reach_side[g["name"]] > held_side[g["name"]]:
+    valid = tuple(cfg.scoring.valid_finish_reasons)
+    score = ScoreSpec(mode=cfg.scoring.mode, temperature=cfg.scoring.temperature, valid_finish_reasons=valid,
+                      sides=job_sides, decoys=counts is not None)
+    schedules = [round_schedule(cfg, side) for side in job_sides]
+    out: list[StageSpec] = []
+    held = [{g.name: 0 for g in cfg.generators} for _ in job_sides]
+    for r in range(len(schedules[0])):
+        for side, schedule, had in zip(job_sides, schedules, held):
+            for g, g_plain in zip(cfg.generators, c["generators"]):
+                if schedule[r][g.name] > had[g.name]:
                     # a later round skips a pair once a valid candidate beats its threshold with rounds.margin
-                    out.append(Step(Generate, {
-                        "generator": g, "template": c["prompts"][g[template_key]],
-                        "max_image_pixels": cfg.input.max_image_pixels, "k_stop": reach_side[g["name"]],
-                        "satisfied_above": cfg.rounds.margin if r else None, "generator_order": order,
-                        "stats_dir": stats_dir, "round_index": r, "side": side, "epsilon": cfg.scoring.epsilon,
-                        "decoys_required": needed.get(side, 0)}, g_cfg.resources))
-        held, held_t = reach, reach_t
+                    out.append(GenerateSpec(
+                        generator=GeneratorSpec.from_config(g_plain), side=side, template_name=g[side.template_key],
+                        template=cfg.prompts[g[side.template_key]], k_stop=schedule[r][g.name],
+                        max_image_pixels=cfg.input.max_image_pixels, resources=resources(g.resources),
+                        generator_order=order, satisfied_above=cfg.rounds.margin if r else None,
+                        epsilon=cfg.scoring.epsilon, decoys_required=needed.get(side.name, 0),
+                        stats_dir=stats_dir, round_index=r))
+        held = [schedule[r] for schedule in schedules]
         if r == 0 and counts is not None:  # drawn from round 1's texts, for every candidate slot of every round
-            out.append(Step(Decoys, {"counts": counts, "seed": cfg.scoring.seed,
-                                     "valid_finish_reasons": list(cfg.scoring.valid_finish_reasons)},
-                            whole_shards=True))
-        out.append(Step(Embed, {"embedder": c["embedder"], "max_image_pixels": cfg.input.max_image_pixels,
-                                "cache_dir": c["embedder"]["cache_dir"], "stats_dir": stats_dir,
-                                "round_index": r, "controls": list(cfg.scoring.controls), "target_side": target_side,
-                                "decoys": counts is not None},
-                        cfg.embedder.resources))
+            out.append(DecoysSpec(counts=counts, seed=cfg.scoring.seed, valid_finish_reasons=valid))
+        out.append(EmbedSpec(embedder=EmbedderSpec.from_config(c["embedder"]), max_image_pixels=cfg.input.max_image_pixels,
+                             resources=resources(cfg.embedder.resources), cache_dir=cfg.embedder.cache_dir,
+                             stats_dir=stats_dir, round_index=r, controls=tuple(cfg.scoring.controls),
+                             sides=job_sides, decoys=counts is not None))
         out.append(score)
-    out.append(Step(Select, {"epsilon": cfg.scoring.epsilon, "target_side": target_side, "decoys_required": (
-        needed or None)}))
+    out.append(SelectSpec(epsilon=cfg.scoring.epsilon, sides=job_sides, decoys_required=needed or None))
     return out
 
 
-def has_target_side(cfg: DictConfig) -> bool:
-    """Whether any generator samples target rationales: without, no stage writes the target columns, so none may
-    read them (the contracts of embed, score, select and write depend on it)."""
-    return any(g.k_target > 0 for g in cfg.generators)
-
-
-def write_kwargs(cfg: DictConfig) -> dict:
-    return {"out_dir": cfg.output.dir, "provenance": provenance(cfg), "compression": cfg.output.compression,
-            "target_side": has_target_side(cfg), "decoys": cfg.scoring.decision.rule == "decoys"}
+def write_spec(cfg: DictConfig) -> WriteSpec:
+    return WriteSpec(staging=f"{cfg.output.dir}/{layout.STAGING}", provenance=provenance(cfg),
+                     compression=cfg.output.compression, sides=sides(cfg),
+                     decoys=cfg.scoring.decision.rule == "decoys")
 
 
 def label_job(cfg: DictConfig, rows: list[dict]) -> Optional[list[dict]]:
@@ -178,14 +171,13 @@ def label_job(cfg: DictConfig, rows: list[dict]) -> Optional[list[dict]]:
     return calibration
 
 
-def check_contracts(cfg: DictConfig, plan: list[Step]) -> None:
+def check_contracts(cfg: DictConfig, plan: list[StageSpec]) -> None:
     """The whole chain, reader to writer: every column a stage reads is written upstream (stages/contract.py).
-    Built from each stage's `contract` with the step's arguments, so no model is loaded."""
-    check_chain([READ_CONTRACT] + [step.stage.contract(**step.kwargs) for step in plan]
-                + [WriteParts.contract(**write_kwargs(cfg))])
+    Built from each spec's contract, so no model is loaded."""
+    check_chain([READ_CONTRACT] + [spec.contract() for spec in plan] + [write_spec(cfg).contract()])
 
 
-def _warn_if_pools_do_not_fit(cfg: DictConfig, plan: list[Step]) -> None:
+def _warn_if_pools_do_not_fit(cfg: DictConfig, plan: list[StageSpec]) -> None:
     """Every actor pool must be up at once, or Ray Data waits forever for the ones that cannot start: say so
     (an autoscaling cluster may still grow, so this only warns)."""
     import ray
@@ -214,13 +206,12 @@ def build_dataset(cfg: DictConfig, specs: list[dict], duplicates=None) -> ray.da
     # one read task per shard, kept apart from the first actor step (pipeline/read_source.py says how)
     ds = read_pairs(with_images_dir(cfg, specs), input_cfg=c["input"], in_shard_negatives=cfg.scoring.in_shard_negatives,
                     seed=cfg.scoring.seed, duplicates=duplicates, num_cpus=cfg.ray.read_num_cpus)
-    for step in plan:
-        if step.resources is None:
-            ds = ds.map_batches(step.stage(**step.kwargs), **task, **({"batch_size": None} if step.whole_shards else {}))
-        else:
-            ds = ds.map_batches(step.stage, fn_constructor_kwargs=step.kwargs, **_actor_args(step.resources))
-    ds = ds.map_batches(WriteParts(**write_kwargs(cfg)), **task)
-    return ds
+    for spec in plan:
+        if spec.resources is None:  # a task: the stage is built here and shipped with its spec
+            ds = ds.map_batches(spec.build(), **task, **({"batch_size": None} if spec.whole_shards else {}))
+        else:  # an actor pool: each actor builds the stage from the spec once (a model loads once per actor)
+            ds = ds.map_batches(spec.stage, fn_constructor_kwargs={"spec": spec}, **_actor_args(spec.resources))
+    return ds.map_batches(write_spec(cfg).build(), **task)
 
 
 def run_local(cfg: DictConfig, specs: list[dict], instrument: Optional[Callable[[object], None]] = None) -> list[dict]:
@@ -233,11 +224,11 @@ def run_local(cfg: DictConfig, specs: list[dict], instrument: Optional[Callable[
     check_contracts(cfg, plan)
     shards = [read_shard_table(spec, c["input"], cfg.scoring.in_shard_negatives, cfg.scoring.seed).to_pylist()
               for spec in with_images_dir(cfg, specs)]
-    for step in plan:
-        stage = step.stage(**step.kwargs)
+    for spec in plan:
+        stage = spec.build()
         if instrument is not None:
             instrument(stage)
-        size = step.resources.batch_size if step.resources is not None else None
+        size = spec.resources.batch_size if spec.resources is not None else None
         for i, rows in enumerate(shards):
             size_i = size or max(1, len(rows))
             shards[i] = [row for start in range(0, len(rows), size_i)

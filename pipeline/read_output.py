@@ -16,6 +16,7 @@ from typing import Optional
 import polars as pl
 
 from pipeline.verify import check_readable
+from stages import layout
 from stages.files import SHARD_GLOB
 
 
@@ -32,8 +33,8 @@ _CHECKED: dict[tuple, list[dict]] = {}
 
 def _stamp(out_dir) -> tuple:
     out = Path(out_dir).resolve()
-    files = [out / "manifest.json"]
-    files += [f for sub in ("_commits", "data", "quarantine") for f in sorted((out / sub).glob("*"))]
+    files = [out / layout.MANIFEST]
+    files += [f for sub in (layout.COMMITS, layout.DATA, layout.QUARANTINE) for f in sorted((out / sub).glob("*"))]
     return (str(out), *((str(f), st.st_size, st.st_mtime_ns) for f in files if f.is_file() and (st := f.stat())))
 
 
@@ -53,11 +54,11 @@ def _committed(out_dir, key: str, sub: str) -> list[Path]:
 
 def data_files(out_dir) -> list[Path]:
     """The committed output shards, OUT/data/shard-*.parquet, in shard order."""
-    return _committed(out_dir, "path", "data")
+    return _committed(out_dir, "path", layout.DATA)
 
 
 def quarantine_files(out_dir) -> list[Path]:
-    return _committed(out_dir, "quarantine_path", "quarantine")
+    return _committed(out_dir, "quarantine_path", layout.QUARANTINE)
 
 
 def check_schema_version(files: list[Path]) -> None:
@@ -84,6 +85,6 @@ def scan_pairs(out_dir) -> pl.LazyFrame:
 
 def read_manifest(out_dir) -> Optional[dict]:
     """manifest.json, or None while the job has not finished (it is written last)."""
-    path = Path(out_dir) / "manifest.json"
+    path = Path(out_dir) / layout.MANIFEST
     return json.loads(path.read_text()) if path.exists() else None
 

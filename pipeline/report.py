@@ -14,6 +14,7 @@ from typing import Optional
 
 from pipeline.report_figures import figures
 from pipeline.report_numbers import DEFAULT_MAX_POINTS, compute, percent
+from stages import layout
 
 
 def _fmt(v) -> str:
@@ -101,7 +102,7 @@ def _decision_section(rule: dict) -> str:
         return head
     rows = [[c["side"], c["group"], c["pairs"], c["wins"], c["losses"], c["reason"],
              "none (no pair reason)" if c["margin"] is None else c["margin"], percent(c["fdr_estimate"]),
-             *(over.get(c["group"], {}).get(k) if c["side"] == "query" else "" for k in ("p5", "median", "p95"))]
+             *(over.get(c["side"], {}).get(c["group"], {}).get(k) for k in ("p5", "median", "p95"))]
             for c in rule.get("calibration", [])]
     return head + _table(["side", "group", "tested pairs", "candidate wins", "decoy wins", "reason",
                           "margin", "estimated FDR", "best - threshold p5", "median", "p95"], rows)
@@ -185,7 +186,7 @@ def run(out_dir: str, max_points: int = DEFAULT_MAX_POINTS) -> dict:
     (plus "html": the report's path and "figures": the names of the embedded figures)."""
     numbers = compute(out_dir, max_points=max_points)
     figs = figures(numbers)
-    path = Path(out_dir) / "report.html"
+    path = Path(out_dir) / layout.REPORT
     path.write_text(render_html(numbers, figs, out_dir), encoding="utf-8")
     print(summary_text(numbers))
     print(f"report: {path}")

@@ -17,6 +17,8 @@ from typing import Optional
 import polars as pl
 
 from pipeline.read_output import quarantine_files, read_manifest, scan_pairs
+from stages.calibrate import JOB_GROUP
+from stages.side import SIDES
 
 DEFAULT_MAX_POINTS = 20_000
 HISTOGRAM_BINS = 30
@@ -128,13 +130,17 @@ def _decision(lf: pl.LazyFrame, manifest: Optional[dict]) -> dict:
     rate and the quartiles of the tested pairs' best_delta - help_threshold (how far the best rationale is above
     or below what it had to beat; the pair is reason where > 0)."""
     rule = dict((manifest or {}).get("decision") or {})
-    over = pl.col("best_delta") - pl.col("help_threshold")
-    tested = lf.filter(pl.col("help_threshold").is_not_null() & pl.col("help_threshold").is_finite())
-    margins = (tested.group_by("subset").agg(pl.len().alias("n"), *[
-        over.quantile(q, interpolation="linear").alias(name) for q, name in ((0.05, "p5"), (0.25, "q1"), (0.5, "median"),
-                                                                              (0.75, "q3"), (0.95, "p95"))])
-               .sort("subset").collect())
-    rule["over_threshold"] = {r.pop("subset"): r for r in margins.to_dicts()}
+    group = pl.lit(JOB_GROUP) if rule.get("group") == "job" else pl.col("subset").cast(pl.String)
+    rule["over_threshold"] = {}
+    for side in SIDES:
+        best, threshold = pl.col(side.column("best_delta")), pl.col(side.column("help_threshold"))
+        quartiles = (lf.filter(threshold.is_not_null() & threshold.is_finite())
+                     .group_by(group.alias("group"))
+                     .agg(pl.len().alias("n"), *[(best - threshold).quantile(q, interpolation="linear").alias(name)
+                                                 for q, name in ((0.05, "p5"), (0.25, "q1"), (0.5, "median"),
+                                                                 (0.75, "q3"), (0.95, "p95"))])
+                     .sort("group").collect())
+        rule["over_threshold"][side.name] = {r.pop("group"): r for r in quartiles.to_dicts()}
     return rule
 
 

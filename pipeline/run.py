@@ -34,7 +34,8 @@ from pipeline.output_dir import check_output_dir, is_pairsel_card, prepare_outpu
 from pipeline.plan import build_dataset
 from stages import faults
 from stages.duplicates import find_duplicates, index_pair_ids
-from stages.files import SCORED_DIR, shard_file
+from stages import layout
+from stages.files import shard_file
 from stages.inputs import plan_shards
 from stages.write import commit_shard
 
@@ -122,7 +123,7 @@ def start_duplicate_index(cfg: DictConfig, specs: list[dict], out_dir: Path) -> 
     read once per output dir (kept in _index/pair_ids/); the comparison is one task."""
     if len(specs) < 2:
         return None
-    keys = out_dir / "_index" / "pair_ids"
+    keys = out_dir / layout.PAIR_IDS
     keys.mkdir(parents=True, exist_ok=True)
     missing = [s for s in specs if not (keys / shard_file(s["shard_id"])).is_file()]
     task = {"num_cpus": cfg.ray.read_num_cpus, "max_retries": -1}
@@ -131,7 +132,7 @@ def start_duplicate_index(cfg: DictConfig, specs: list[dict], out_dir: Path) -> 
     groups = min(len(missing), 256)  # at most this many index tasks, so that the last task waits on few refs
     indexed = [index.remote(missing[i::groups], input_cfg, str(keys)) for i in range(groups)]
     return ray.remote(**task)(_find_duplicates_after).remote(
-        str(keys), str(out_dir / "_index" / "duplicates.parquet"), *indexed)
+        str(keys), str(out_dir / layout.DUPLICATES), *indexed)
 
 
 # A progress callback: (shards committed by this run, pairs labelled and written by it so far).
@@ -141,7 +142,7 @@ Progress = Callable[[int, int], None]
 def drive(ds: ray.data.Dataset, cfg: DictConfig, specs: list[dict], progress: Progress | None = None) -> int:
     """Consume the part records; commit each shard as soon as all of its rows are on disk."""
     commit = ray.remote(num_cpus=cfg.ray.write_num_cpus)(commit_shard)
-    staging = str(Path(cfg.output.dir) / "_staging")  # where WriteParts stages the parts
+    staging = str(Path(cfg.output.dir) / layout.STAGING)  # where WriteParts stages the parts
     todo = {s["shard_id"] for s in specs}
     pending: dict[int, dict] = {}  # shards with some rows on disk
     in_flight, committed, pairs = [], 0, 0
@@ -276,11 +277,11 @@ def execute(job: Job, address: str | None = None, quiet: bool = False, progress:
         raise JobStopped(interrupted=False, cause=e) from e
     result = manifest.build(out_dir, cfg, job.started_at, time.monotonic() - job.t0, planned_shards=len(job.specs))
     manifest.write(out_dir, result)
-    if (out_dir / "README.md").exists() and not is_pairsel_card(out_dir / "README.md"):
+    if (out_dir / layout.CARD).exists() and not is_pairsel_card(out_dir / layout.CARD):
         log.warning("%s/README.md is not pairsel's dataset card: left as it is, no card written", out_dir)
     else:
         card.write_card(str(out_dir), result)
-    for folder in ("_staging", SCORED_DIR):  # the labelled shards hold everything the scored ones did
+    for folder in (layout.STAGING, layout.SCORED):  # the labelled shards hold everything the scored ones did
         shutil.rmtree(out_dir / folder, ignore_errors=True)
     return result
 

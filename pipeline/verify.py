@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas import SCHEMA_VERSION
+from stages import layout
 from stages.files import SHARD_FILE, SHARD_GLOB, file_sha256, shard_file
 
 SCHEMA_KEY = b"pairsel.schema_version"  # the Parquet footer key that names a shard's schema version
@@ -74,7 +75,7 @@ RECORD_KEYS = ("shard_id", "path", "rows", "sha256", "quarantine_path", "quarant
 def read_commit_records(out_dir: Path) -> tuple[list[dict], list[Problem]]:
     """The commit records in _commits/, in shard order, and a problem for each one that does not read."""
     records, problems = [], []
-    for path in sorted((Path(out_dir) / "_commits").glob(f"{SHARD_GLOB}.json")):
+    for path in sorted((Path(out_dir) / layout.COMMITS).glob(f"{SHARD_GLOB}.json")):
         named = COMMIT_FILE.fullmatch(path.name)
         if not named:
             continue
@@ -107,10 +108,10 @@ def expected_records(out_dir: Path) -> tuple[list[dict], list[Problem], str]:
     _commits/, e.g. from a dataset hub) the manifest's list of them; and which of the two that is ("" for none)."""
     records, problems = read_commit_records(out_dir)
     if records or problems:
-        return records, problems, "_commits/"
-    manifest, _ = read_json(Path(out_dir) / "manifest.json")
+        return records, problems, f"{layout.COMMITS}/"
+    manifest, _ = read_json(Path(out_dir) / layout.MANIFEST)
     if isinstance(manifest, dict) and isinstance(manifest.get("shards"), list):
-        return manifest["shards"], [], "manifest.json"
+        return manifest["shards"], [], layout.MANIFEST
     return [], [], ""
 
 
@@ -148,7 +149,7 @@ def shard_problems(out_dir: Path, record: dict, depth: Depth) -> list[Problem]:
     shard_id = record["shard_id"]
     schema_version = record.get("schema_version", SCHEMA_VERSION)  # records without the key: the job's version
     problems = []
-    for sub, prefix in (("data", ""), ("quarantine", "quarantine_")):
+    for sub, prefix in ((layout.DATA, ""), (layout.QUARANTINE, "quarantine_")):
         rel = record[f"{prefix}path"]
         if rel is None:
             continue
@@ -193,7 +194,7 @@ def label_stages(config: dict) -> list:
     from pipeline.plan import steps
 
     plan = steps(OmegaConf.create(config))
-    last_model_step = max(i for i, step in enumerate(plan) if step.resources is not None)
+    last_model_step = max(i for i, spec in enumerate(plan) if spec.resources is not None)
     return plan[last_model_step + 1:]
 
 
@@ -224,9 +225,9 @@ def recompute(stored: pa.Table, stages: list) -> tuple[pa.Table, pa.Table, list[
     work = to_work_table(stored)
     again = work
     names: list[str] = []
-    for step in stages:
-        again = step.stage(**step.kwargs)(again)
-        names += [n for n in step.stage.contract(**step.kwargs).writes if n not in names]
+    for spec in stages:
+        again = spec.build()(again)
+        names += [n for n in spec.contract().writes if n not in names]
     return work, again, names
 
 
@@ -318,7 +319,7 @@ def _extra_files(out_dir: Path, records: list[dict]) -> list[Problem]:
     """Shard files that no commit record names: left by a run that died before committing them, or put there."""
     named = {r[k] for r in records for k in ("path", "quarantine_path") if r.get(k)}
     problems = []
-    for sub in ("data", "quarantine"):
+    for sub in layout.SHARD_FOLDERS:
         for f in sorted((out_dir / sub).glob(f"{SHARD_GLOB}.parquet")):
             rel = f"{sub}/{f.name}"
             if SHARD_FILE.fullmatch(f.name) and rel not in named:
@@ -331,12 +332,12 @@ def verify(out_dir, quick: bool = False) -> Verdict:
     """Check a whole output folder; the problems are in shard order, the folder's own after them."""
     out_dir = Path(out_dir)
     records, problems, source = expected_records(out_dir)
-    manifest, why = read_json(out_dir / "manifest.json")
-    job, _ = read_json(out_dir / "_commits" / "job.json")
-    if source == "_commits/":
+    manifest, why = read_json(out_dir / layout.MANIFEST)
+    job, _ = read_json(out_dir / layout.JOB_RECORD)
+    if source == f"{layout.COMMITS}/":
         problems += _manifest_problems(manifest, why, records)
-    elif source == "manifest.json":
-        problems.append(Problem("_commits/", "missing: the shards are checked against manifest.json alone"))
+    elif source == layout.MANIFEST:
+        problems.append(Problem(f"{layout.COMMITS}/", "missing: the shards are checked against manifest.json alone"))
     planned = ((job or {}).get("input_plan") or {}).get("shards")
     have = {r["shard_id"] for r in records} | {p.shard_id for p in problems if p.where.startswith("_commits/shard")}
     for shard_id in range(planned or 0):

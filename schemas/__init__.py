@@ -10,6 +10,7 @@ from schemas.v4 import (  # noqa: F401
     DECOY_RULE_COLUMNS,
     DUPLICATES,
     IMAGE_REF,
+    JOINT_COLUMNS,
     NEGATIVE,
     OUTPUT_SCHEMA,
     PAIR_COLUMNS,
@@ -19,6 +20,7 @@ from schemas.v4 import (  # noqa: F401
     QUARANTINE_SCHEMA,
     SCHEMA_VERSION,
     TARGET_COLUMNS,
+    TARGET_PREFIX,
     WORK_SCHEMA,
     conform,
 )

@@ -150,25 +150,15 @@ SCORE_FIELDS = [
     pa.field("help_threshold", pa.float64()),  # max(base_threshold + null_margin, best decoy delta); bar: base
 ]
 
-# ---- the target side (generators[].k_target > 0; all null without target candidates)
-TARGET_FIELDS = [
-    # each target candidate: s_k = cos(E(q), E(t ⊕ r_t,j)); s_neg null (the plain query's similarities to the
-    # negatives are s_direct_neg: the negatives enter as embedded for the query side, see stages/score.py)
-    pa.field("target_candidates", pa.list_(CANDIDATE)),
-    pa.field("target_s_control", pa.list_(pa.float64())),  # cos(E(q), E(t ⊕ c_i))
-    pa.field("target_lse_control", pa.list_(pa.float64())),
-    pa.field("target_control_delta", pa.list_(pa.float64())),
-    pa.field("target_decision", pa.string()),  # reason | direct | undecided, as decision
-    pa.field("target_chosen", pa.int32()),  # index into target_candidates
-    pa.field("target_chosen_generator", pa.string()),
-    pa.field("target_best_delta", pa.float64()),
-    pa.field("target_need_reasoning", pa.bool_()),
-    pa.field("target_rejected", pa.list_(pa.int32())),
-    pa.field("target_decoys", pa.list_(DECOY)),
-    pa.field("target_base_threshold", pa.float64()),
-    pa.field("target_null_score", pa.float64()),
-    pa.field("target_null_margin", pa.float64()),
-    pa.field("target_help_threshold", pa.float64()),
+# ---- the target side (generators[].k_target > 0; all null without target candidates): the query side's columns
+# that a side owns (stages/side.py), prefixed. Each target candidate: s_k = cos(E(q), E(t ⊕ r_t,j)) and s_neg null
+# (the plain query's similarities to the negatives are s_direct_neg, see stages/score.py); target_s_control[i] =
+# cos(E(q), E(t ⊕ c_i)).
+TARGET_PREFIX = "target_"
+SIDE_FIELDS = ("candidates", "s_control", "lse_control", "control_delta", "decision", "chosen", "chosen_generator",
+               "best_delta", "need_reasoning", "rejected", "decoys", "base_threshold", "null_score", "null_margin",
+               "help_threshold")
+JOINT_FIELDS = [
     # the joint choice: the valid (k, j) with the largest delta_joint (stages/select.py)
     pa.field("joint_query", pa.int32()),  # index into candidates
     pa.field("joint_target", pa.int32()),  # index into target_candidates
@@ -176,14 +166,15 @@ TARGET_FIELDS = [
     pa.field("joint_beats_query", pa.bool_()),  # joint_delta > the query side's choice + epsilon
     pa.field("joint_beats_target", pa.bool_()),  # joint_delta > the target side's choice + epsilon
 ]
+TARGET_FIELDS = [pa.field(TARGET_PREFIX + f.name, f.type) for f in SCORE_FIELDS if f.name in SIDE_FIELDS] + JOINT_FIELDS
 TARGET_COLUMNS = [f.name for f in TARGET_FIELDS]
 
 # What each rule leaves null: the bar rule has no decoys; under the decoy rule the decisions (and the joint choice,
 # which compares the sides' decisions) are filled only once the whole job is calibrated (stages/calibrate.py).
-JOINT_COLUMNS = ["joint_query", "joint_target", "joint_delta", "joint_beats_query", "joint_beats_target"]
-DECOY_RULE_COLUMNS = [f"{p}{n}" for p in ("", "target_") for n in ("decoys", "null_score", "null_margin")]
-CALIBRATED_COLUMNS = [f"{p}{n}" for p in ("", "target_") for n in ("decision", "need_reasoning", "help_threshold",
-                                                                   "null_margin")] + JOINT_COLUMNS
+JOINT_COLUMNS = [f.name for f in JOINT_FIELDS]
+DECOY_RULE_COLUMNS = [p + n for p in ("", TARGET_PREFIX) for n in ("decoys", "null_score", "null_margin")]
+CALIBRATED_COLUMNS = [p + n for p in ("", TARGET_PREFIX) for n in ("decision", "need_reasoning", "help_threshold",
+                                                                 "null_margin")] + JOINT_COLUMNS
 
 WORK_SCHEMA = pa.schema(PAIR_FIELDS + SCORE_FIELDS + TARGET_FIELDS)
 

@@ -32,6 +32,8 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 from stages.decoys import decoy_counts
+from stages.select import sides_of
+from stages.side import SIDES, Side
 
 NULL_GROUPS = ("subset", "job")  # scoring.decision.group (pipeline/config.py takes its choices from here)
 JOB_GROUP = "*"
@@ -41,8 +43,8 @@ def win_chance(generators: list[dict], decoys_per_candidate: float) -> float:
     """c: the most a pair's candidates win the decoy competition by chance, on either side: its candidate slots
     over its slots and decoys (stages/decoys.py:decoy_counts; every pair of a side has the same)."""
     counts = decoy_counts(generators, decoys_per_candidate)
-    slots = {"query": sum(g["k"] for g in generators), "target": sum(g.get("k_target", 0) for g in generators)}
-    return max(slots[side] / (slots[side] + sum(c.values())) for side, c in counts.items())
+    slots = {side.name: sum(g.get(side.count_key, 0) for g in generators) for side in SIDES}
+    return max(slots[name] / (slots[name] + sum(c.values())) for name, c in counts.items())
 
 
 def knockoff_margin(scores, fdr: float, chance: float) -> dict:
@@ -78,10 +80,10 @@ def calibrate(scores: Iterable[tuple[str, str, Optional[float]]], fdr: float, ch
             for (side, key), values in sorted(by_group.items())]
 
 
-def margin_lookup(calibration: list[dict], group: str) -> Callable[[str, dict], Optional[float]]:
+def margin_lookup(calibration: list[dict], group: str) -> Callable[[Side, dict], Optional[float]]:
     """(side, row) -> the margin of the row's group, for stages/select.py:label_rows."""
     margins = {(c["side"], c["group"]): c["margin"] for c in calibration}
-    return lambda side, row: margins.get((side, group_key(row.get("subset"), group)))
+    return lambda side, row: margins.get((side.name, group_key(row.get("subset"), group)))
 
 
 def row_scores(rows: list[dict], group: str) -> Iterable[tuple[str, str, Optional[float]]]:
@@ -89,10 +91,8 @@ def row_scores(rows: list[dict], group: str) -> Iterable[tuple[str, str, Optiona
     for row in rows:
         if row.get("quarantine_reason"):
             continue
-        key = group_key(row.get("subset"), group)
-        yield "query", key, row.get("null_score")
-        if row.get("target_candidates"):
-            yield "target", key, row.get("target_null_score")
+        for side in sides_of(row):
+            yield side.name, group_key(row.get("subset"), group), row.get(side.column("null_score"))
 
 
 def output_scores(pairs, group: str) -> Iterable[tuple[str, str, Optional[float]]]:
@@ -100,11 +100,13 @@ def output_scores(pairs, group: str) -> Iterable[tuple[str, str, Optional[float]
     rows, so that the manifest, the report and `pairsel verify` recompute the job's calibration from its output."""
     import polars as pl
 
-    has_target = pl.col("target_candidates").list.len().fill_null(0) > 0
-    df = pairs.select("subset", "null_score", pl.when(has_target).then(pl.col("target_null_score"))
-                      .alias("target_null_score"), has_target.alias("has_target")).collect()
-    for subset, score, target_score, target in df.iter_rows():
-        key = group_key(subset, group)
-        yield "query", key, score
-        if target:
-            yield "target", key, target_score
+    # a side counts where the pair has its candidates (the query side always, the target side with k_target)
+    has = [pl.col(side.candidates).list.len().fill_null(0) > 0 for side in SIDES]
+    df = pairs.select("subset", *[pl.when(h).then(pl.col(side.column("null_score"))).alias(side.name)
+                                  for side, h in zip(SIDES, has)],
+                      *[h.alias(f"has_{side.name}") for side, h in zip(SIDES, has)]).collect()
+    for row in df.iter_rows(named=True):
+        key = group_key(row["subset"], group)
+        for side in SIDES:
+            if not side.optional or row[f"has_{side.name}"]:
+                yield side.name, key, row[side.name]

@@ -18,7 +18,8 @@ whole); it checks that every shard in a batch is complete and refuses a batch th
 from __future__ import annotations
 
 import hashlib
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar, Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -26,8 +27,8 @@ import pyarrow as pa
 from stages.contract import Contract
 from stages.negatives import target_identity
 from stages.score import VALID_FINISH
-
-SIDE_FIELDS = {"query": ("candidates", "decoys"), "target": ("target_candidates", "target_decoys")}
+from stages.side import BY_NAME, SIDES
+from stages.spec import StageSpec
 
 
 def _seed(seed: int, pair_id: str, side: str, generator: str) -> list[int]:
@@ -69,8 +70,9 @@ def draw_decoys(rows: list[dict], counts: dict[str, dict[str, int]], seed: int,
     live = [r for r in sorted(rows, key=lambda r: r["row_index"]) if not r.get("quarantine_reason")]
     eligible = _eligibility(live)
     masks = [eligible(pos) for pos in range(len(live))]
-    for side, per_generator in counts.items():
-        cand_field, decoy_field = SIDE_FIELDS[side]
+    for side_name, per_generator in counts.items():
+        side = BY_NAME[side_name]
+        cand_field, decoy_field = side.candidates, side.decoys
         # per generator: every usable text of the shard, as (donor position in `live`, candidate index, text)
         pools: dict[str, list[tuple[int, int, str]]] = {g: [] for g in per_generator}
         for pos, donor in enumerate(live):
@@ -83,7 +85,7 @@ def draw_decoys(rows: list[dict], counts: dict[str, dict[str, int]], seed: int,
             decoys = []
             for generator, count in per_generator.items():
                 pool = np.flatnonzero(masks[pos][donors[generator]]) if len(donors[generator]) else np.array([], int)
-                rng = np.random.default_rng(_seed(seed, row["pair_id"], side, generator))
+                rng = np.random.default_rng(_seed(seed, row["pair_id"], side.name, generator))
                 picks = np.sort(rng.choice(pool, size=min(count, len(pool)), replace=False)) if len(pool) else []
                 decoys += [{"generator": generator, "donor_pair_id": live[pools[generator][i][0]]["pair_id"],
                             "donor_candidate": pools[generator][i][1], "text": pools[generator][i][2]}
@@ -104,47 +106,59 @@ def check_whole_shards(rows: list[dict]) -> None:
                            "whole shards and must run with batch_size None right after the model stages")
 
 
-class Decoys:
-    """Ray Data task over whole shards: draw_decoys on the columns its contract names (no model)."""
+@dataclass(frozen=True)
+class DecoysSpec(StageSpec):
+    """The decoy draw: counts per side name (generator name -> decoys per pair), over whole shards."""
 
-    @staticmethod
-    def contract(counts: dict, seed: int = 0, valid_finish_reasons=VALID_FINISH) -> Contract:
+    counts: Mapping[str, Mapping[str, int]]
+    seed: int = 0
+    valid_finish_reasons: tuple[str, ...] = VALID_FINISH
+    whole_shards: ClassVar[bool] = True
+
+    def contract(self) -> Contract:
         reads = ["quarantine_reason", "pair_id", "subset", "shard_id", "shard_size", "row_index", "target_text",
                  "target_image_path", "target_image", "negatives.text", "negatives.image_path", "negatives.image"]
         writes = []
-        for side in counts:
-            cand_field, decoy_field = SIDE_FIELDS[side]
-            reads += [f"{cand_field}.{name}" for name in ("generator", "text", "finish_reason")]
-            writes.append(decoy_field)
+        for name in self.counts:
+            side = BY_NAME[name]
+            reads += [f"{side.candidates}.{field}" for field in ("generator", "text", "finish_reason")]
+            writes.append(side.decoys)
         return Contract("decoys", tuple(reads), tuple(writes))
 
-    def __init__(self, counts: dict, seed: int = 0, valid_finish_reasons=VALID_FINISH):
-        self.counts = counts
-        self.seed = seed
-        self.valid_finish = tuple(valid_finish_reasons)
-        self._contract = Decoys.contract(counts, seed, valid_finish_reasons)
+
+class Decoys:
+    """Ray Data task over whole shards: draw_decoys on the columns its contract names (no model)."""
+
+    def __init__(self, spec: DecoysSpec):
+        self.spec = spec
+        self._contract = spec.contract()
 
     def _draw(self, rows: list[dict]) -> None:
         check_whole_shards(rows)
         by_shard: dict[int, list[dict]] = {}
         for row in rows:
             by_shard.setdefault(row["shard_id"], []).append(row)
+        counts = {name: dict(c) for name, c in self.spec.counts.items()}
         for shard_rows in by_shard.values():
-            draw_decoys(shard_rows, self.counts, self.seed, self.valid_finish)
+            draw_decoys(shard_rows, counts, self.spec.seed, self.spec.valid_finish_reasons)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self._contract.apply(batch, self._draw)
 
 
+DecoysSpec.stage = Decoys
+
+
 def decoy_counts(generators: list[dict], per_candidate: float) -> dict[str, dict[str, int]]:
     """Per side, generator name -> decoys per pair: per_candidate decoys for each of the generator's candidate slots
     (k, k_target), at least one per generator that has slots."""
-    counts: dict[str, dict[str, int]] = {"query": {}, "target": {}}
+    counts: dict[str, dict[str, int]] = {side.name: {} for side in SIDES}
     for g in generators:
-        for side, slots in (("query", g["k"]), ("target", g.get("k_target", 0))):
+        for side in SIDES:
+            slots = g.get(side.count_key, 0)
             if slots:
-                counts[side][g["name"]] = max(1, int(np.ceil(per_candidate * slots)))
-    return {side: c for side, c in counts.items() if c}
+                counts[side.name][g["name"]] = max(1, int(np.ceil(per_candidate * slots)))
+    return {name: c for name, c in counts.items() if c}
 
 
 def required(counts: Optional[dict]) -> Optional[dict]:

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +46,8 @@ from stages.contract import Contract
 from stages.counters import StageCounters
 from stages.embed_cache import EmbeddingCache, embedder_identity
 from stages.images import ImageError, ImageLoader, digest_bytes
+from stages.side import QUERY, Side
+from stages.spec import StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -94,103 +97,183 @@ class _Inputs:
         return self.index[key]
 
 
-class Embed:
-    """Ray Data actor: loads the embedder once, serves batches (through its contract: it sees only the columns
-    `contract` names).
+@dataclass(frozen=True)
+class EmbedderSpec:
+    """The embedder of the config (embedder:), as the stage needs it."""
 
-    cache_dir: the disk cache shared by every actor and job (None: this actor's memory only).
-    stats_dir: where this actor keeps its counters (lookups, hits, forwards, model seconds) as one small
-    JSON file, rewritten after each batch; None: nowhere.
-    controls: the content-free control texts (scoring.controls), embedded with each pair's query the first
-    time the pair passes (with its plain query); they go through the cache like any input, so a control on a
-    query shared by many pairs is embedded once."""
+    backend: str
+    model: str
+    pooling: str
+    max_length: int
+    trust_remote_code: bool
+    options: Mapping[str, Any]
+    query_instruction: str
+    reasoned_query_instruction: str
+    target_instruction: str
+    reasoned_target_instruction: str
 
-    @staticmethod
-    def contract(embedder: dict, max_image_pixels: int, cache_dir: Optional[str] = None,
-                 stats_dir: Optional[str] = None, round_index: int = 0, controls=(), target_side: bool = True,
-                 decoys: bool = False) -> Contract:
-        """The columns Embed reads and writes (its constructor's arguments; nothing is loaded). target_side: some
-        generator has k_target > 0 (without, nothing writes the target columns and this stage leaves them)."""
+    @classmethod
+    def from_config(cls, e) -> "EmbedderSpec":
+        """From the config's embedder (the typed config's node, or the same as a dict)."""
+        return cls(**{f: dict(e[f]) if f == "options" else e[f] for f in cls.__dataclass_fields__})
+
+    def identity(self) -> str:
+        """What decides its vectors, for the embedding cache's keys (stages/embed_cache.py)."""
+        return embedder_identity({"backend": self.backend, "model": self.model, "pooling": self.pooling,
+                                  "max_length": self.max_length, "options": dict(self.options)})
+
+
+@dataclass(frozen=True)
+class EmbedSpec(StageSpec):
+    """One Embed step (one per round). cache_dir: the disk cache shared by every actor and job (None: the actor's
+    memory only). stats_dir: where the actor keeps its counters (lookups, hits, forwards, model seconds) as one
+    small JSON file, rewritten after each batch; None: nowhere. controls: the content-free control texts
+    (scoring.controls), embedded with each side's input the first time a pair passes; they go through the cache
+    like any input, so a control on a query shared by many pairs is embedded once. sides: the sides that have
+    rationales (the target side only with k_target > 0). decoys: the decoy rule's decoys are embedded too."""
+
+    embedder: EmbedderSpec
+    max_image_pixels: int
+    cache_dir: Optional[str] = None
+    stats_dir: Optional[str] = None
+    round_index: int = 0
+    controls: tuple[str, ...] = ()
+    sides: tuple[Side, ...] = (QUERY,)
+    decoys: bool = False
+
+    def contract(self) -> Contract:
+        """The columns the step reads and writes (nothing is loaded)."""
         reads = ["quarantine_reason", "query_text", "query_image", "target_text", "target_image", "negatives.text",
-                 "negatives.image", "s_direct", "candidates.text", "candidates.finish_reason", "candidates.s_k"]
-        writes = ["s_direct", "s_direct_neg", "s_control", "s_control_neg", "candidates.s_k", "candidates.s_neg",
+                 "negatives.image", "s_direct"]
+        writes = ["s_direct", "s_direct_neg", "s_control_neg",
                   "quarantine_reason", "quarantine_detail"]  # embed_failed, or an image changed since the read
-        sides = [""] + (["target_"] if target_side else [])
-        if target_side:
-            reads += ["target_s_control", "target_candidates.text", "target_candidates.finish_reason",
-                      "target_candidates.s_k"]
-            writes += ["target_candidates.s_k", "target_candidates.s_neg", "target_s_control", "candidates.s_joint"]
-        if decoys:
-            reads += [f"{prefix}decoys.{name}" for prefix in sides for name in ("text", "s_k")]
-            writes += [f"{prefix}decoys.{name}" for prefix in sides for name in ("s_k", "s_neg")]
+        for side in self.sides:
+            reads += [side.column("s_control")] + [f"{side.candidates}.{n}" for n in ("text", "finish_reason", "s_k")]
+            writes += [side.column("s_control")] + [f"{side.candidates}.{n}" for n in ("s_k", "s_neg")]
+            if self.decoys:
+                reads += [f"{side.decoys}.{n}" for n in ("text", "s_k")]
+                writes += [f"{side.decoys}.{n}" for n in ("s_k", "s_neg")]
+        if len(self.sides) > 1:
+            writes += ["candidates.s_joint"]
         return Contract("embed", tuple(reads), tuple(writes))
 
-    def __init__(self, embedder: dict, max_image_pixels: int, cache_dir: Optional[str] = None,
-                 stats_dir: Optional[str] = None, round_index: int = 0, controls=(), target_side: bool = True,
-                 decoys: bool = False):
-        self._contract = Embed.contract(embedder, max_image_pixels, cache_dir, stats_dir, round_index, controls,
-                                        target_side, decoys)
-        self.stats = StageCounters(stats_dir, "embed", stage="embed", round=round_index, lookups=0, forwards=0)
-        self.cfg = embedder
-        self.images = ImageLoader(max_image_pixels)  # this actor's images, loaded from their references
-        self.controls = list(controls or ())
-        backend_cls = embedder_class(embedder["backend"])
-        self.backend = backend_cls(
-            embedder["model"],
-            pooling=embedder["pooling"],
-            max_length=embedder["max_length"],
-            trust_remote_code=embedder["trust_remote_code"],
-            **embedder.get("options", {}),
-        )
-        self.cache = EmbeddingCache(cache_dir, embedder_identity(embedder))
+
+class Embed:
+    """Ray Data actor: loads the embedder once, serves batches (through its contract: it sees only the columns
+    the contract names)."""
+
+    def __init__(self, spec: EmbedSpec):
+        self.spec = spec
+        self._contract = spec.contract()
+        self.stats = StageCounters(spec.stats_dir, "embed", stage="embed", round=spec.round_index, lookups=0,
+                                   forwards=0)
+        e = spec.embedder
+        self.images = ImageLoader(spec.max_image_pixels)  # this actor's images, loaded from their references
+        self.backend = embedder_class(e.backend)(e.model, pooling=e.pooling, max_length=e.max_length,
+                                                 trust_remote_code=e.trust_remote_code, **e.options)
+        self.cache = EmbeddingCache(spec.cache_dir, e.identity())
         self.stats.ready()
 
     # ------------------------------------------------------------ one batch
+    def _reasoned(self, inputs: _Inputs, row: dict, side: Side, rationale: str) -> int:
+        """The input of the side's text with a rationale (or control, or decoy) appended, in the side's template."""
+        return inputs.add(_fill(getattr(self.spec.embedder, side.reasoned_instruction), row.get(side.text) or "",
+                                rationale), row.get(side.image))
+
     def _plan(self, row: dict, inputs: _Inputs) -> Optional[dict]:
-        """Which inputs a row needs, or None if it needs nothing (all its similarities are set)."""
-        c = self.cfg
-        cands = row.get("candidates") or []
+        """Which inputs a row needs, or None if it needs nothing (all its similarities are set). Per side: the
+        candidates and decoys not embedded yet, and the controls the first time; with both sides, every
+        embeddable candidate of both whenever either side changed (the joint pairs them all; old ones are cache
+        hits)."""
+        e = self.spec.embedder
         fresh = row.get("s_direct") is None
-        new = [k for k, cand in enumerate(cands) if needs_embedding(cand)]
-        targets = row.get("target_candidates") or []
+        sides = [side for side in self.spec.sides if not side.optional or row.get(side.candidates)]
+        new = {side.name: [k for k, c in enumerate(row.get(side.candidates) or []) if needs_embedding(c)]
+               for side in sides}
+        decoys = {side.name: [d for d, x in enumerate(row.get(side.decoys) or []) if needs_embedding(x)]
+                  for side in sides}
+        controls = {side.name: self.spec.controls if row.get(side.column("s_control")) is None else ()
+                    for side in sides}
+        cands, targets = row.get("candidates") or [], row.get("target_candidates") or []
         # a later round that added only target candidates that are not embedded (empty) still changes the joint's
         # shape: every query candidate needs one s_joint entry per target candidate
-        joint_stale = any(embeddable(c) and len(c.get("s_joint") or []) != len(targets) for c in cands)
-        target_pass = bool(targets) and (fresh or bool(new) or joint_stale or any(needs_embedding(t) for t in targets))
-        decoys = [d for d, x in enumerate(row.get("decoys") or []) if needs_embedding(x)]
-        target_decoys = [d for d, x in enumerate(row.get("target_decoys") or []) if needs_embedding(x)]
-        if not fresh and not new and not target_pass and not decoys and not target_decoys:
+        joint = bool(targets) and bool(cands) and (
+            fresh or any(new.values()) or any(embeddable(c) and len(c.get("s_joint") or []) != len(targets)
+                                              for c in cands))
+        if not (fresh or joint or any(new.values()) or any(decoys.values())):
             return None
-        q_text = row.get("query_text") or ""
-        q_image = row.get("query_image")
-        t_text, t_image = row.get("target_text"), row.get("target_image")
-        plan = {
-            "q": (inputs.add(_fill(c["query_instruction"], q_text), q_image)
-                  if fresh or target_pass or target_decoys else None),
-            "t": inputs.add(_fill(c["target_instruction"], row.get("target_text")), row.get("target_image")),
-            "negs": [inputs.add(_fill(c["target_instruction"], n.get("text")), n.get("image"))
-                     for n in row.get("negatives") or []],
-            "cands": {k: inputs.add(_fill(c["reasoned_query_instruction"], q_text, cands[k]["text"]), q_image)
-                      for k in new},
-            "fresh": fresh,
-            "controls": [inputs.add(_fill(c["reasoned_query_instruction"], q_text, control_text(text, q_text)), q_image)
-                         for text in self.controls] if fresh else [],
-            "decoys": {d: inputs.add(_fill(c["reasoned_query_instruction"], q_text, row["decoys"][d]["text"]), q_image)
-                       for d in decoys},
-            "target_decoys": {d: inputs.add(_fill(c["reasoned_target_instruction"], t_text,
-                                                  row["target_decoys"][d]["text"]), t_image) for d in target_decoys},
-        }
-        if target_pass:  # every embeddable candidate of both sides: the joint needs them all (old ones: cache hits)
-            reasoned = c["reasoned_target_instruction"]
-            plan["targets"] = {j: inputs.add(_fill(reasoned, t_text, tc["text"]), t_image)
-                               for j, tc in enumerate(targets) if embeddable(tc)}
-            plan["joint_q"] = {k: plan["cands"][k] if k in plan["cands"] else
-                               inputs.add(_fill(c["reasoned_query_instruction"], q_text, cand["text"]), q_image)
-                               for k, cand in enumerate(cands) if embeddable(cand)}
-            plan["target_controls"] = [
-                inputs.add(_fill(reasoned, t_text, control_text(text, t_text)), t_image)
-                for text in self.controls] if row.get("target_s_control") is None else []
+        # the plain query: its similarities (a fresh pair), and what the target side's reasoned inputs meet
+        needs_q = fresh or joint or any(not side.own_negatives and (new[side.name] or decoys[side.name]
+                                                                    or controls[side.name]) for side in sides)
+        plan = {"q": inputs.add(_fill(e.query_instruction, row.get("query_text") or ""), row.get("query_image"))
+                if needs_q else None,
+                "t": inputs.add(_fill(e.target_instruction, row.get("target_text")), row.get("target_image")),
+                "negs": [inputs.add(_fill(e.target_instruction, n.get("text")), n.get("image"))
+                         for n in row.get("negatives") or []],
+                "fresh": fresh, "joint": joint, "sides": {}}
+        for side in sides:
+            items = row.get(side.candidates) or []
+            embed = [k for k, c in enumerate(items) if embeddable(c)] if joint else new[side.name]
+            plan["sides"][side] = {
+                "cands": {k: self._reasoned(inputs, row, side, items[k]["text"]) for k in embed},
+                "write": set(new[side.name]),
+                "controls": [self._reasoned(inputs, row, side, control_text(text, row.get(side.text)))
+                             for text in controls[side.name]],
+                "decoys": {d: self._reasoned(inputs, row, side, row[side.decoys][d]["text"])
+                           for d in decoys[side.name]},
+            }
         return plan
+
+    def _embed_rows(self, rows: list[dict]) -> None:
+        inputs = _Inputs(self.cache)
+        plans = [self._plan(row, inputs) for row in rows]
+        if not inputs.keys:
+            return
+        vecs = self._vectors(inputs)
+        for row, p in zip(rows, plans):
+            if p is None:
+                continue
+            q, t = (None if p["q"] is None else vecs[p["q"]]), vecs[p["t"]]
+            negs = np.stack([vecs[j] for j in p["negs"]]) if p["negs"] else np.zeros((0, len(t)), np.float32)
+            if p["fresh"]:
+                row["s_direct"] = float(q @ t)
+                row["s_direct_neg"] = [float(x) for x in negs @ q]
+            for side, sp in p["sides"].items():
+                # the query side's reasoned inputs meet t+ and the negatives, the target side's the plain query
+                anchor = t if side.own_negatives else q
+
+                def sims(i: int) -> tuple[float, Optional[list[float]]]:
+                    v = vecs[i]
+                    return float(v @ anchor), ([float(x) for x in negs @ v] if side.own_negatives else None)
+
+                for k, cand in enumerate(row.get(side.candidates) or []):
+                    if k in sp["write"]:
+                        cand["s_k"], cand["s_neg"] = sims(sp["cands"][k])
+                    elif not embeddable(cand):
+                        cand["s_k"], cand["s_neg"] = None, None
+                if sp["controls"] and side.own_negatives:  # against t+ and each negative: one matrix product
+                    controls = np.stack([vecs[i] for i in sp["controls"]])
+                    row[side.column("s_control")] = [float(x) for x in controls @ anchor]
+                    row[side.column("s_control_neg")] = [[float(x) for x in r] for r in controls @ negs.T]
+                elif sp["controls"]:
+                    row[side.column("s_control")] = [sims(i)[0] for i in sp["controls"]]
+                for d, i in sp["decoys"].items():
+                    row[side.decoys][d]["s_k"], row[side.decoys][d]["s_neg"] = sims(i)
+            if p["joint"]:
+                self._fill_joint(row, p, vecs)
+
+    @staticmethod
+    def _fill_joint(row: dict, p: dict, vecs: list) -> None:
+        """s_joint[j] of each query candidate: cos(E(q ⊕ r_q,k), E(t ⊕ r_t,j)), null where either is not embedded."""
+        (query, qp), (target, tp) = p["sides"].items()
+        targets = row[target.candidates]
+        for k, cand in enumerate(row[query.candidates]):
+            if k not in qp["cands"]:
+                cand["s_joint"] = None
+                continue
+            r = vecs[qp["cands"][k]]
+            cand["s_joint"] = [float(vecs[tp["cands"][j]] @ r) if j in tp["cands"] else None
+                               for j in range(len(targets))]
 
     def _vectors(self, inputs: _Inputs) -> list[np.ndarray]:
         """Each input's vector: from the cache, else from the model (then cached)."""
@@ -210,58 +293,6 @@ class Embed:
             for i, vector in zip(missing, computed):
                 vectors[i] = vector
         return vectors
-
-    def _embed_rows(self, rows: list[dict]) -> None:
-        inputs = _Inputs(self.cache)
-        plans = [self._plan(row, inputs) for row in rows]
-        if not inputs.keys:
-            return
-        vecs = self._vectors(inputs)
-        for row, p in zip(rows, plans):
-            if p is None:
-                continue
-            t = vecs[p["t"]]
-            negs = np.stack([vecs[j] for j in p["negs"]]) if p["negs"] else np.zeros((0, len(t)), np.float32)
-            if p["fresh"]:
-                q = vecs[p["q"]]
-                row["s_direct"] = float(q @ t)
-                row["s_direct_neg"] = [float(x) for x in negs @ q]
-                if p["controls"]:
-                    controls = np.stack([vecs[i] for i in p["controls"]])
-                    row["s_control"] = [float(x) for x in controls @ t]
-                    row["s_control_neg"] = [[float(x) for x in row_] for row_ in controls @ negs.T]
-            for k, cand in enumerate(row.get("candidates") or []):
-                if k in p["cands"]:
-                    r = vecs[p["cands"][k]]
-                    cand["s_k"] = float(r @ t)
-                    cand["s_neg"] = [float(x) for x in negs @ r]
-                elif not embeddable(cand):
-                    cand["s_k"], cand["s_neg"] = None, None
-            for d, i in p["decoys"].items():
-                decoy = row["decoys"][d]
-                decoy["s_k"], decoy["s_neg"] = float(vecs[i] @ t), [float(x) for x in negs @ vecs[i]]
-            for d, i in p["target_decoys"].items():
-                decoy = row["target_decoys"][d]
-                decoy["s_k"], decoy["s_neg"] = float(vecs[i] @ vecs[p["q"]]), None
-            if "targets" in p:
-                self._fill_target_side(row, p, vecs)
-
-    @staticmethod
-    def _fill_target_side(row: dict, p: dict, vecs: list) -> None:
-        q = vecs[p["q"]]
-        targets = row["target_candidates"]
-        for j, tc in enumerate(targets):
-            tc["s_k"] = float(vecs[p["targets"][j]] @ q) if j in p["targets"] else None
-            tc["s_neg"] = None
-        if p["target_controls"]:
-            row["target_s_control"] = [float(vecs[i] @ q) for i in p["target_controls"]]
-        for k, cand in enumerate(row.get("candidates") or []):
-            if k not in p["joint_q"]:
-                cand["s_joint"] = None
-                continue
-            r = vecs[p["joint_q"][k]]
-            cand["s_joint"] = [float(vecs[p["targets"][j]] @ r) if j in p["targets"] else None
-                               for j in range(len(targets))]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.stats.batch_started()
@@ -284,3 +315,6 @@ class Embed:
                 except Exception as re:
                     row["quarantine_reason"], row["quarantine_detail"] = "embed_failed", f"{type(re).__name__}: {re}"
         self.stats["rows"] += len(todo)
+
+
+EmbedSpec.stage = Embed

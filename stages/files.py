@@ -25,7 +25,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 SHARD_GLOB = "shard-*"
-SCORED_DIR = "_scored"  # under the output dir: shards scored and waiting for their labels (the decoy rule)
 # an output or quarantine shard file, and the temporary name atomic_write_table gives it on its way in
 SHARD_FILE = re.compile(r"shard-(\d+)\.parquet")
 TEMP_SHARD_FILE = re.compile(r"\.shard-\d+\.parquet\.[0-9a-f]{32}\.tmp")

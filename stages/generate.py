@@ -11,7 +11,7 @@ samples the next candidates only for pairs whose best valid candidate does not b
 generate -> embed -> score once per round). Candidate k always gets candidate_seed(seed, generator, pair_id, k),
 so a pair that runs to the last round has exactly the candidates of a run without rounds.
 
-The target side (generators[].k_target > 0, side="target"): the same stage samples the target's rationales
+The target side (generators[].k_target > 0, stages/side.py): the same stage samples the target's rationales
 into `target_candidates` with the generator's `target_template`, shown the target's image. Rounds apply per
 side (a pair stops getting target rationales once one helps the target side). Seeds: with a pair-aware
 target prompt (one that holds {query}) candidate j gets candidate_seed(seed, "<generator>|target", pair_id, j);
@@ -26,7 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Optional
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Optional
 
 import pyarrow as pa
 
@@ -38,13 +39,14 @@ from stages.backends.parsing import classify, select_rationale
 from stages.backends.prompt_text import with_image_marker
 from stages.counters import StageCounters
 from stages.images import ImageError, ImageLoader, load_image_bytes
+from stages.side import QUERY, TARGET, Side
+from stages.spec import StageSpec
 
 # Backends whose k-th answer is the pair's k-th stored rationale whatever the seed (precomputed): a later round
 # asks them for candidates 0..k_stop and keeps the new ones. (A GenRequest field for the first candidate index
 # would spare that; base.py has none yet.)
 ANSWER_BY_POSITION = frozenset({"precomputed"})
 
-SIDES = {"query": "candidates", "target": "target_candidates"}
 # what this stage fills in each candidate it adds (the rest is filled by embed and score)
 GENERATED_FIELDS = ("text", "generator", "model", "template", "seed", "sampling", "tokens", "finish_reason", "error")
 # what `satisfied` (stages/select.py) reads of a side's candidates and decoys, after a round's embed and score
@@ -93,66 +95,95 @@ def render_prompt(template: str, row: dict) -> str:
     return template.replace("{query}", query).replace("{target}", target)
 
 
-class Generate:
-    """Ray Data actor: loads one generator in __init__, serves batches in __call__ (through its contract: it
-    sees only the columns `contract` names).
+# each side's prompt: the query side shows the query's image and names the target; the target side shows the target's
+RENDER = {QUERY.name: render_prompt, TARGET.name: render_target_prompt}
 
-    k_stop: sample candidates up to this index (default: the generator's k); a row that already holds some
-    of this generator's candidates continues from there. satisfied_above: the rounds' margin: skip rows whose side
-    is already satisfied at it (later rounds; None in round 1), with epsilon and decoys_required as select has
-    them. generator_order: the job's generator names, to keep pooled candidates in generator order across rounds.
-    stats_dir: where this actor keeps its counters."""
 
-    @staticmethod
-    def contract(generator: dict, template: str, max_image_pixels: int, k_stop: Optional[int] = None,
-                 satisfied_above: Optional[float] = None, generator_order: Optional[list[str]] = None,
-                 stats_dir: Optional[str] = None, round_index: int = 0, side: str = "query", epsilon: float = 0.0,
-                 decoys_required: int = 0) -> Contract:
-        """The columns one Generate step reads and writes (its constructor's arguments; nothing is loaded)."""
-        field = SIDES[side]
-        reads = ["pair_id", "quarantine_reason", "query_text", "query_image", "target_text",
-                 f"{field}.generator"]  # the candidates this generator already added (rounds)
-        # the query side shows the query's image and names the target ("[image]" for an image-only one); the
-        # target side shows the target's image, and seeds a target-only prompt from the target's bytes
-        reads.append("target_image_path" if side == "query" else "target_image")
-        if satisfied_above is not None:  # a later round skips the pairs that a candidate already helps
-            prefix = "" if side == "query" else "target_"
-            reads += [f"{prefix}control_delta"] + [f"{field}.{name}" for name in SATISFIED_FIELDS]
-            reads += [f"{prefix}decoys.delta"] if decoys_required else []
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """One generator of the config (generators[]), as the stage needs it."""
+
+    name: str
+    backend: str
+    model: str
+    trust_remote_code: bool
+    options: Mapping[str, Any]
+    sampling: Sampling
+    rationale: str  # which part of a thinking model's output is the rationale (stages/backends/parsing.py)
+    seed: int
+
+    @classmethod
+    def from_config(cls, g) -> "GeneratorSpec":
+        """From a generators[] entry (the typed config's node, or the same as a dict)."""
+        return cls(name=g["name"], backend=g["backend"], model=g["model"], trust_remote_code=g["trust_remote_code"],
+                   options=dict(g["options"]), rationale=g["rationale"], seed=g["seed"],
+                   sampling=Sampling(**{k: g["sampling"][k] for k in ("temperature", "top_p", "max_new_tokens")}))
+
+
+@dataclass(frozen=True)
+class GenerateSpec(StageSpec):
+    """One Generate step: a generator on one side, in one round.
+
+    k_stop: sample candidates up to this index (at most the generator's count for the side); a row that already
+    holds some of this generator's candidates continues from there. satisfied_above: the rounds' margin:
+    skip rows whose side is already satisfied at it (later rounds; None in round 1), with epsilon and
+    decoys_required as select has them. generator_order: the job's generator names, to keep pooled candidates in
+    generator order across rounds. stats_dir: where the actor keeps its counters."""
+
+    generator: GeneratorSpec
+    side: Side
+    template_name: str
+    template: str
+    k_stop: int
+    max_image_pixels: int
+    generator_order: tuple[str, ...] = ()
+    satisfied_above: Optional[float] = None
+    epsilon: float = 0.0
+    decoys_required: int = 0
+    stats_dir: Optional[str] = None
+    round_index: int = 0
+
+    def contract(self) -> Contract:
+        """The columns the step reads and writes (nothing is loaded)."""
+        side, field = self.side, self.side.candidates
+        # the prompt shows the side's image and names the other side's input; a target-only prompt is seeded from
+        # the target's bytes
+        reads = ["pair_id", "quarantine_reason", "query_text", "query_image", "target_text", "target_image",
+                 "target_image_path", f"{field}.generator"]  # the candidates this generator already added (rounds)
+        if self.satisfied_above is not None:  # a later round skips the pairs that a candidate already helps
+            reads += [side.column("control_delta")] + [f"{field}.{name}" for name in SATISFIED_FIELDS]
+            reads += [f"{side.decoys}.delta"] if self.decoys_required else []
         writes = [field] + [f"{field}.{name}" for name in GENERATED_FIELDS]
         writes += ["quarantine_reason", "quarantine_detail"]  # an image changed or gone since the read
-        suffix = "" if side == "query" else ",target"
-        return Contract(f"generate[{generator['name']}{suffix}]", tuple(reads), tuple(writes))
+        return Contract(f"generate[{self.generator.name},{side.name}]", tuple(reads), tuple(writes))
 
-    def __init__(self, generator: dict, template: str, max_image_pixels: int, k_stop: Optional[int] = None,
-                 satisfied_above: Optional[float] = None, generator_order: Optional[list[str]] = None,
-                 stats_dir: Optional[str] = None, round_index: int = 0, side: str = "query", epsilon: float = 0.0,
-                 decoys_required: int = 0):
-        self._contract = Generate.contract(generator, template, max_image_pixels, k_stop, satisfied_above,
-                                           generator_order, stats_dir, round_index, side, epsilon, decoys_required)
-        self.side = side
-        self.field = SIDES[side]
-        suffix = "" if side == "query" else "-target"
-        self.stats = StageCounters(stats_dir, f"generate-{generator['name']}{suffix}", stage="generate",
-                                   generator=generator["name"], round=round_index, rows_satisfied=0, requests=0,
-                                   samples=0, tokens=0, **({} if side == "query" else {"side": side,
-                                                                                     "requests_shared": 0}))
-        self.cfg = generator
-        self.template = template
-        self.images = ImageLoader(max_image_pixels)  # this actor's images, loaded from their references
-        backend_cls = generator_class(generator["backend"])
-        self.backend = backend_cls(
-            generator["model"], trust_remote_code=generator["trust_remote_code"], **generator.get("options", {})
-        )
-        self.sampling = dict(generator["sampling"])
-        self.sampling_json = json.dumps(self.sampling, sort_keys=True)
-        # rounds
-        k_max = generator["k"] if side == "query" else generator["k_target"]
-        self.k_stop = k_max if k_stop is None else min(k_stop, k_max)
-        self.satisfied_above = satisfied_above
-        self.epsilon = epsilon
-        self.decoys_required = decoys_required
-        self.rank = {name: i for i, name in enumerate(generator_order or [generator["name"]])}
+
+class Generate:
+    """Ray Data actor: loads one generator in __init__, serves batches in __call__ (through its contract: it
+    sees only the columns the contract names)."""
+
+    def __init__(self, spec: GenerateSpec):
+        self.spec = spec
+        self._contract = spec.contract()
+        g = spec.generator
+        self.stats = StageCounters(spec.stats_dir, f"generate-{g.name}-{spec.side.name}", stage="generate",
+                                   generator=g.name, side=spec.side.name, round=spec.round_index, rows_satisfied=0,
+                                   requests=0, requests_shared=0, samples=0, tokens=0)
+        self.images = ImageLoader(spec.max_image_pixels)  # this actor's images, loaded from their references
+        self.backend = generator_class(g.backend)(g.model, trust_remote_code=g.trust_remote_code, **g.options)
+        self.sampling_json = json.dumps(asdict(g.sampling), sort_keys=True)
+        self.rank = {name: i for i, name in enumerate(spec.generator_order or [g.name])}
+        # a prompt that is a function of the side's input alone (a target-only prompt): pairs that share the input
+        # share its rationales, seeded from its content
+        self.shared = (spec.side.content_keyed and target_only(spec.template)
+                       and g.backend not in ANSWER_BY_POSITION)
         self.stats.ready()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -163,51 +194,42 @@ class Generate:
 
     def _generate_rows(self, rows: list[dict]) -> None:
         """Add this generator's candidates to the rows (in place)."""
+        spec, g, side = self.spec, self.spec.generator, self.spec.side
         requests, owners, digests = [], [], []  # digests: each request's image
         for row in rows:
             if row.get("quarantine_reason"):
                 continue
             self.stats["rows"] += 1
-            if self.satisfied_above is not None and satisfied(row, self.side, self.epsilon, self.satisfied_above,
-                                                              self.decoys_required):
+            if spec.satisfied_above is not None and satisfied(row, side, spec.epsilon, spec.satisfied_above,
+                                                              spec.decoys_required):
                 self.stats["rows_satisfied"] += 1
                 continue
-            have = sum(1 for c in row.get(self.field) or [] if c.get("generator") == self.cfg["name"])
-            if have >= self.k_stop:
+            have = sum(1 for c in row.get(side.candidates) or [] if c.get("generator") == g.name)
+            if have >= spec.k_stop:
                 continue
-            ref = row["query_image"] if self.side == "query" else row.get("target_image")
-            shared = (self.side == "target" and target_only(self.template)
-                      and self.cfg["backend"] not in ANSWER_BY_POSITION)
+            ref = row.get(side.image)
             try:
-                # seeds of a shared target come from its bytes (as they did when the bytes travelled with the row),
+                # seeds of a shared input come from its bytes (as they did when the bytes travelled with the row),
                 # loaded (and digest-checked) once for the key and the image
-                data = load_image_bytes(ref) if shared and ref is not None else None
+                data = load_image_bytes(ref) if self.shared and ref is not None else None
                 image = None if ref is None else self.images.image(ref, data)
-                key_id = target_key(row.get("target_text"), data) if shared else None
             except ImageError as e:  # the reader validated it; only a file changed or gone since gets here
                 row["quarantine_reason"], row["quarantine_detail"] = e.reason, e.detail
                 continue
-            first = 0 if self.cfg["backend"] in ANSWER_BY_POSITION else have
-            if self.side == "query":
-                seeds = [candidate_seed(self.cfg["seed"], self.cfg["name"], row["pair_id"], k)
-                         for k in range(first, self.k_stop)]
-                prompt, key_id = render_prompt(self.template, row), row["pair_id"]
-            else:
-                key_id = key_id if shared else row["pair_id"]
-                seeds = [candidate_seed(self.cfg["seed"], f"{self.cfg['name']}|target", key_id, k)
-                         for k in range(first, self.k_stop)]
-                # precomputed target rationales are looked up under "<pair_id>#target"
-                prompt = render_target_prompt(self.template, row)
-                key_id = key_id if shared else f"{row['pair_id']}#target"
+            first = 0 if g.backend in ANSWER_BY_POSITION else have
+            key_id = target_key(row.get(side.text), data) if self.shared else row["pair_id"]
+            seeds = [candidate_seed(g.seed, f"{g.name}{side.seed_namespace}", key_id, k)
+                     for k in range(first, spec.k_stop)]
             requests.append(
                 GenRequest(
-                    prompt=prompt,
+                    prompt=RENDER[side.name](spec.template, row),
                     image=image,
                     seeds=seeds,
-                    temperature=self.sampling["temperature"],
-                    top_p=self.sampling["top_p"],
-                    max_new_tokens=self.sampling["max_new_tokens"],
-                    pair_id=row["pair_id"] if self.side == "query" else key_id,
+                    temperature=g.sampling.temperature,
+                    top_p=g.sampling.top_p,
+                    max_new_tokens=g.sampling.max_new_tokens,
+                    # where a backend looks the side's rationales up (precomputed: "<pair_id>#target")
+                    pair_id=key_id if self.shared else f"{row['pair_id']}{side.request_suffix}",
                 )
             )
             owners.append((row, have - first))
@@ -216,37 +238,35 @@ class Generate:
         results = self._generate(requests, digests)
         self.stats["model_seconds"] += time.perf_counter() - t0
         for (row, skip), request, generations in zip(owners, requests, results):
-            pool = list(row.get(self.field) or [])
-            for seed, g in zip(request.seeds[skip:], generations[skip:]):
+            pool = list(row.get(side.candidates) or [])
+            for seed, out in zip(request.seeds[skip:], generations[skip:]):
                 # thinking models: keep the part the config names; cut-off, empty or echoed output is marked
-                rationale = select_rationale(g.text, self.cfg["rationale"])
+                rationale = select_rationale(out.text, g.rationale)
                 pool.append(
                     {
                         "text": rationale,
-                        "generator": self.cfg["name"],
+                        "generator": g.name,
                         "model": self.backend.model_id,
-                        "template": self.cfg["template" if self.side == "query" else "target_template"],
+                        "template": spec.template_name,
                         "seed": seed,
                         "sampling": self.sampling_json,
-                        "tokens": g.tokens,
-                        "finish_reason": classify(rationale, g.finish_reason, request.prompt),
-                        "error": g.error,
+                        "tokens": out.tokens,
+                        "finish_reason": classify(rationale, out.finish_reason, request.prompt),
+                        "error": out.error,
                     }
                 )
             # generator order, then candidate index (a stable sort keeps each generator's own order)
-            row[self.field] = sorted(pool, key=lambda c: self.rank.get(c["generator"], len(self.rank)))
+            row[side.candidates] = sorted(pool, key=lambda c: self.rank.get(c["generator"], len(self.rank)))
             self.stats["requests"] += 1
             self.stats["samples"] += len(request.seeds) - skip
-            self.stats["tokens"] += sum(g.tokens or 0 for g in generations[skip:])
+            self.stats["tokens"] += sum(out.tokens or 0 for out in generations[skip:])
 
     def _generate(self, requests: list[GenRequest], digests: list[Optional[str]]) -> list:
-        """The backend's answers; on the target side each distinct (prompt, image, seeds, key) is sent once (a
-        target shared by many pairs of the batch, with a target-only prompt), its answer given to every pair.
-        An image is told apart by its digest: equal bytes, equal image."""
+        """The backend's answers, each distinct (prompt, image, seeds, key) sent once: an input shared by many pairs
+        of the batch (a target-only prompt) gets one answer, given to every pair. An image is told apart by its
+        digest: equal bytes, equal image."""
         if not requests:
             return []
-        if self.side == "query":
-            return self.backend.generate(requests)
         keys = [(r.prompt, digest, tuple(r.seeds), r.pair_id) for r, digest in zip(requests, digests)]
         distinct: dict = {}
         for key, r in zip(keys, requests):
@@ -254,3 +274,6 @@ class Generate:
         self.stats["requests_shared"] += len(requests) - len(distinct)
         answers = dict(zip(distinct, self.backend.generate(list(distinct.values()))))
         return [answers[k] for k in keys]
+
+
+GenerateSpec.stage = Generate

@@ -110,7 +110,6 @@ def image_ref(path: str, offset: int, size: int, digest: str) -> dict:
 
 # --------------------------------------------------------------------------- the reader's store of inline images
 
-IMAGES_DIR = "_images"  # under output.dir; one of the folders pairsel owns there (pipeline/output_dir.py)
 
 
 class InlineStore:

@@ -39,10 +39,14 @@ Every input is stored in the output, so each delta can be recomputed from the sh
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 
 from stages.contract import Contract
+from stages.side import QUERY, SIDES, Side
+from stages.spec import StageSpec
 
 SCORING_MODES = ("cosine", "pair_aware")  # scoring.mode (pipeline/config.py takes its choices from here)
 
@@ -114,19 +118,6 @@ def score_pair(
             "lse_control": lse_control, "control_delta": control_delta, "delta_control": delta_control}
 
 
-def score_target_side(s_direct: float, s_direct_neg: np.ndarray, s_t: np.ndarray, mode: str, temperature: float,
-                      s_control=()) -> dict:
-    """The target side's scores: score_pair with the plain query against t ⊕ r_t,j (and t ⊕ c_i), every
-    reasoned target against the same plain negatives (s_direct_neg). neg_delta is left out (always 0)."""
-    s_direct_neg = np.asarray(s_direct_neg, dtype=np.float64).reshape(-1)
-    s_t = np.asarray(s_t, dtype=np.float64).reshape(-1)
-    s_control = np.asarray(s_control, dtype=np.float64).reshape(-1)
-    scores = score_pair(s_direct, s_direct_neg, s_t, np.tile(s_direct_neg, (len(s_t), 1)), mode, temperature,
-                        s_control, np.tile(s_direct_neg, (len(s_control), 1)))
-    scores["neg_delta"] = np.full(len(s_t), np.nan)
-    return scores
-
-
 def joint_deltas(s_direct: float, s_direct_neg: np.ndarray, s_joint: np.ndarray, s_neg: np.ndarray, mode: str,
                  temperature: float) -> np.ndarray:
     """delta_joint (K, J): score(q ⊕ r_q,k, t ⊕ r_t,j) - score(q, t). s_joint: (K, J) = cos(E(q ⊕ r_q,k),
@@ -143,8 +134,8 @@ def _none_if_nan(x: float):
 
 
 def _similarities(items: list, n_neg: int) -> tuple[np.ndarray, np.ndarray]:
-    """(s_pos (n,), s_neg (n, J)) of stored candidate-like records; NaN where a record was not embedded. A record
-    without s_neg (the target side) gets NaN there, which its scoring replaces by the plain negatives."""
+    """(s_pos (n,), s_neg (n, J)) of stored candidate-like records; NaN where a record was not embedded or has no
+    s_neg of J values."""
     nan = float("nan")
     s_pos = np.array([nan if x.get("s_k") is None else x["s_k"] for x in items], dtype=np.float64)
     s_neg = np.array([x["s_neg"] if x.get("s_neg") is not None and len(x["s_neg"]) == n_neg else [nan] * n_neg
@@ -152,112 +143,113 @@ def _similarities(items: list, n_neg: int) -> tuple[np.ndarray, np.ndarray]:
     return s_pos, s_neg
 
 
-def score_decoys(row: dict, field: str, mode: str, temperature: float) -> None:
-    """delta and lse of each decoy in row[field] ("decoys": q ⊕ decoy against t+ and the negatives; "target_decoys":
-    the plain query against t ⊕ decoy and the plain negatives, as a target candidate), in place."""
-    decoys = row.get(field) or []
+def _side_similarities(items: list, side: Side, s_direct_neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A side's (s_pos, s_neg): the target side's reasoned inputs meet the negatives as the plain query sees them
+    (stages/side.py), so its s_neg is s_direct_neg for every item."""
+    s_pos, s_neg = _similarities(items, len(s_direct_neg))
+    return s_pos, (s_neg if side.own_negatives else np.tile(s_direct_neg, (len(items), 1)))
+
+
+def score_decoys(row: dict, side: Side, mode: str, temperature: float) -> None:
+    """delta and lse of each of the side's decoys, scored as the side's candidates are, in place."""
+    decoys = row.get(side.decoys) or []
     if not decoys:
         return
     s_direct_neg = np.array(row.get("s_direct_neg") or [], dtype=np.float64)
-    s_pos, s_neg = _similarities(decoys, len(s_direct_neg))
-    if field == "target_decoys":
-        s_neg = np.tile(s_direct_neg, (len(decoys), 1))
-    delta, lse = reasoned_deltas(row["s_direct"], s_direct_neg, s_pos, s_neg, mode, temperature)
+    delta, lse = reasoned_deltas(row["s_direct"], s_direct_neg, *_side_similarities(decoys, side, s_direct_neg), mode,
+                                 temperature)
     for d, decoy in enumerate(decoys):
         decoy["delta"], decoy["lse"] = _none_if_nan(delta[d]), _none_if_nan(lse[d])
+
+
+def _score_side(row: dict, side: Side, s_direct_neg: np.ndarray, mode: str, temperature: float,
+                valid_finish) -> np.ndarray:
+    """One side's candidates and controls scored (in place); returns the candidates' s_neg (the joint needs the
+    query side's)."""
+    nan = float("nan")
+    cands = row.get(side.candidates) or []
+    s_k, s_neg = _side_similarities(cands, side, s_direct_neg)
+    s_control = np.array([nan if x is None else x for x in row.get(side.column("s_control")) or []], dtype=np.float64)
+    control_neg = (row.get(side.column("s_control_neg")) if side.own_negatives else None) or [None] * len(s_control)
+    s_control_neg = np.array([n if n is not None and len(n) == len(s_direct_neg) else
+                              (list(s_direct_neg) if not side.own_negatives else [nan] * len(s_direct_neg))
+                              for n in control_neg], dtype=np.float64).reshape(len(s_control), len(s_direct_neg))
+    scores = score_pair(row["s_direct"], s_direct_neg, s_k, s_neg, mode, temperature, s_control, s_control_neg)
+    if len(s_control):
+        row[side.column("lse_control")] = [_none_if_nan(x) for x in scores["lse_control"]]
+        row[side.column("control_delta")] = [_none_if_nan(x) for x in scores["control_delta"]]
+    for k, c in enumerate(cands):
+        c["lse"] = _none_if_nan(scores["lse"][k])
+        c["delta"] = _none_if_nan(scores["delta"][k])
+        c["delta_control"] = _none_if_nan(scores["delta_control"][k])
+        # how far the rationale moved the negative hardest for the plain query: only where it meets the negatives
+        c["neg_delta"] = _none_if_nan(scores["neg_delta"][k]) if side.own_negatives else None
+        c["valid"] = c.get("finish_reason") in valid_finish and c["delta"] is not None
+    score_decoys(row, side, mode, temperature)
+    return s_neg
 
 
 def score_rows(rows: list[dict], mode: str, temperature: float, valid_finish=VALID_FINISH) -> list[dict]:
     for row in rows:
         if row.get("quarantine_reason") or row.get("s_direct") is None:
             continue
-        cands = row.get("candidates") or []
         s_direct_neg = np.array(row.get("s_direct_neg") or [], dtype=np.float64)
-        nan = float("nan")
-        s_k, s_neg = _similarities(cands, len(s_direct_neg))
-        s_control = np.array([nan if s is None else s for s in row.get("s_control") or []], dtype=np.float64)
-        s_control_neg = np.array(
-            [n if n is not None and len(n) == len(s_direct_neg) else [nan] * len(s_direct_neg)
-             for n in row.get("s_control_neg") or [None] * len(s_control)],
-            dtype=np.float64,
-        ).reshape(len(s_control), len(s_direct_neg))
-        scores = score_pair(row["s_direct"], s_direct_neg, s_k, s_neg, mode, temperature, s_control, s_control_neg)
-        row["lse_direct"] = scores["lse_direct"]
-        if len(s_control):
-            row["lse_control"] = [_none_if_nan(x) for x in scores["lse_control"]]
-            row["control_delta"] = [_none_if_nan(x) for x in scores["control_delta"]]
+        row["lse_direct"] = float(log_p_positive(np.array([row["s_direct"]], dtype=np.float64), s_direct_neg[None, :],
+                                                 temperature)[1][0])
         row["scoring_mode"] = mode
         row["temperature"] = float(temperature)
-        for k, c in enumerate(cands):
-            c["lse"] = _none_if_nan(scores["lse"][k])
-            c["delta"] = _none_if_nan(scores["delta"][k])
-            c["delta_control"] = _none_if_nan(scores["delta_control"][k])
-            c["neg_delta"] = _none_if_nan(scores["neg_delta"][k])
-            c["valid"] = c.get("finish_reason") in valid_finish and c["delta"] is not None
-        score_decoys(row, "decoys", mode, temperature)
-        targets = row.get("target_candidates") or []
-        if targets:
-            _score_target(row, targets, cands, s_direct_neg, s_neg, mode, temperature, valid_finish)
-            score_decoys(row, "target_decoys", mode, temperature)
+        s_neg = {side.name: _score_side(row, side, s_direct_neg, mode, temperature, valid_finish)
+                 for side in SIDES if not side.optional or row.get(side.candidates)}
+        cands, targets = row.get("candidates") or [], row.get("target_candidates") or []
+        if cands and targets:  # the joint: each query candidate with each target candidate
+            nan = float("nan")
+            s_joint = np.array([[nan if x is None else x for x in (c.get("s_joint") or [None] * len(targets))]
+                                for c in cands], dtype=np.float64).reshape(len(cands), len(targets))
+            delta_joint = joint_deltas(row["s_direct"], s_direct_neg, s_joint, s_neg[QUERY.name], mode, temperature)
+            for k, c in enumerate(cands):
+                c["delta_joint"] = ([_none_if_nan(x) for x in delta_joint[k]] if c.get("s_joint") is not None
+                                    else None)
     return rows
 
 
-def _score_target(row, targets, cands, s_direct_neg, s_neg, mode, temperature, valid_finish) -> None:
-    nan = float("nan")
-    s_t = _similarities(targets, 0)[0]
-    s_control = np.array([nan if s is None else s for s in row.get("target_s_control") or []], dtype=np.float64)
-    scores = score_target_side(row["s_direct"], s_direct_neg, s_t, mode, temperature, s_control)
-    if len(s_control):
-        row["target_lse_control"] = [_none_if_nan(x) for x in scores["lse_control"]]
-        row["target_control_delta"] = [_none_if_nan(x) for x in scores["control_delta"]]
-    for j, c in enumerate(targets):
-        c["lse"] = _none_if_nan(scores["lse"][j])
-        c["delta"] = _none_if_nan(scores["delta"][j])
-        c["delta_control"] = _none_if_nan(scores["delta_control"][j])
-        c["neg_delta"] = None
-        c["valid"] = c.get("finish_reason") in valid_finish and c["delta"] is not None
-    if cands:
-        s_joint = np.array([[nan if x is None else x for x in (c.get("s_joint") or [None] * len(targets))]
-                            for c in cands], dtype=np.float64).reshape(len(cands), len(targets))
-        delta_joint = joint_deltas(row["s_direct"], s_direct_neg, s_joint, s_neg, mode, temperature)
-        for k, c in enumerate(cands):
-            c["delta_joint"] = [_none_if_nan(x) for x in delta_joint[k]] if c.get("s_joint") is not None else None
+@dataclass(frozen=True)
+class ScoreSpec(StageSpec):
+    """score over a batch (pure numpy, no model): the sides `sides`, with their decoys under the decoy rule."""
+
+    mode: str = "cosine"
+    temperature: float = 1.0
+    valid_finish_reasons: tuple[str, ...] = VALID_FINISH
+    sides: tuple[Side, ...] = (QUERY,)
+    decoys: bool = False
+
+    def contract(self) -> Contract:
+        reads = ["quarantine_reason", "s_direct", "s_direct_neg", "s_control_neg"]
+        writes = ["lse_direct", "scoring_mode", "temperature"]
+        for side in self.sides:
+            field = side.candidates
+            reads += [side.column("s_control")] + [f"{field}.{name}" for name in ("s_k", "s_neg", "finish_reason")]
+            writes += [side.column(name) for name in ("lse_control", "control_delta")]
+            writes += [f"{field}.{name}" for name in ("lse", "delta", "delta_control", "neg_delta", "valid")]
+            if self.decoys:
+                reads += [f"{side.decoys}.{name}" for name in ("s_k", "s_neg")]
+                writes += [f"{side.decoys}.{name}" for name in ("delta", "lse")]
+        if len(self.sides) > 1:
+            reads += ["candidates.s_joint"]
+            writes += ["candidates.delta_joint"]
+        return Contract("score", tuple(reads), tuple(writes))
 
 
 class Score:
     """Ray Data stage over a batch: score_rows on the columns its contract names (pure numpy, no model)."""
 
-    @staticmethod
-    def contract(mode: str = "cosine", temperature: float = 1.0, valid_finish_reasons=VALID_FINISH,
-                 target_side: bool = True, decoys: bool = False) -> Contract:
-        reads = ["quarantine_reason", "s_direct", "s_direct_neg", "s_control", "s_control_neg", "candidates.s_k",
-                 "candidates.s_neg", "candidates.finish_reason"]
-        writes = ["lse_direct", "lse_control", "control_delta", "scoring_mode", "temperature", "candidates.lse",
-                  "candidates.delta", "candidates.delta_control", "candidates.neg_delta", "candidates.valid"]
-        if decoys:
-            reads += ["decoys.s_k", "decoys.s_neg"]
-            writes += ["decoys.delta", "decoys.lse"]
-        # target_side: some generator has k_target > 0 (the plan passes False otherwise: then nothing writes the
-        # target columns, and check_chain would refuse a stage that reads them)
-        if target_side:
-            reads += ["candidates.s_joint", "target_s_control", "target_candidates.s_k",
-                      "target_candidates.finish_reason"]
-            writes += ["candidates.delta_joint", "target_lse_control", "target_control_delta", "target_candidates.lse",
-                       "target_candidates.delta", "target_candidates.delta_control", "target_candidates.neg_delta",
-                       "target_candidates.valid"]
-            if decoys:
-                reads += ["target_decoys.s_k"]
-                writes += ["target_decoys.delta", "target_decoys.lse"]
-        return Contract("score", tuple(reads), tuple(writes))
-
-    def __init__(self, mode: str, temperature: float, valid_finish_reasons=VALID_FINISH, target_side: bool = True,
-                 decoys: bool = False):
-        """decoys: the job scores decoys (scoring.decision.rule decoys; stages/decoys.py draws them)."""
-        self.mode = mode
-        self.temperature = temperature
-        self.valid_finish = tuple(valid_finish_reasons)
-        self._contract = Score.contract(mode, temperature, valid_finish_reasons, target_side, decoys)
+    def __init__(self, spec: ScoreSpec):
+        self.spec = spec
+        self._contract = spec.contract()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self._contract.apply(batch, lambda rows: score_rows(rows, self.mode, self.temperature,
-                                                                   self.valid_finish))
+        spec = self.spec
+        return self._contract.apply(batch, lambda rows: score_rows(rows, spec.mode, spec.temperature,
+                                                                   spec.valid_finish_reasons))
+
+
+ScoreSpec.stage = Score

@@ -45,24 +45,20 @@ reason and 0 (no rationale: the plain input) otherwise. Null when no valid (k, j
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
 
+from schemas import JOINT_COLUMNS
 from stages.contract import Contract
+from stages.side import QUERY, SIDES, Side
+from stages.spec import StageSpec
 
 REASON, DIRECT, UNDECIDED = "reason", "direct", "undecided"
 DECISIONS = (REASON, DIRECT, UNDECIDED)
 NULL_RULES = ("decoys", "bar")  # scoring.decision.rule (pipeline/config.py takes its choices from here)
-
-# One side's columns: the candidates, their controls and decoys, and the label columns the side fills.
-SIDE_PREFIX = {"query": "", "target": "target_"}
-SIDE_CANDIDATES = {"query": "candidates", "target": "target_candidates"}
-
-
-def _column(side: str, name: str) -> str:
-    return f"{SIDE_PREFIX[side]}{name}"
 
 
 def choose(delta, valid) -> tuple[Optional[int], Optional[float], list[int]]:
@@ -104,27 +100,27 @@ def decide(best_delta: Optional[float], threshold: Optional[float]) -> str:
     return REASON if best_delta > threshold else DIRECT
 
 
-def decoy_deltas(row: dict, side: str) -> list[float]:
+def decoy_deltas(row: dict, side: Side) -> list[float]:
     """The side's scored decoys' deltas (a decoy that could not be scored is left out)."""
-    return [d["delta"] for d in row.get(_column(side, "decoys")) or [] if d.get("delta") is not None]
+    return [d["delta"] for d in row.get(side.column("decoys")) or [] if d.get("delta") is not None]
 
 
-def tested(row: dict, side: str, decoys_required: int) -> bool:
+def tested(row: dict, side: Side, decoys_required: int) -> bool:
     """Whether the side can be labelled: a valid candidate, and under the decoy rule (decoys_required > 0) at
     least that many scored decoys."""
-    return row.get(_column(side, "best_delta")) is not None and len(decoy_deltas(row, side)) >= decoys_required
+    return row.get(side.column("best_delta")) is not None and len(decoy_deltas(row, side)) >= decoys_required
 
 
-def satisfied(row: dict, side: str, epsilon: float, margin: float, decoys_required: int = 0) -> bool:
+def satisfied(row: dict, side: Side, epsilon: float, margin: float, decoys_required: int = 0) -> bool:
     """Whether a later round of generation may skip this side of the pair (stages/generate.py): a valid candidate
     already beats the side's help_threshold with the rounds' margin in place of the group's (under the bar rule
     the pair has no decoys and that is base + margin). A pair stops only where a full-K run finds the same: the
     threshold does not move as candidates are added, so the best candidate's win stands."""
-    if not tested({**row, _column(side, "best_delta"): 0.0}, side, decoys_required):
+    if not tested({**row, side.column("best_delta"): 0.0}, side, decoys_required):
         return False
-    cands = row.get(SIDE_CANDIDATES[side]) or []
+    cands = row.get(side.candidates) or []
     best = choose([_nan(c.get("delta")) for c in cands], [bool(c.get("valid")) for c in cands])[1]
-    threshold = help_threshold(base_threshold(epsilon, row.get(_column(side, "control_delta"))),
+    threshold = help_threshold(base_threshold(epsilon, row.get(side.column("control_delta"))),
                                decoy_deltas(row, side) if decoys_required else (), margin)
     return best is not None and best > threshold
 
@@ -133,48 +129,49 @@ def _nan(x) -> float:
     return np.nan if x is None else x
 
 
-def score_side(row: dict, side: str, epsilon: float, decoys_required: int = 0) -> None:
+def score_side(row: dict, side: Side, epsilon: float, decoys_required: int = 0) -> None:
     """What one side's label needs and does not depend on other pairs: chosen, best_delta, rejected,
     base_threshold and, under the decoy rule, null_score."""
-    cands = row.get(SIDE_CANDIDATES[side]) or []
+    cands = row.get(side.candidates) or []
     chosen, best, rejected = choose([_nan(c.get("delta")) for c in cands], [bool(c.get("valid")) for c in cands])
-    base = base_threshold(epsilon, row.get(_column(side, "control_delta")))
-    row[_column(side, "chosen")] = chosen
-    row[_column(side, "chosen_generator")] = None if chosen is None else cands[chosen]["generator"]
-    row[_column(side, "best_delta")] = best
-    row[_column(side, "rejected")] = rejected
-    row[_column(side, "base_threshold")] = base
+    base = base_threshold(epsilon, row.get(side.column("control_delta")))
+    row[side.column("chosen")] = chosen
+    row[side.column("chosen_generator")] = None if chosen is None else cands[chosen]["generator"]
+    row[side.column("best_delta")] = best
+    row[side.column("rejected")] = rejected
+    row[side.column("base_threshold")] = base
     if decoys_required:
-        row[_column(side, "null_score")] = (null_score(best, decoy_deltas(row, side), base)
+        row[side.column("null_score")] = (null_score(best, decoy_deltas(row, side), base)
                                             if tested(row, side, decoys_required) else None)
 
 
-def label_side(row: dict, side: str, margin: Optional[float], decoys_required: int = 0) -> None:
+def label_side(row: dict, side: Side, margin: Optional[float], decoys_required: int = 0) -> None:
     """The side's decision from its stored scores: help_threshold with this margin (the bar rule: margin 0 and no
     decoys), decision and need_reasoning. margin None: the pair's calibration group got no margin at which the
     false-discovery rate holds (every decoy-rule pair there is direct)."""
-    base = row[_column(side, "base_threshold")]
+    base = row[side.column("base_threshold")]
     if not tested(row, side, decoys_required):
         threshold = None
     elif margin is None:
         threshold = float("inf")
     else:
         threshold = help_threshold(base, decoy_deltas(row, side) if decoys_required else (), margin)
-    decision = decide(row.get(_column(side, "best_delta")), threshold)
-    row[_column(side, "help_threshold")] = threshold
+    decision = decide(row.get(side.column("best_delta")), threshold)
+    row[side.column("help_threshold")] = threshold
     if decoys_required:
-        row[_column(side, "null_margin")] = None if threshold is None else (float("inf") if margin is None else margin)
-    row[_column(side, "decision")] = decision
-    row[_column(side, "need_reasoning")] = None if decision == UNDECIDED else decision == REASON
+        row[side.column("null_margin")] = None if threshold is None else (float("inf") if margin is None else margin)
+    row[side.column("decision")] = decision
+    row[side.column("need_reasoning")] = None if decision == UNDECIDED else decision == REASON
 
 
-def sides_of(row: dict) -> list[str]:
-    return ["query"] + (["target"] if row.get("target_candidates") else [])
+def sides_of(row: dict) -> list[Side]:
+    """The sides the pair has candidates for: the query side, and the target side where it has target ones."""
+    return [side for side in SIDES if not side.optional or row.get(side.candidates)]
 
 
 def score_rows(rows: list[dict], epsilon: float, decoys_required: Optional[dict] = None) -> list[dict]:
     """Per pair, everything but the decision (quarantining a pair whose every candidate failed).
-    decoys_required: per side, the decoys the pair must have (the decoy rule), or None (the bar rule)."""
+    decoys_required: per side name, the decoys the pair must have (the decoy rule), or None (the bar rule)."""
     for row in rows:
         if row.get("quarantine_reason"):
             continue
@@ -184,7 +181,7 @@ def score_rows(rows: list[dict], epsilon: float, decoys_required: Optional[dict]
             row["quarantine_detail"] = f"all {len(cands)} candidates failed; first error: {cands[0].get('error')}"[:1000]
             continue
         for side in sides_of(row):
-            score_side(row, side, epsilon, (decoys_required or {}).get(side, 0))
+            score_side(row, side, epsilon, (decoys_required or {}).get(side.name, 0))
     return rows
 
 
@@ -195,7 +192,7 @@ def label_rows(rows: list[dict], epsilon: float, margins=None, decoys_required: 
         if row.get("quarantine_reason"):
             continue
         for side in sides_of(row):
-            required = (decoys_required or {}).get(side, 0)
+            required = (decoys_required or {}).get(side.name, 0)
             label_side(row, side, 0.0 if margins is None else margins(side, row), required)
         if row.get("target_candidates") and row.get("candidates"):
             _select_joint(row, epsilon)
@@ -237,16 +234,42 @@ def _select_joint(row: dict, epsilon: float) -> None:
         epsilon)
 
 
-def turned_direct(by: str, epsilon: float, side: str = "query"):
+def turned_direct(by: str, epsilon: float, side: Side = QUERY):
     """Over output rows: the pairs that a part of the rule turned from reason to direct on this side. by
     "control": the best candidate clears epsilon but not the controls' bar; "null": it clears the bar but not the
     decoys (with the group's margin)."""
     import polars as pl  # the stages themselves run without polars (pipeline/plan.py:run_local on a bare machine)
 
-    best, base = pl.col(_column(side, "best_delta")), pl.col(_column(side, "base_threshold"))
-    direct = pl.col(_column(side, "decision")) == DIRECT
+    best, base = pl.col(side.column("best_delta")), pl.col(side.column("base_threshold"))
+    direct = pl.col(side.column("decision")) == DIRECT
     stopped = (best > epsilon) & (best <= base) if by == "control" else best > base
     return (direct & stopped).fill_null(False)
+
+
+@dataclass(frozen=True)
+class SelectSpec(StageSpec):
+    """select over a batch: score_rows on the side(s) `sides` (and under the bar rule, decoys_required None,
+    label_rows). decoys_required: per side name, the decoys a tested pair has (the decoy rule)."""
+
+    epsilon: float = 0.0
+    sides: tuple[Side, ...] = (QUERY,)
+    decoys_required: Optional[Mapping[str, int]] = None
+
+    def contract(self) -> Contract:
+        per_side = ["chosen", "chosen_generator", "best_delta", "rejected", "base_threshold"]
+        per_side += ["null_score"] if self.decoys_required else ["decision", "need_reasoning", "help_threshold"]
+        # generation_failed: a pair whose every candidate errored is quarantined here
+        reads = ["quarantine_reason", "candidates.finish_reason", "candidates.error"]
+        writes = ["quarantine_reason", "quarantine_detail"]
+        for side in self.sides:
+            reads += [side.column("control_delta")] + [f"{side.candidates}.{name}" for name in
+                                                       ("delta", "valid", "generator")]
+            reads += [f"{side.decoys}.delta"] if self.decoys_required else []
+            writes += [side.column(name) for name in per_side]
+        if len(self.sides) > 1 and not self.decoys_required:  # the joint choice compares the sides' decisions
+            reads += ["candidates.delta_joint"]
+            writes += JOINT_COLUMNS
+        return Contract("select", tuple(reads), tuple(writes))
 
 
 class Select:
@@ -254,36 +277,15 @@ class Select:
     names (pure numpy, no model). Under the decoy rule the decisions wait for the calibration over the whole
     job (stages/calibrate.py)."""
 
-    @staticmethod
-    def contract(epsilon: float = 0.0, target_side: bool = True, decoys_required: Optional[dict] = None) -> Contract:
-        labels = ["decision", "need_reasoning", "help_threshold"]
-        per_side = ["chosen", "chosen_generator", "best_delta", "rejected", "base_threshold"]
-        per_side += ["null_score"] if decoys_required else labels
-        reads = ["quarantine_reason", "control_delta", "candidates.delta", "candidates.valid", "candidates.generator",
-                 "candidates.finish_reason", "candidates.error"]
-        # generation_failed: a pair whose every candidate errored is quarantined here
-        writes = per_side + ["quarantine_reason", "quarantine_detail"]
-        if decoys_required:
-            reads += ["decoys.delta"]
-        # target_side: some generator has k_target > 0 (the plan passes False otherwise: then nothing writes the
-        # target columns, and check_chain would refuse a stage that reads them)
-        if target_side:
-            reads += ["target_control_delta", "target_candidates.delta", "target_candidates.valid",
-                      "target_candidates.generator"]
-            writes += [f"target_{name}" for name in per_side]
-            if decoys_required:
-                reads += ["target_decoys.delta"]
-            else:
-                reads += ["candidates.delta_joint"]
-                writes += ["joint_query", "joint_target", "joint_delta", "joint_beats_query", "joint_beats_target"]
-        return Contract("select", tuple(reads), tuple(writes))
-
-    def __init__(self, epsilon: float, target_side: bool = True, decoys_required: Optional[dict] = None):
-        self.epsilon = epsilon
-        self.decoys_required = decoys_required
-        self._contract = Select.contract(epsilon, target_side, decoys_required)
+    def __init__(self, spec: SelectSpec):
+        self.spec = spec
+        self._contract = spec.contract()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.decoys_required:
-            return self._contract.apply(batch, lambda rows: score_rows(rows, self.epsilon, self.decoys_required))
-        return self._contract.apply(batch, lambda rows: select_rows(rows, self.epsilon))
+        spec = self.spec
+        if spec.decoys_required:
+            return self._contract.apply(batch, lambda rows: score_rows(rows, spec.epsilon, dict(spec.decoys_required)))
+        return self._contract.apply(batch, lambda rows: select_rows(rows, spec.epsilon))
+
+
+SelectSpec.stage = Select

@@ -24,16 +24,20 @@ import json
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas import (CALIBRATED_COLUMNS, DECOY_RULE_COLUMNS, OUTPUT_SCHEMA, PART_META, QUARANTINE_SCHEMA,
                      SCHEMA_VERSION, TARGET_COLUMNS, WORK_SCHEMA, conform)
+from stages import layout
 from stages.contract import Contract
 from stages.faults import fault_point
 from stages.files import atomic_copy, atomic_write_json, atomic_write_table, file_sha256, shard_file, shard_name
+from stages.side import QUERY, TARGET, Side
+from stages.spec import StageSpec
 
 
 def to_output_row(row: dict, provenance: dict) -> dict:
@@ -58,34 +62,42 @@ def to_quarantine_row(row: dict) -> dict:
     return {**row, "reason": row["quarantine_reason"], "detail": row.get("quarantine_detail")}
 
 
-class WriteParts:
-    """Ray Data task: stages a batch's rows as part files and returns PART_META. It sees only the columns of its
-    contract: what the output and quarantine shards hold (image references never reach it)."""
+@dataclass(frozen=True)
+class WriteSpec(StageSpec):
+    """The writer of the plan: stages parts under `staging` (OUT/_staging). sides: without the target side nothing
+    writes the target columns, and their output columns are null as they would be anyway. decoys: the decoy rule,
+    whose decisions the calibration fills after the whole job (schemas CALIBRATED_COLUMNS); without it the decoy
+    columns stay null."""
 
-    @staticmethod
-    def contract(out_dir: Optional[str] = None, provenance: Optional[dict] = None, compression: str = "snappy",
-                 target_side: bool = True, decoys: bool = False) -> Contract:
+    staging: str
+    provenance: Mapping[str, Any]
+    compression: str = "snappy"
+    sides: tuple[Side, ...] = (QUERY,)
+    decoys: bool = False
+
+    def contract(self) -> Contract:
         """The columns the writer reads (it writes none: its output is PART_META, not rows), from the output
-        and quarantine schemas. target_side False: no generator has k_target, nothing writes the target columns,
-        and their output columns are null as they would be anyway. decoys: the decoy rule, whose decisions the
-        calibration fills after the whole job (schemas CALIBRATED_COLUMNS); without it the decoy columns stay
-        null."""
+        and quarantine schemas."""
         reads = [n for n in OUTPUT_SCHEMA.names if n not in ("negatives", "provenance")]
         reads += [f"negatives.{f.name}" for f in OUTPUT_SCHEMA.field("negatives").type.value_type]
         reads += [n for n in QUARANTINE_SCHEMA.names if n not in ("reason", "detail")]
         reads += ["shard_size", "quarantine_reason", "quarantine_detail"]
-        if not target_side:
+        if TARGET not in self.sides:
             reads = [n for n in reads if n not in TARGET_COLUMNS]
-        left = CALIBRATED_COLUMNS if decoys else DECOY_RULE_COLUMNS
+        left = CALIBRATED_COLUMNS if self.decoys else DECOY_RULE_COLUMNS
         reads = [n for n in reads if n not in left]
         return Contract("write", tuple(reads), ())
 
-    def __init__(self, out_dir: str, provenance: dict, compression: str, target_side: bool = True,
-                 decoys: bool = False):
-        self._contract = WriteParts.contract(out_dir, provenance, compression, target_side, decoys)
-        self.staging = Path(out_dir) / "_staging"
-        self.provenance = provenance
-        self.compression = compression
+
+class WriteParts:
+    """Ray Data task: stages a batch's rows as part files and returns PART_META. It sees only the columns of its
+    contract: what the output and quarantine shards hold (image references never reach it)."""
+
+    def __init__(self, spec: WriteSpec):
+        self._contract = spec.contract()
+        self.staging = Path(spec.staging)
+        self.provenance = dict(spec.provenance)
+        self.compression = spec.compression
 
     def _write(self, rows: list[dict], schema: pa.Schema, shard_id: int, prefix: str) -> str | None:
         if not rows:
@@ -141,7 +153,7 @@ def _check_rows(shard_id: int, size: int, *row_indices: pa.ChunkedArray) -> None
 def _file_entry(out: Path, sub: str, shard_id: int, rows: int) -> dict:
     """A commit record's entry for the shard's file in `sub` (data: path, rows, bytes, sha256; quarantine: the same
     keys with the quarantine_ prefix)."""
-    prefix = "" if sub == "data" else "quarantine_"
+    prefix = "" if sub == layout.DATA else "quarantine_"
     dest = out / sub / shard_file(shard_id)
     return {f"{prefix}path": f"{sub}/{shard_file(shard_id)}", f"{prefix}rows": rows,
             f"{prefix}bytes": dest.stat().st_size, f"{prefix}sha256": file_sha256(dest)}
@@ -150,7 +162,7 @@ def _file_entry(out: Path, sub: str, shard_id: int, rows: int) -> dict:
 def _commit(out: Path, shard_id: int, record: dict) -> dict:
     """Write the shard's commit record, the commit point: its files are in place before."""
     fault_point("commit")  # the shard's files are in place, its record is not: a crash here must redo it
-    commit_path = out / "_commits" / shard_file(shard_id, ".json")
+    commit_path = out / layout.COMMITS / shard_file(shard_id, ".json")
     commit_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(record, commit_path)
     return record
@@ -168,11 +180,11 @@ def commit_shard(out_dir: str, shard_id: int, parts: list[str], quarantine_parts
     them."""
     out = Path(out_dir)
     name = shard_name(shard_id)
-    commit_path = out / "_commits" / shard_file(shard_id, ".json")
+    commit_path = out / layout.COMMITS / shard_file(shard_id, ".json")
     if commit_path.is_file():  # a retry of a commit that got as far as its record
         return json.loads(commit_path.read_text())
     record = _empty_record(shard_id)
-    data_dest, quarantine_dest = out / "data" / shard_file(shard_id), out / "quarantine" / shard_file(shard_id)
+    data_dest, quarantine_dest = out / layout.DATA / shard_file(shard_id), out / layout.QUARANTINE / shard_file(shard_id)
     good = _merge(parts, OUTPUT_SCHEMA, data_dest, compression) if parts else pa.chunked_array([], pa.int64())
     bad = (_merge(quarantine_parts, QUARANTINE_SCHEMA, quarantine_dest, compression) if quarantine_parts
            else pa.chunked_array([], pa.int64()))
@@ -184,14 +196,14 @@ def commit_shard(out_dir: str, shard_id: int, parts: list[str], quarantine_parts
             quarantine_dest.unlink(missing_ok=True)
             raise
     if parts:
-        record.update(_file_entry(out, "data", shard_id, len(good)))
+        record.update(_file_entry(out, layout.DATA, shard_id, len(good)))
     if quarantine_parts:
-        record.update(_file_entry(out, "quarantine", shard_id, len(bad)))
+        record.update(_file_entry(out, layout.QUARANTINE, shard_id, len(bad)))
     _commit(out, shard_id, record)
     for part in parts + quarantine_parts:  # only our own parts: a rerun's may sit beside them
         Path(part).unlink(missing_ok=True)
     try:
-        (Path(staging_dir or out / "_staging") / name).rmdir()
+        (Path(staging_dir or out / layout.STAGING) / name).rmdir()
     except OSError:  # not empty (a dead task's part) or already gone: the next run's cleanup takes it
         pass
     return record
@@ -203,23 +215,26 @@ def label_shard(out_dir: str, shard_id: int, scored_dir: str, labels: Callable[[
     decisions, `labels(rows)` filling them in place, committed into out_dir as commit_shard commits: data file,
     quarantine file (the same bytes) and record. The scored files stay until the job ends."""
     out, scored = Path(out_dir), Path(scored_dir)
-    commit_path = out / "_commits" / shard_file(shard_id, ".json")
+    commit_path = out / layout.COMMITS / shard_file(shard_id, ".json")
     if commit_path.is_file():  # a retry of a commit that got as far as its record
         return json.loads(commit_path.read_text())
-    source = json.loads((scored / "_commits" / shard_file(shard_id, ".json")).read_text())
+    source = json.loads((scored / layout.COMMITS / shard_file(shard_id, ".json")).read_text())
     record = _empty_record(shard_id)
     if source["path"]:
         table = pq.read_table(scored / source["path"], schema=OUTPUT_SCHEMA)
         rows = table.to_pylist()
         labels(rows)
-        dest = out / "data" / shard_file(shard_id)
+        dest = out / layout.DATA / shard_file(shard_id)
         dest.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_table(conform(rows, OUTPUT_SCHEMA).replace_schema_metadata(OUTPUT_SCHEMA.metadata), dest,
                            compression)
-        record.update(_file_entry(out, "data", shard_id, len(rows)))
+        record.update(_file_entry(out, layout.DATA, shard_id, len(rows)))
     if source["quarantine_path"]:
-        dest = out / "quarantine" / shard_file(shard_id)
+        dest = out / layout.QUARANTINE / shard_file(shard_id)
         dest.parent.mkdir(parents=True, exist_ok=True)
         atomic_copy(scored / source["quarantine_path"], dest)
-        record.update(_file_entry(out, "quarantine", shard_id, source["quarantine_rows"]))
+        record.update(_file_entry(out, layout.QUARANTINE, shard_id, source["quarantine_rows"]))
     return _commit(out, shard_id, record)
+
+
+WriteSpec.stage = WriteParts

@@ -7,8 +7,9 @@ import pytest
 
 from schemas import WORK_SCHEMA, conform
 from stages.contract import Contract, ContractError, check_chain
-from stages.score import Score
-from stages.select import Select
+from stages.score import Score, ScoreSpec
+from stages.select import SelectSpec
+from stages.side import QUERY, SIDES
 
 
 def _cand(**kw):
@@ -138,8 +139,8 @@ def test_check_source():
 
 
 def test_score_and_select_keep_to_their_contracts_on_real_batches():
-    scored = Score("cosine", 1.0, target_side=False)(_batch())
-    labelled = Select(0.0, target_side=False)(scored)
+    scored = ScoreSpec(mode="cosine", temperature=1.0).build()(_batch())
+    labelled = SelectSpec(epsilon=0.0).build()(scored)
     assert labelled["decision"].to_pylist() == ["direct", "reason", "reason"]
     assert labelled["candidates"].to_pylist()[2][0]["valid"] is True
     # what neither declares passes through untouched
@@ -150,7 +151,7 @@ def test_score_and_select_keep_to_their_contracts_on_real_batches():
 def test_a_real_stage_writing_an_undeclared_column_fails():
     class LeakyScore(Score):
         def __init__(self):
-            super().__init__("cosine", 1.0, target_side=False)
+            super().__init__(ScoreSpec(mode="cosine", temperature=1.0))
 
         def __call__(self, batch):
             def process(rows):
@@ -164,7 +165,8 @@ def test_a_real_stage_writing_an_undeclared_column_fails():
 
 def test_without_target_side_the_target_columns_are_not_declared():
     """k_target 0: no stage writes the target columns, so the stages that would read them must not declare them
-    (check_chain would refuse the plan); with target_side they do."""
-    for make in (lambda t: Score.contract("cosine", 1.0, target_side=t), lambda t: Select.contract(0.0, target_side=t)):
-        assert not any(n.startswith("target_") for n in make(False).reads + make(False).writes)
-        assert any(n.startswith("target_") for n in make(True).reads)
+    (check_chain would refuse the plan); with the target side they do."""
+    for make in (lambda sides: ScoreSpec(mode="cosine", temperature=1.0, sides=sides).contract(),
+                 lambda sides: SelectSpec(epsilon=0.0, sides=sides).contract()):
+        assert not any(n.startswith("target_") for n in make((QUERY,)).reads + make((QUERY,)).writes)
+        assert any(n.startswith("target_") for n in make(SIDES).reads)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from stages.calibrate import calibrate, knockoff_margin, margin_lookup, row_scores
-from stages.decoys import Decoys, check_whole_shards, decoy_counts, draw_decoys
+from stages.decoys import DecoysSpec, check_whole_shards, decoy_counts, draw_decoys
 from stages.select import DIRECT, REASON, UNDECIDED, label_rows, null_score, score_rows
 
 
@@ -127,7 +127,7 @@ def test_the_decoy_stage_refuses_part_of_a_shard():
     check_whole_shards(rows)
     with pytest.raises(RuntimeError, match="shard 7 arrived in part"):
         check_whole_shards(rows[:4])
-    assert Decoys.contract({"query": {"g1": 1}}).writes == ("decoys",)
+    assert DecoysSpec(counts={"query": {"g1": 1}}).contract().writes == ("decoys",)
 
 
 def test_decoy_counts_per_candidate_slot():

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline import config
 from schemas import WORK_SCHEMA, conform
-from stages.embed import Embed
+from stages.embed import Embed, EmbedderSpec, EmbedSpec
 from stages.inputs import plan_shards
 from stages.read import read_shard
 
@@ -35,6 +35,11 @@ def setup(tiny_models, demo_data):
                              {"text": f"pair {i} needs its own reasoning", "generator": "g", "finish_reason": "length"},
                              {"text": "", "generator": "g", "finish_reason": "empty"}]
     return {"embedder": c["embedder"], "rows": rows}
+
+
+def embed_stage(embedder: dict, **options) -> Embed:
+    """The Embed stage of a spec for this embedder (a config's `embedder` as a dict)."""
+    return EmbedSpec(embedder=EmbedderSpec.from_config(embedder), max_image_pixels=40_000_000, **options).build()
 
 
 def distinct_inputs(embedder: dict, rows: list[dict]) -> set:
@@ -70,7 +75,7 @@ def similarities(rows):
 def first_pass(setup, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     stats = tmp_path_factory.mktemp("stats")
-    stage = Embed(setup["embedder"], 40_000_000, cache_dir=str(cache), stats_dir=str(stats))
+    stage = embed_stage(setup["embedder"], cache_dir=str(cache), stats_dir=str(stats))
     return {"rows": embed_all(stage, setup["rows"]), "stage": stage, "cache": cache, "stats": stats}
 
 
@@ -89,14 +94,14 @@ def test_each_distinct_input_is_embedded_once_per_job(setup, first_pass):
 
 
 def test_a_warm_cache_does_no_model_work_and_gives_the_same_numbers(setup, first_pass):
-    again = Embed(setup["embedder"], 40_000_000, cache_dir=str(first_pass["cache"]))
+    again = embed_stage(setup["embedder"], cache_dir=str(first_pass["cache"]))
     rows = embed_all(again, setup["rows"])
     assert again.stats["forwards"] == 0 and again.cache.stats["disk_hits"] > 0
     assert similarities(rows) == similarities(first_pass["rows"])
 
 
 def test_without_the_cache_the_similarities_agree(setup, first_pass):
-    plain = Embed(setup["embedder"], 40_000_000, cache_dir=None)
+    plain = embed_stage(setup["embedder"], cache_dir=None)
     rows = []
     for row in setup["rows"]:  # one pair per call: other batch shapes than the first pass
         rows += plain(conform([row], WORK_SCHEMA)).to_pylist()
@@ -113,7 +118,7 @@ def test_a_later_round_embeds_only_its_new_candidates(setup, first_pass):
     rows = [dict(r, candidates=[dict(c) for c in r["candidates"]]) for r in first_pass["rows"]]
     for i, row in enumerate(rows[:10]):
         row["candidates"].append({"text": f"a new thought {i}", "generator": "g", "finish_reason": "stop"})
-    later = Embed(setup["embedder"], 40_000_000, cache_dir=str(first_pass["cache"]))
+    later = embed_stage(setup["embedder"], cache_dir=str(first_pass["cache"]))
     out = embed_all(later, rows)
     assert later.stats["forwards"] == 10
     # rows without new candidates are not even looked up; the others fetch target and negatives (once a batch)
@@ -139,7 +144,7 @@ def test_controls_are_embedded_once_per_distinct_query_and_stored(setup, first_p
     the control inputs are new work over a warm cache."""
     from stages.embed import control_text
 
-    stage = Embed(setup["embedder"], 40_000_000, cache_dir=str(first_pass["cache"]), controls=CONTROLS)
+    stage = embed_stage(setup["embedder"], cache_dir=str(first_pass["cache"]), controls=tuple(CONTROLS))
     # five more pairs that share their query (and target) with earlier ones, in later batches
     shared = [dict(r, pair_id=f"{r['pair_id']}-again") for r in setup["rows"][:5]]
     rows = embed_all(stage, [dict(r, s_direct=None) for r in setup["rows"] + shared])
@@ -161,6 +166,6 @@ def test_controls_are_embedded_once_per_distinct_query_and_stored(setup, first_p
         key = (row["query_text"], image_digest(row["query_image"]), row["target_text"], image_digest(row["target_image"]))
         assert by_input.setdefault(key, row["s_control"]) == row["s_control"]
     # a later round (s_direct already set) does not embed the controls again
-    again = Embed(setup["embedder"], 40_000_000, cache_dir=str(first_pass["cache"]), controls=CONTROLS)
+    again = embed_stage(setup["embedder"], cache_dir=str(first_pass["cache"]), controls=tuple(CONTROLS))
     later = embed_all(again, rows)
     assert again.stats["lookups"] == 0 and [r["s_control"] for r in later] == [r["s_control"] for r in rows]

@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline import config
 from schemas import IMAGE_REF, WORK_SCHEMA, conform
-from stages.embed import Embed
+from stages.embed import EmbedderSpec, EmbedSpec
 from stages.embed_cache import image_digest
 from stages.images import ImageLoader, digest_bytes, load_image_bytes
 from stages.inputs import plan_shards
@@ -150,7 +150,7 @@ def test_a_changed_or_missing_image_quarantines_its_rows(tmp_path, embedder):
     (root / "c0.png").write_bytes(png((1, 2, 3)))
     (root / "c1.png").unlink()
     # in-shard negatives are other pairs' targets (texts here), so only the queries' images matter
-    out = Embed(embedder, 40_000_000)(conform(rows, WORK_SCHEMA)).to_pylist()
+    out = EmbedSpec(embedder=EmbedderSpec.from_config(embedder), max_image_pixels=40_000_000).build()(conform(rows, WORK_SCHEMA)).to_pylist()
     reasons = [(r["query_image_path"], r["quarantine_reason"]) for r in out]
     assert reasons == [("c0.png", "image_corrupt"), ("c1.png", "image_missing"), ("c2.png", None)] * 2
     assert all("changed after the read" in r["quarantine_detail"] for r in out if r["query_image_path"] == "c0.png")
@@ -169,7 +169,7 @@ def test_inline_and_file_images_give_the_same_similarities(tmp_path, embedder):
     assert [digest_bytes(r["query_image"]) for r in from_files] == [digest_bytes(r["query_image"]) for r in inline]
 
     def sims(rows):
-        out = Embed(embedder, 40_000_000)(conform(rows, WORK_SCHEMA)).to_pylist()
+        out = EmbedSpec(embedder=EmbedderSpec.from_config(embedder), max_image_pixels=40_000_000).build()(conform(rows, WORK_SCHEMA)).to_pylist()
         return [(r["s_direct"], r["s_direct_neg"]) for r in out]
 
     assert sims(inline) == sims(from_files)

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas import OUTPUT_SCHEMA, QUARANTINE_SCHEMA, SCHEMA_VERSION
+from stages import layout
 from stages.calibrate import calibrate, output_scores
 from stages.score import score_pair
 from stages.select import help_threshold, null_score
@@ -86,6 +87,16 @@ def test_shards_match_the_schema_and_manifest(job):
         assert hashlib.sha256((job["out"] / shard["path"]).read_bytes()).hexdigest() == shard["sha256"]
         if shard["quarantine_path"]:
             assert pq.read_schema(job["out"] / shard["quarantine_path"]).equals(QUARANTINE_SCHEMA, check_metadata=False)
+
+
+def test_the_output_holds_only_what_the_layout_names(job):
+    """Every folder and file a finished job leaves in its output dir is one stages/layout.py names (the only things
+    pairsel ever deletes there), and the scored shards of the decoy rule are gone once the job ends."""
+    named = {layout.DATA, layout.QUARANTINE, layout.COMMITS, layout.MANIFEST, layout.CARD, *layout.OWN_FOLDERS,
+             *layout.OWN_FILES}
+    assert {p.name for p in job["out"].iterdir()} <= named
+    assert not (job["out"] / layout.SCORED).exists() and not (job["out"] / layout.STAGING).exists()
+    assert (job["out"] / layout.JOB_RECORD).is_file() and (job["out"] / layout.RUN_LOG).is_file()
 
 
 def test_labels_recompute_from_stored_similarities(job):

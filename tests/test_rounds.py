@@ -15,9 +15,10 @@ from pipeline import config
 from pipeline.plan import round_schedule, run_local, steps
 from schemas import WORK_SCHEMA, conform
 from scripts.make_demo_data import make
-from stages.generate import Generate
+from stages.generate import Generate, GeneratorSpec, GenerateSpec
 from stages.inputs import plan_shards
 from stages.select import satisfied
+from stages.side import QUERY
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,6 +45,13 @@ def load(tmp_path, tiny_models, data, *overrides, generators=None):
                              *overrides])
     config.resolve_paths(cfg)
     return cfg
+
+
+def generate_stage(g: dict, template: str, k_stop: int, satisfied_above=None) -> Generate:
+    """A query-side Generate stage of this generator (a config's generators[] entry as a dict)."""
+    return GenerateSpec(generator=GeneratorSpec.from_config(g), side=QUERY, template_name=g["template"],
+                        template=template, k_stop=k_stop, max_image_pixels=10**7,
+                        satisfied_above=satisfied_above).build()
 
 
 def run(cfg):
@@ -79,7 +87,7 @@ def check_against_full(rounds, full, threshold):
         assert [c["generator"] for c in r["candidates"]] == sorted(
             [c["generator"] for c in r["candidates"]], key=list(by_gen).index)
         if len(r["candidates"]) < len(f["candidates"]):
-            assert satisfied(r, "query", 0.0, threshold)
+            assert satisfied(r, QUERY, 0.0, threshold)
         else:
             assert r["chosen"] == f["chosen"] and r["best_delta"] == pytest.approx(f["best_delta"], abs=1e-6)
 
@@ -94,8 +102,8 @@ def test_round_schedule_and_steps(tiny_models, data, tmp_path):
     gens = {"a": 8, "b": 3}
     cfg = load(tmp_path, tiny_models, data, "rounds.k0=2", "rounds.step=3", generators=gens)
     assert round_schedule(cfg) == [{"a": 2, "b": 2}, {"a": 5, "b": 3}, {"a": 8, "b": 3}]
-    plan = [(s.stage.__name__, s.kwargs.get("generator", {}).get("name"), s.kwargs.get("k_stop"),
-             s.kwargs.get("satisfied_above")) for s in steps(cfg)]
+    plan = [(s.stage.__name__, s.generator.name if hasattr(s, "generator") else None, getattr(s, "k_stop", None),
+             getattr(s, "satisfied_above", None)) for s in steps(cfg)]
     assert plan == [("Generate", "a", 2, None), ("Generate", "b", 2, None), ("Embed", None, None, None), ("Score", None, None, None),
                     ("Generate", "a", 5, 0.0), ("Generate", "b", 3, 0.0), ("Embed", None, None, None), ("Score", None, None, None),
                     ("Generate", "a", 8, 0.0), ("Embed", None, None, None), ("Score", None, None, None),
@@ -143,7 +151,7 @@ def test_several_generators_in_rounds(tiny_models, data, tmp_path):
 def test_a_satisfied_pair_gets_nothing_more(tiny_models, data, tmp_path):
     cfg = load(tmp_path, tiny_models, data, "generators.0.k=3")
     g = config.to_dict(cfg)["generators"][0]
-    stage = Generate(g, "Query: {query}", 10**7, k_stop=3, satisfied_above=0.0)
+    stage = generate_stage(g, "Query: {query}", k_stop=3, satisfied_above=0.0)
     row = {"pair_id": "p", "query_text": "a query", "query_image": None, "target_text": "t",
            "candidates": [{"generator": g["name"], "text": "r", "valid": True, "delta": 0.5, "finish_reason": "stop"}]}
     assert len(stage(conform([row], WORK_SCHEMA)).to_pylist()[0]["candidates"]) == 1
@@ -207,9 +215,9 @@ def test_precomputed_rationales_continue_where_the_last_round_stopped(tmp_path):
          "rationale": "both", "seed": 0, "trust_remote_code": False, "options": {"path": str(path)},
          "sampling": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8}}
     row = {"pair_id": "p", "query_text": "a query", "query_image": None, "target_text": "t"}
-    row = Generate(g, "{query}", 10**7, k_stop=1)(conform([row], WORK_SCHEMA)).to_pylist()[0]
+    row = generate_stage(g, "{query}", k_stop=1)(conform([row], WORK_SCHEMA)).to_pylist()[0]
     row["candidates"][0].update(valid=True, delta=-1.0)
-    later = Generate(g, "{query}", 10**7, k_stop=3, satisfied_above=0.0)(conform([row], WORK_SCHEMA)).to_pylist()[0]
+    later = generate_stage(g, "{query}", k_stop=3, satisfied_above=0.0)(conform([row], WORK_SCHEMA)).to_pylist()[0]
     assert [c["text"] for c in later["candidates"]] == ["first", "second", "third"]
 
 
@@ -263,7 +271,7 @@ def test_generate_changes_only_its_declared_columns(tmp_path):
     row = {"pair_id": "p", "query_text": "a query", "target_text": "t", "target_image": ref, "s_direct": 0.25,
            "negatives": [{"text": "n", "image_path": "x.png", "image": ref, "origin": "explicit"}], "raw": "kept"}
     batch = conform([row], WORK_SCHEMA)
-    stage = Generate(g, "{query}", 10**7)
+    stage = generate_stage(g, "{query}", k_stop=2)
     out = stage(batch)
     assert [c["text"] for c in out["candidates"].to_pylist()[0]] == ["first", "second"]
     for name in WORK_SCHEMA.names:

@@ -12,6 +12,7 @@ from pipeline import config
 from schemas import TARGET_COLUMNS, WORK_SCHEMA, conform
 from stages.score import score_rows
 from stages.select import DIRECT, REASON, UNDECIDED, select_rows
+from stages.side import TARGET
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -157,7 +158,7 @@ def test_a_shared_target_is_reasoned_about_and_embedded_once(tmp_path, tiny_mode
     sent, embedded = [], []
 
     def instrument(stage):
-        if isinstance(stage, Generate) and stage.side == "target":
+        if isinstance(stage, Generate) and stage.spec.side is TARGET:
             generate = stage.backend.generate
             stage.backend.generate = lambda requests: sent.extend(requests) or generate(requests)
         if isinstance(stage, Embed):
@@ -219,7 +220,7 @@ def test_rounds_apply_per_side_and_keep_the_labels(tmp_path, tiny_models):
         return cfg, {r["pair_id"]: r for r in run_local(cfg, plan_shards(config.to_dict(cfg)["input"]))}
 
     cfg, rounds = job("rounds.k0=1", "rounds.step=1")
-    target_steps = [s.kwargs["k_stop"] for s in steps(cfg) if s.stage is Generate and s.kwargs.get("side") == "target"]
+    target_steps = [s.k_stop for s in steps(cfg) if s.stage is Generate and s.side is TARGET]
     assert target_steps == [1, 2, 3]
     _, full = job()
     for pid, f in full.items():
