@@ -210,8 +210,11 @@ def _stopped(console: Console, job, e: BaseException) -> int:
     """A job that ended early: one line on what happened, what is kept, and how to go on."""
     from pipeline import manifest
 
-    committed = len(manifest.commit_records(job.out_dir))
-    kept = f"{committed} of {len(job.specs)} shards are committed in {job.out_dir} and kept"
+    committed = {r["shard_id"] for r in manifest.commit_records(job.out_dir)}
+    kept = f"{len(committed)} of {len(job.specs)} shards are committed in {job.out_dir} and kept"
+    scored = {r["shard_id"] for r in manifest.commit_records(job.out_dir / layout.SCORED)} - committed
+    if scored:  # the decoy rule labels once every shard is scored: these wait for the rest
+        kept += f", {len(scored)} more scored and kept until every shard is scored"
     if isinstance(e, KeyboardInterrupt) or e.interrupted:
         console.say(f"pairsel: interrupted; {kept}. Rerun the same command to resume.")
         return EXIT_INTERRUPTED

@@ -49,7 +49,7 @@ def _query(image_path: str, **extra) -> dict:
 
 
 def _bad_records(root: Path, first_clean_line: str) -> list[tuple[bytes, str]]:
-    """(JSONL line as bytes, expected reason), one per bad input the issue lists, and a few more."""
+    """(JSONL line as bytes, expected reason), one per kind of bad input the reader must quarantine."""
     line = lambda rec: json.dumps(rec).encode()  # noqa: E731
     return [
         (line(_query("bad/corrupt.png")), "image_corrupt"),

@@ -130,7 +130,7 @@ def request(prompt="Query: a dog", seeds=(11, 12, 13), image=None, **kw):
 
 def fast(url, **kw):
     """A client that gives up on a silent server soon. Retries wait what the openai client waits (0.5 s, then
-    doubling, or Retry-After): pairsel no longer sets the backoff."""
+    doubling, or Retry-After): pairsel does not set the backoff."""
     return OpenAIGenerator("stub-model", base_url=url, **{"timeout_s": 5, **kw})
 
 

@@ -1,4 +1,4 @@
-"""Images by reference (issue 13): after the read only a small reference travels (no binary column), inline
+"""Images by reference: after the read only a small reference travels (no binary column), inline
 bytes are kept in one place (a tar member where it is, other inline bytes once per digest in OUTPUT/_images), a
 model stage that finds an image changed since the read quarantines its row, and inline or file images give the
 same similarities (the embedding cache keys on the digest, as it did on the bytes)."""

@@ -7,8 +7,8 @@ pipeline/plan.py:run_local.
 
 What is measured: candidates without content (misleading, off-topic, format-only, restatement) make at most 5% of
 pairs reason, on hard and easy pairs, in both modes; in pair-aware mode at least 95% of the hard pairs with an
-evidence candidate are reason (the issue's target; 94.7% here), and the evidence is what they choose; the fixed rule (scoring.decision.rule bar) on
-the same scores labels a share of the content-free pairs reason; every label recomputes from the stored columns.
+evidence candidate are reason (the target is 95%; 94.7% here), and the evidence is what they choose; the fixed
+rule (scoring.decision.rule bar) on the same scores labels a share of the content-free pairs reason; every label recomputes from the stored columns.
 """
 import copy
 from pathlib import Path

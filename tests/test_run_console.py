@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from stages import layout
 from tests import job_runs
 from tests.job_runs import REPO, checksums, committed, start_pipeline, wait_for
 
@@ -31,6 +32,7 @@ def sha256_of(out: Path, files) -> dict[str, str]:
 
 def test_ctrl_c_stops_promptly_keeps_committed_shards_and_says_how_to_resume(tiny_models, demo_data, tmp_path):
     out = tmp_path / "out"
+    scored_dir = out / layout.SCORED
     shards = demo_data["valid_rows"] // 2
     proc = start_pipeline(small_job(tiny_models, demo_data["path"], out, f"input.image_root={demo_data['root']}",
                                     "input.rows_per_shard=2"))
@@ -42,9 +44,11 @@ def test_ctrl_c_stops_promptly_keeps_committed_shards_and_says_how_to_resume(tin
         (out / "data" / "mine.parquet").write_bytes(b"a user's file")
         users = {"notes.txt", "data/mine.parquet"}
         before_users = sha256_of(out, users)
-        wait_for(lambda: committed(out), 600, "a committed shard", every=0.1)
-        done_before = sha256_of(out, [r[k] for r in committed(out).values() for k in ("path", "quarantine_path")
-                                      if r[k]])
+        # the shipped decoy rule commits scored shards into _scored/ and labels them once all are scored
+        wait_for(lambda: committed(scored_dir), 600, "a scored shard", every=0.1)
+        done_before = {f"{layout.SCORED}/{rel}": digest for rel, digest in sha256_of(
+            scored_dir, [r[k] for r in committed(scored_dir).values() for k in ("path", "quarantine_path") if r[k]]
+        ).items()}
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
         t0 = time.monotonic()
         stdout, stderr = proc.communicate(timeout=120)
@@ -59,18 +63,19 @@ def test_ctrl_c_stops_promptly_keeps_committed_shards_and_says_how_to_resume(tin
     assert proc.returncode == 130, stderr[-3000:]
     assert stopped_in < 60, f"took {stopped_in:.0f}s to stop"
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
-    records = committed(out)
+    records = committed(scored_dir)
     n = len(records)
-    assert 1 <= n < shards
-    assert stderr.strip().splitlines()[-1] == (f"pairsel: interrupted; {n} of {shards} shards are committed in {out} "
-                                              "and kept. Rerun the same command to resume.")
+    assert 1 <= n < shards and not committed(out)
+    assert stderr.strip().splitlines()[-1] == (f"pairsel: interrupted; 0 of {shards} shards are committed in {out} "
+                                              f"and kept, {n} more scored and kept until every shard is scored. "
+                                              "Rerun the same command to resume.")
     assert stdout == ""  # no summary of a job that did not finish
     after = checksums(out)
     assert {k: after[k] for k in users} == before_users  # the user's files, untouched
     assert {k: after.get(k) for k in done_before} == done_before  # committed shards stay as they were
     for r in records.values():  # and every commit record is true
         if r["path"]:
-            assert after[r["path"]] == r["sha256"]
+            assert after[f"{layout.SCORED}/{r['path']}"] == r["sha256"]
 
 
 def has_image(record: dict) -> bool:

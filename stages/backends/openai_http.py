@@ -160,7 +160,7 @@ class OpenAIGenerator:
         between attempts, with jitter, or what a Retry-After of up to 2 minutes says."""
         o = self.options = self.Options.parse(options, "openai generator")
         if o.backoff_s is not None or o.max_backoff_s is not None:
-            log.info("openai backend: backoff_s and max_backoff_s no longer apply; the openai client backs off "
+            log.info("openai backend: backoff_s and max_backoff_s are ignored; the openai client backs off "
                      "0.5 s doubling up to 8 s and honours Retry-After")
         extra_body, api_key_env = o.extra_body, o.api_key_env
         self.model = model
