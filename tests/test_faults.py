@@ -44,8 +44,13 @@ DRIVER_KILLS = {
     "generating": "generate:9",  # on the 9th pair's rationales: the second generate batch is half done
     "embedding": "embed:1",  # as the first embedding batch comes back
     "writing": "write:1",  # as the first part file of labelled rows is staged
-    "between write and commit": "commit:2",  # the second shard's file is in place, its commit record is not
+    # the decoy rule commits each scored shard into _scored/ (commits 1-4), then, once all are scored, each
+    # labelled shard into data/ (commits 5-8)
+    "between scoring and its commit": "commit:2",  # the second scored shard's file is in place, its record is not
+    "between labelling and its commit": "commit:6",  # the same for the second labelled shard
 }
+# where the kill leaves a shard file without its commit record
+UNRECORDED = {"between scoring and its commit": Path("_scored"), "between labelling and its commit": Path(".")}
 
 
 @pytest.mark.parametrize("when", list(DRIVER_KILLS))
@@ -56,8 +61,9 @@ def test_driver_killed_then_rerun_equals_reference(when, corpus, reference, tmp_
     assert (tmp_path / "fault-fired").exists()
     assert not (out / "manifest.json").exists()
     before = committed(out)
-    if when == "between write and commit":  # the kill fell in the window: a shard file without its record
-        assert {int(p.stem.split("-")[1]) for p in (out / "data").glob("shard-*.parquet")} - set(before)
+    if when in UNRECORDED:  # the kill fell in the window: a shard file without its record
+        folder = out / UNRECORDED[when]
+        assert {int(p.stem.split("-")[1]) for p in (folder / "data").glob("shard-*.parquet")} - set(committed(folder))
     kept = {i: (out / r["path"]).stat().st_mtime_ns for i, r in before.items() if r["path"]}
 
     rerun = run_pipeline(job_args(corpus, out))
