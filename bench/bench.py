@@ -273,6 +273,7 @@ def replay(full: dict, schedule: list[int], epsilon: float, margin: float, valid
     under the decoy rule with the full-K run's decoys, and the replayed pairs are calibrated again."""
     from stages.calibrate import calibrate, margin_lookup, row_scores
     from stages.select import label_rows, satisfied, score_rows
+    from stages.side import QUERY
 
     need = {"query": len(next(iter(full.values()))["candidates"])} if rule["rule"] == "decoys" else None
     replayed, spent, losses = [], 0, []
@@ -280,7 +281,7 @@ def replay(full: dict, schedule: list[int], epsilon: float, margin: float, valid
         cands = [{**c, "valid": c["finish_reason"] in valid and c["delta"] is not None} for c in r["candidates"]]
         for reach in schedule:
             n = min(reach, len(cands))
-            if n == len(cands) or satisfied({**r, "candidates": cands[:n]}, "query", epsilon, margin,
+            if n == len(cands) or satisfied({**r, "candidates": cands[:n]}, QUERY, epsilon, margin,
                                             (need or {}).get("query", 0)):
                 break
         spent += sum(c["tokens"] for c in cands[:n])
