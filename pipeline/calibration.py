@@ -15,19 +15,17 @@ values, so a shard redone after the job ended (a damaged file) gets the labels i
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
-import polars as pl
 from omegaconf import DictConfig
 
 from pipeline.config import to_dict
 from stages.calibrate import calibrate, margin_lookup, output_scores, win_chance
 from stages.decoys import decoy_counts, required
 from stages import layout
-from stages.files import shard_file
+from stages.files import read_commit_record
 from stages.select import label_rows
 from stages.write import label_shard
 
@@ -43,26 +41,28 @@ def commit_dir(cfg: DictConfig) -> str:
     return str(Path(cfg.output.dir) / layout.SCORED) if decoy_rule(cfg) else cfg.output.dir
 
 
-def _record(folder: Path, shard_id: int) -> Optional[dict]:
-    path = folder / layout.COMMITS / shard_file(shard_id, ".json")
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def job_calibration(cfg: DictConfig, out_dir: Path, shard_ids: list[int]) -> list[dict]:
     """The calibration over every pair of the job's shards (stages/calibrate.py), each shard's null scores read
     from its labelled file, else its scored one."""
     files = []
     for shard_id in shard_ids:
         for folder in (out_dir, out_dir / layout.SCORED):
-            record = _record(folder, shard_id)
+            record = read_commit_record(folder, shard_id)
             if record is not None:
                 if record["path"]:
                     files.append(str(folder / record["path"]))
                 break
         else:
             raise RuntimeError(f"shard {shard_id} is neither scored nor labelled: the calibration needs every shard")
+    import polars as pl
+
+    return calibrate_job(cfg, output_scores(pl.scan_parquet(files), cfg.scoring.decision.group) if files else ())
+
+
+def calibrate_job(cfg: DictConfig, scores: Iterable[tuple[str, str, Optional[float]]]) -> list[dict]:
+    """The job's calibration (stages/calibrate.py: one record per side and group) from its pairs' null scores
+    (row_scores of rows in memory, output_scores of output shards), under the job's decision rule."""
     rule = cfg.scoring.decision
-    scores = output_scores(pl.scan_parquet(files), rule.group) if files else ()
     return calibrate(scores, rule.fdr, win_chance(to_dict(cfg)["generators"], rule.decoys_per_candidate))
 
 
@@ -82,7 +82,7 @@ def label_scored_shards(cfg: DictConfig, specs: list[dict], submit=None) -> int:
         return 0
     out_dir = Path(cfg.output.dir)
     shard_ids = [s["shard_id"] for s in specs]
-    todo = [i for i in shard_ids if _record(out_dir, i) is None]
+    todo = [i for i in shard_ids if read_commit_record(out_dir, i) is None]
     if not todo:
         return 0
     calibration = job_calibration(cfg, out_dir, shard_ids)

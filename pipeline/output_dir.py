@@ -21,7 +21,7 @@ from pipeline.config import ConfigError, config_hash, label_config
 from pipeline.verify import Depth, Problem, check_records, read_commit_records
 from schemas import SCHEMA_VERSION
 from stages import layout
-from stages.files import SHARD_FILE, SHARD_GLOB, TEMP_SHARD_FILE, atomic_write_json, shard_file
+from stages.files import SHARD_FILE, SHARD_GLOB, TEMP_SHARD_FILE, atomic_write_json, commit_record_path
 
 
 def _flatten(d, prefix=""):
@@ -137,7 +137,7 @@ def _keep_committed(folder: Path) -> tuple[set[int], list[Problem]]:
     records, unreadable = read_commit_records(folder)
     damaged = unreadable + [p for found in check_records(folder, records, Depth.RESUME).values() for p in found[:1]]
     for problem in damaged:
-        (folder / layout.COMMITS / shard_file(problem.shard_id, ".json")).unlink(missing_ok=True)
+        commit_record_path(folder, problem.shard_id).unlink(missing_ok=True)
     kept = {r["shard_id"] for r in records} - {p.shard_id for p in damaged}
     for f in _shard_files(folder, keep=kept):
         f.unlink()

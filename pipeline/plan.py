@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Callable, Optional
 from omegaconf import DictConfig
 
 from pipeline import version
+from pipeline.calibration import calibrate_job, decoy_rule, labeller
 from pipeline.config import config_hash, to_dict
 from schemas import SCHEMA_VERSION, WORK_SCHEMA, conform
 from stages import layout
-from stages.calibrate import calibrate, margin_lookup, row_scores, win_chance
+from stages.calibrate import row_scores
 from stages.contract import check_chain
 from stages.decoys import DecoysSpec, decoy_counts, required
 from stages.embed import EmbedderSpec, EmbedSpec
@@ -39,7 +40,7 @@ from stages.generate import GeneratorSpec, GenerateSpec
 from stages.read import CONTRACT as READ_CONTRACT
 from stages.read import read_shard_table
 from stages.score import ScoreSpec
-from stages.select import SelectSpec, label_rows
+from stages.select import SelectSpec
 from stages.side import QUERY, SIDES, Side
 from stages.spec import Resources, StageSpec
 from stages.write import WriteSpec
@@ -98,7 +99,7 @@ def round_schedule(cfg: DictConfig, side: Side = QUERY) -> list[dict[str, int]]:
 
 def decoy_counts_of(cfg: DictConfig) -> Optional[dict]:
     """Per side, generator -> decoys per pair under the decoy rule (stages/decoys.py); None under the bar rule."""
-    if cfg.scoring.decision.rule != "decoys":
+    if not decoy_rule(cfg):
         return None
     return decoy_counts(to_dict(cfg)["generators"], cfg.scoring.decision.decoys_per_candidate)
 
@@ -155,19 +156,17 @@ def steps(cfg: DictConfig) -> list[StageSpec]:
 def write_spec(cfg: DictConfig) -> WriteSpec:
     return WriteSpec(staging=f"{cfg.output.dir}/{layout.STAGING}", provenance=provenance(cfg),
                      compression=cfg.output.compression, sides=sides(cfg),
-                     decoys=cfg.scoring.decision.rule == "decoys")
+                     decoys=decoy_rule(cfg))
 
 
 def label_job(cfg: DictConfig, rows: list[dict]) -> Optional[list[dict]]:
     """The decoy rule's decisions for rows held in memory (every pair of the job): the calibration over all of
     them (one record per side and group, returned), then each pair's decision. None under the bar rule (select
     labelled the pairs already)."""
-    rule = cfg.scoring.decision
-    if rule.rule != "decoys":
+    if not decoy_rule(cfg):
         return None
-    calibration = calibrate(row_scores(rows, rule.group), rule.fdr,
-                            win_chance(to_dict(cfg)["generators"], rule.decoys_per_candidate))
-    label_rows(rows, cfg.scoring.epsilon, margin_lookup(calibration, rule.group), required(decoy_counts_of(cfg)))
+    calibration = calibrate_job(cfg, row_scores(rows, cfg.scoring.decision.group))
+    labeller(cfg, calibration)(rows)
     return calibration
 
 

@@ -265,14 +265,14 @@ def calibration_problems(out_dir: Path, records: list[dict], stages: list, confi
     shard's decisions from it, compared with the stored ones (CALIBRATED_COLUMNS)."""
     from omegaconf import OmegaConf
 
-    from pipeline.calibration import labeller
+    from pipeline.calibration import calibrate_job, labeller
     from schemas import CALIBRATED_COLUMNS, WORK_SCHEMA
-    from stages.calibrate import calibrate, row_scores, win_chance
+    from stages.calibrate import row_scores
 
     cfg = OmegaConf.create(config)
-    rule = cfg.scoring.decision
-    scores = [s for again in recomputed.values() for s in row_scores(again.to_pylist(), rule.group)]
-    labels = labeller(cfg, calibrate(scores, rule.fdr, win_chance(config["generators"], rule.decoys_per_candidate)))
+    group = cfg.scoring.decision.group
+    labels = labeller(cfg, calibrate_job(cfg, [s for again in recomputed.values()
+                                               for s in row_scores(again.to_pylist(), group)]))
     problems = []
     for record in records:
         if record["shard_id"] not in recomputed:

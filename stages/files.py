@@ -19,10 +19,12 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from stages import layout
 
 SHARD_GLOB = "shard-*"
 # an output or quarantine shard file, and the temporary name atomic_write_table gives it on its way in
@@ -36,6 +38,17 @@ def shard_name(shard_id: int) -> str:
 
 def shard_file(shard_id: int, suffix: str = ".parquet") -> str:
     return shard_name(shard_id) + suffix
+
+
+def commit_record_path(folder, shard_id: int) -> Path:
+    """A shard's commit record in an output folder (the output dir, or OUT/_scored): stages/write.py writes it."""
+    return Path(folder) / layout.COMMITS / shard_file(shard_id, ".json")
+
+
+def read_commit_record(folder, shard_id: int) -> Optional[dict]:
+    """The shard's commit record, or None if it has none (not committed)."""
+    path = commit_record_path(folder, shard_id)
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def temp_path(path: Path) -> Path:

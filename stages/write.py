@@ -20,7 +20,6 @@ worker died) finds its record and returns it.
 """
 from __future__ import annotations
 
-import json
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -35,7 +34,8 @@ from schemas import (CALIBRATED_COLUMNS, DECOY_RULE_COLUMNS, OUTPUT_SCHEMA, PART
 from stages import layout
 from stages.contract import Contract
 from stages.faults import fault_point
-from stages.files import atomic_copy, atomic_write_json, atomic_write_table, file_sha256, shard_file, shard_name
+from stages.files import (atomic_copy, atomic_write_json, atomic_write_table, commit_record_path, file_sha256,
+                          read_commit_record, shard_file, shard_name)
 from stages.side import QUERY, TARGET, Side
 from stages.spec import StageSpec
 
@@ -162,7 +162,7 @@ def _file_entry(out: Path, sub: str, shard_id: int, rows: int) -> dict:
 def _commit(out: Path, shard_id: int, record: dict) -> dict:
     """Write the shard's commit record, the commit point: its files are in place before."""
     fault_point("commit")  # the shard's files are in place, its record is not: a crash here must redo it
-    commit_path = out / layout.COMMITS / shard_file(shard_id, ".json")
+    commit_path = commit_record_path(out, shard_id)
     commit_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(record, commit_path)
     return record
@@ -180,9 +180,9 @@ def commit_shard(out_dir: str, shard_id: int, parts: list[str], quarantine_parts
     them."""
     out = Path(out_dir)
     name = shard_name(shard_id)
-    commit_path = out / layout.COMMITS / shard_file(shard_id, ".json")
-    if commit_path.is_file():  # a retry of a commit that got as far as its record
-        return json.loads(commit_path.read_text())
+    done = read_commit_record(out, shard_id)
+    if done is not None:  # a retry of a commit that got as far as its record
+        return done
     record = _empty_record(shard_id)
     data_dest, quarantine_dest = out / layout.DATA / shard_file(shard_id), out / layout.QUARANTINE / shard_file(shard_id)
     good = _merge(parts, OUTPUT_SCHEMA, data_dest, compression) if parts else pa.chunked_array([], pa.int64())
@@ -215,10 +215,10 @@ def label_shard(out_dir: str, shard_id: int, scored_dir: str, labels: Callable[[
     decisions, `labels(rows)` filling them in place, committed into out_dir as commit_shard commits: data file,
     quarantine file (the same bytes) and record. The scored files stay until the job ends."""
     out, scored = Path(out_dir), Path(scored_dir)
-    commit_path = out / layout.COMMITS / shard_file(shard_id, ".json")
-    if commit_path.is_file():  # a retry of a commit that got as far as its record
-        return json.loads(commit_path.read_text())
-    source = json.loads((scored / layout.COMMITS / shard_file(shard_id, ".json")).read_text())
+    done = read_commit_record(out, shard_id)
+    if done is not None:  # a retry of a commit that got as far as its record
+        return done
+    source = read_commit_record(scored, shard_id)
     record = _empty_record(shard_id)
     if source["path"]:
         table = pq.read_table(scored / source["path"], schema=OUTPUT_SCHEMA)
