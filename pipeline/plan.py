@@ -38,7 +38,7 @@ from stages.decoys import DecoysSpec, decoy_counts, required
 from stages.embed import EmbedderSpec, EmbedSpec
 from stages.generate import GeneratorSpec, GenerateSpec
 from stages.read import CONTRACT as READ_CONTRACT
-from stages.read import read_shard_table
+from stages.read import ReadSpec, read_shard_table
 from stages.score import ScoreSpec
 from stages.select import SelectSpec
 from stages.side import QUERY, SIDES, Side
@@ -72,6 +72,10 @@ def provenance(cfg: DictConfig) -> dict:
         "generators": [f"{g.name}={g.model}" for g in cfg.generators],
         "epsilon": float(cfg.scoring.epsilon),
     }
+
+
+def read_spec(cfg: DictConfig) -> ReadSpec:
+    return ReadSpec.from_input(cfg.input, cfg.scoring.in_shard_negatives, cfg.scoring.seed)
 
 
 def with_images_dir(cfg: DictConfig, specs: list[dict]) -> list[dict]:
@@ -197,14 +201,12 @@ def build_dataset(cfg: DictConfig, specs: list[dict], duplicates=None) -> ray.da
     to the task that writes it (pipeline/run.py:start_duplicate_index), which the read tasks wait for."""
     from pipeline.read_source import read_pairs
 
-    c = to_dict(cfg)
     task = {"batch_format": "pyarrow", "num_cpus": cfg.ray.write_num_cpus}
     plan = steps(cfg)
     check_contracts(cfg, plan)
     _warn_if_pools_do_not_fit(cfg, plan)
     # one read task per shard, kept apart from the first actor step (pipeline/read_source.py says how)
-    ds = read_pairs(with_images_dir(cfg, specs), input_cfg=c["input"], in_shard_negatives=cfg.scoring.in_shard_negatives,
-                    seed=cfg.scoring.seed, duplicates=duplicates, num_cpus=cfg.ray.read_num_cpus)
+    ds = read_pairs(with_images_dir(cfg, specs), read_spec(cfg), duplicates=duplicates, num_cpus=cfg.ray.read_num_cpus)
     for spec in plan:
         if spec.resources is None:  # a task: the stage is built here and shipped with its spec
             ds = ds.map_batches(spec.build(), **task, **({"batch_size": None} if spec.whole_shards else {}))
@@ -218,11 +220,10 @@ def run_local(cfg: DictConfig, specs: list[dict], instrument: Optional[Callable[
     fed the shard's rows in batches of the step's batch_size (a step without one: the whole shard), then the
     decoy rule's calibration over all rows (label_job). Returns the labelled rows (nothing is written but the
     embedding cache and stage counters). `instrument(stage)` sees every stage once it is built."""
-    c = to_dict(cfg)
     plan = steps(cfg)
     check_contracts(cfg, plan)
-    shards = [read_shard_table(spec, c["input"], cfg.scoring.in_shard_negatives, cfg.scoring.seed).to_pylist()
-              for spec in with_images_dir(cfg, specs)]
+    read = read_spec(cfg)
+    shards = [read_shard_table(spec, read).to_pylist() for spec in with_images_dir(cfg, specs)]
     for spec in plan:
         stage = spec.build()
         if instrument is not None:

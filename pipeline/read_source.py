@@ -1,7 +1,6 @@
 """The read step as a Ray Data datasource: one read task per input shard spec, each yielding the shard's rows
 (stages/read.py:read_shard_table) as one block of schemas.WORK_SCHEMA, whatever columns it holds. Call it so:
-    ds = read_pairs(specs, input_cfg=to_dict(cfg)["input"], in_shard_negatives=cfg.scoring.in_shard_negatives,
-                    seed=cfg.scoring.seed, duplicates=duplicates, num_cpus=cfg.ray.read_num_cpus)
+    ds = read_pairs(specs, read_spec(cfg), duplicates=duplicates, num_cpus=cfg.ray.read_num_cpus)
 
 A shard is one task's work, as a file is in Ray's own file datasources: its rows are read, checked and numbered
 together (in-shard duplicates and negatives need the whole shard), and the writer commits a shard once all of
@@ -26,7 +25,7 @@ from ray.data.block import BlockMetadata
 
 import schemas
 from stages.faults import fault_point
-from stages.read import read_shard_table
+from stages.read import ReadSpec, read_shard_table
 
 
 class PairShardsDatasource(Datasource):
@@ -36,11 +35,10 @@ class PairShardsDatasource(Datasource):
     `duplicates`: the file of stages/duplicates.py:find_duplicates, a Ray reference to the task that writes it
     and returns {"path": ...} (pipeline/run.py:start_duplicate_index; each read task waits for it), or None."""
 
-    def __init__(self, specs: list[dict], input_cfg: dict, in_shard_negatives: int, seed: int, duplicates=None):
+    def __init__(self, specs: list[dict], read: ReadSpec, duplicates=None):
         super().__init__()
         self._specs = list(specs)
-        self._read_args = {"input_cfg": input_cfg, "in_shard_negatives": in_shard_negatives, "seed": seed,
-                           "duplicates": duplicates}
+        self._read_args = {"read": read, "duplicates": duplicates}
 
     def estimate_inmemory_data_size(self) -> Optional[int]:
         # Unknown before the images are read. None also keeps Ray Data from splitting a shard's block into
@@ -59,22 +57,20 @@ class PairShardsDatasource(Datasource):
         ]
 
 
-def _read_one_shard(spec: dict, input_cfg: dict, in_shard_negatives: int, seed: int,
-                    duplicates=None) -> Iterator[pa.Table]:
+def _read_one_shard(spec: dict, read: ReadSpec, duplicates=None) -> Iterator[pa.Table]:
     """A read task's body: the shard's rows as one block."""
     if duplicates is not None and not isinstance(duplicates, str):
         duplicates = ray.get(duplicates)["path"]  # the index task may still run: wait for its file
     if duplicates is not None:
         spec = {**spec, "duplicates": duplicates}
-    table = read_shard_table(spec, input_cfg, in_shard_negatives, seed)  # checked against the read's contract
+    table = read_shard_table(spec, read)  # checked against the read's contract
     fault_point("read", table.num_rows)
     yield table
 
 
-def read_pairs(specs: list[dict], *, input_cfg: dict, in_shard_negatives: int, seed: int, duplicates=None,
-               num_cpus: float = 1) -> ray.data.Dataset:
+def read_pairs(specs: list[dict], read: ReadSpec, *, duplicates=None, num_cpus: float = 1) -> ray.data.Dataset:
     """A dataset of the rows of `specs`, one read task (num_cpus each) and one block per shard. See
     PairShardsDatasource for `duplicates`."""
-    source = PairShardsDatasource(specs, input_cfg, in_shard_negatives, seed, duplicates)
+    source = PairShardsDatasource(specs, read, duplicates)
     # one output block per read task: asking for more would make Ray split each shard's block
     return ray.data.read_datasource(source, num_cpus=num_cpus, override_num_blocks=max(1, len(specs)))

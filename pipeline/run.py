@@ -31,7 +31,7 @@ from pipeline import card, manifest
 from pipeline.calibration import commit_dir, label_scored_shards
 from pipeline.config import REPO_ROOT, ConfigError, to_dict
 from pipeline.output_dir import check_output_dir, is_pairsel_card, prepare_output
-from pipeline.plan import build_dataset
+from pipeline.plan import build_dataset, read_spec
 from stages import faults
 from stages.duplicates import find_duplicates, index_pair_ids
 from stages import layout
@@ -128,9 +128,9 @@ def start_duplicate_index(cfg: DictConfig, specs: list[dict], out_dir: Path) -> 
     missing = [s for s in specs if not (keys / shard_file(s["shard_id"])).is_file()]
     task = {"num_cpus": cfg.ray.read_num_cpus, "max_retries": -1}
     index = ray.remote(**task)(index_pair_ids)
-    input_cfg = to_dict(cfg)["input"]
+    read = read_spec(cfg)
     groups = min(len(missing), 256)  # at most this many index tasks, so that the last task waits on few refs
-    indexed = [index.remote(missing[i::groups], input_cfg, str(keys)) for i in range(groups)]
+    indexed = [index.remote(missing[i::groups], read, str(keys)) for i in range(groups)]
     return ray.remote(**task)(_find_duplicates_after).remote(
         str(keys), str(out_dir / layout.DUPLICATES), *indexed)
 

@@ -10,7 +10,7 @@ driver only passes file names around, so its memory does not grow with the input
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import pyarrow as pa
 
@@ -19,7 +19,10 @@ from schemas import DUPLICATES, PAIR_KEYS
 from stages.files import SHARD_GLOB, atomic_write_table, shard_file
 from stages.inputs import records
 from stages.inputs.base import Bad
-from stages.validate import ImageChecker, blank_row, limits, parse_row
+from stages.validate import ImageChecker, blank_row, parse_row
+
+if TYPE_CHECKING:  # stages/read.py imports this module
+    from stages.read import ReadSpec
 
 
 class Owners:
@@ -53,17 +56,16 @@ def _earlier_owners(spec: dict) -> dict[int, str]:
 # --------------------------------------------------------------------------- the index across shards
 
 
-def pair_keys(spec: dict, input_cfg) -> pa.Table:
-    """The pair_id of every row of the shard that owns it within the shard (PAIR_KEYS)."""
-    max_pixels, max_query_chars = limits(input_cfg)
-    checker = ImageChecker(Path(spec["image_root"]), max_pixels)
+def pair_keys(spec: dict, read: ReadSpec) -> pa.Table:
+    """The pair_id of every row of the shard that owns it within the shard (PAIR_KEYS), as `read` parses it."""
+    checker = ImageChecker(Path(spec["image_root"]), read.max_image_pixels)
     owned: dict[str, int] = {}
     for row_index, record in enumerate(records(spec, checker.max_bytes)):  # the checker opens no image here
         if record.error is not None:
             continue
         row = blank_row(spec, row_index)
         try:
-            parse_row(row, record.fields, max_query_chars)
+            parse_row(row, record.fields, read.max_query_chars)
         except Bad:
             continue
         owned.setdefault(row["pair_id"], row_index)
@@ -72,11 +74,11 @@ def pair_keys(spec: dict, input_cfg) -> pa.Table:
                     schema=PAIR_KEYS)
 
 
-def index_pair_ids(specs: list[dict], input_cfg: dict, index_dir: str) -> int:
+def index_pair_ids(specs: list[dict], read: ReadSpec, index_dir: str) -> int:
     """Writes INDEX_DIR/shard-XXXXXX.parquet (`pair_keys`) for each shard; returns how many. A rerun trusts
     the files it finds there, so they are written durably."""
     for spec in specs:
-        atomic_write_table(pair_keys(spec, input_cfg), Path(index_dir) / shard_file(spec["shard_id"]))
+        atomic_write_table(pair_keys(spec, read), Path(index_dir) / shard_file(spec["shard_id"]))
     return len(specs)
 
 

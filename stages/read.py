@@ -19,8 +19,9 @@ row. Without `input.image_root`, image paths are relative to the folder holding 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import pyarrow as pa
 
@@ -31,30 +32,47 @@ from stages.images import InlineStore
 from stages.inputs import records
 from stages.inputs.base import RAW_MAX_CHARS, Bad
 from stages.negatives import add_in_shard_negatives
-from stages.validate import ImageChecker, blank_row, check_images, limits, parse_row
+from stages.validate import ImageChecker, blank_row, check_images, parse_row
 
 
 # The reader writes the pair columns and nothing else: every later column is null in what it hands on.
 CONTRACT = Contract("read", (), tuple(schemas.PAIR_COLUMNS))
 
 
-def read_shard_table(spec: dict, input_cfg, in_shard_negatives: int, seed: int) -> pa.Table:
+@dataclass(frozen=True)
+class ReadSpec:
+    """The read's parameters, whatever the shard: what a record may hold, and the in-shard negatives drawn for
+    each row (a shard itself is a JSON-able spec of stages/inputs:plan_shards)."""
+
+    max_image_pixels: int
+    max_query_chars: int
+    in_shard_negatives: int
+    seed: int
+
+    @classmethod
+    def from_input(cls, input_cfg: Mapping, in_shard_negatives: int, seed: int) -> "ReadSpec":
+        """From the config's `input` section (typed or a plain dict; defaults: configs/default.yaml) and
+        scoring.in_shard_negatives and scoring.seed."""
+        return cls(int(input_cfg["max_image_pixels"]), int(input_cfg["max_query_chars"]), int(in_shard_negatives),
+                   int(seed))
+
+
+def read_shard_table(spec: dict, read: ReadSpec) -> pa.Table:
     """`read_shard` as one WORK_SCHEMA table, checked against the reader's CONTRACT (pipeline/read_source.py's
     read tasks, pipeline/plan.py:run_local)."""
-    table = schemas.conform(read_shard(spec, input_cfg, in_shard_negatives, seed), schemas.WORK_SCHEMA)
+    table = schemas.conform(read_shard(spec, read), schemas.WORK_SCHEMA)
     CONTRACT.check_source(table)
     return table
 
 
-def read_shard(spec: dict, input_cfg, in_shard_negatives: int, seed: int) -> list[dict]:
+def read_shard(spec: dict, read: ReadSpec) -> list[dict]:
     """One dict per input row of the shard (stop - start of them), with the pair
     columns of WORK_SCHEMA. A spec may name, under "duplicates", the file written
     by `find_duplicates`: its rows for this shard are quarantined as duplicates of
     a pair_id that an earlier shard holds; and under "images_dir" the folder where
     inline image bytes that no input file holds as they are get stored
     (stages/images.py:InlineStore; pipeline/plan.py names OUTPUT/_images)."""
-    max_pixels, max_query_chars = limits(input_cfg)
-    checker = ImageChecker(Path(spec["image_root"]), max_pixels, InlineStore(spec.get("images_dir")))
+    checker = ImageChecker(Path(spec["image_root"]), read.max_image_pixels, InlineStore(spec.get("images_dir")))
     owners = Owners(spec)
     rows = []
     for row_index, record in enumerate(records(spec, checker.max_bytes)):
@@ -62,7 +80,7 @@ def read_shard(spec: dict, input_cfg, in_shard_negatives: int, seed: int) -> lis
         try:
             if record.error is not None:
                 raise record.error
-            images = parse_row(row, record.fields, max_query_chars)
+            images = parse_row(row, record.fields, read.max_query_chars)
             owner = owners.other_owner(row["pair_id"], row_index)
             if owner is not None:
                 raise Bad("duplicate_pair_id", f"same pair_id as {owner}")
@@ -70,7 +88,7 @@ def read_shard(spec: dict, input_cfg, in_shard_negatives: int, seed: int) -> lis
         except Bad as bad:
             _quarantine(row, bad, record.raw)
         rows.append(row)
-    add_in_shard_negatives(rows, in_shard_negatives, seed, int(spec["shard_id"]))
+    add_in_shard_negatives(rows, read.in_shard_negatives, read.seed, int(spec["shard_id"]))
     for row in rows:
         row["shard_size"] = len(rows)  # the writer commits a shard once it holds this many rows
     return rows

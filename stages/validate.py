@@ -35,11 +35,6 @@ from stages.inputs.base import Bad, InlineImage
 PAIR_ID_CHARS = 20
 
 
-def limits(input_cfg) -> tuple[int, int]:
-    """(max_image_pixels, max_query_chars) of the input config (their defaults: configs/default.yaml)."""
-    return int(input_cfg["max_image_pixels"]), int(input_cfg["max_query_chars"])
-
-
 def blank_row(spec: dict, row_index: int) -> dict:
     """The row of one record before it is parsed: identity from the shard, every pair column empty."""
     row = dict.fromkeys(schemas.PAIR_COLUMNS)

@@ -169,7 +169,7 @@ class _Payload:
 
 def test_nothing_from_the_input_is_unpickled(tmp_path):
     from stages.inputs import plan_shards
-    from stages.read import read_shard
+    from stages.read import ReadSpec, read_shard
 
     marker = tmp_path / "unpickled"
     payload = pickle.dumps(_Payload(str(marker)))
@@ -182,7 +182,7 @@ def test_nothing_from_the_input_is_unpickled(tmp_path):
             tf.addfile(info, io.BytesIO(data))
     cfg = {"path": str(tmp_path / "pairs.tar"), "format": "webdataset", "image_root": None, "subset": None,
            "rows_per_shard": 10, "max_query_chars": 100, "max_image_pixels": 1_000_000}
-    rows = [r for spec in plan_shards(cfg) for r in read_shard(spec, cfg, 0, 0)]
+    rows = [r for spec in plan_shards(cfg) for r in read_shard(spec, ReadSpec.from_input(cfg, 0, 0))]
     assert [(r["query_text"], r["quarantine_reason"]) for r in rows] == [("q", None), ("q2", None)]
     assert not marker.exists()
     pickle.loads(payload)

@@ -11,7 +11,7 @@ from pipeline import config
 from schemas import WORK_SCHEMA, conform
 from stages.embed import Embed, EmbedderSpec, EmbedSpec
 from stages.inputs import plan_shards
-from stages.read import read_shard
+from stages.read import ReadSpec, read_shard
 
 BATCH = 5  # pairs of one subset (8 of them in the demo data) span batches
 
@@ -26,7 +26,7 @@ def setup(tiny_models, demo_data):
     cfg = config.load("configs/demo.yaml", [f"input.path={demo_data['path']}", f"input.image_root={demo_data['root']}",
                                             f"embedder.model={tiny_models['embedder']}", "input.rows_per_shard=1000"])
     c = config.to_dict(cfg)
-    rows = read_shard(plan_shards(c["input"])[0], c["input"], 3, 0)
+    rows = read_shard(plan_shards(c["input"])[0], ReadSpec.from_input(c["input"], 3, 0))
     assert rows and not any(r["quarantine_reason"] for r in rows)
     for i, row in enumerate(rows):
         # rationales repeat across pairs, and one per pair produced nothing (never embedded)

@@ -17,7 +17,7 @@ from stages.embed import EmbedderSpec, EmbedSpec
 from stages.embed_cache import image_digest
 from stages.images import ImageLoader, digest_bytes, load_image_bytes
 from stages.inputs import plan_shards
-from stages.read import read_shard, read_shard_table
+from stages.read import ReadSpec, read_shard, read_shard_table
 
 
 def png(color, size=(24, 24)) -> bytes:
@@ -36,7 +36,7 @@ def input_cfg(path, fmt, root=None, per=3) -> dict:
 
 def read(cfg, images_dir, negatives=0) -> list[dict]:
     return [r for spec in plan_shards(cfg)
-            for r in read_shard({**spec, "images_dir": str(images_dir)}, cfg, negatives, 0)]
+            for r in read_shard({**spec, "images_dir": str(images_dir)}, ReadSpec.from_input(cfg, negatives, 0))]
 
 
 def binary_types(t: pa.DataType) -> list:
@@ -68,7 +68,8 @@ def test_only_a_reference_travels_after_the_read(tmp_path):
     assert not [f.name for f in WORK_SCHEMA if binary_types(f.type)]
     assert WORK_SCHEMA.field("query_image").type == IMAGE_REF == WORK_SCHEMA.field("target_image").type
     cfg = input_cfg(hf_pairs(tmp_path / "ds"), "hf")
-    table = read_shard_table({**plan_shards(cfg)[0], "images_dir": str(tmp_path / "_images")}, cfg, 0, 0)
+    table = read_shard_table({**plan_shards(cfg)[0], "images_dir": str(tmp_path / "_images")},
+                             ReadSpec.from_input(cfg, 0, 0))
     assert table.schema == WORK_SCHEMA and table.num_rows == 3
     refs = table["query_image"].to_pylist()
     # a reference is small: a path, a range and a digest, whatever the image's size

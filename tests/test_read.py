@@ -19,7 +19,7 @@ from scripts.make_demo_data import make as make_demo
 from stages.images import load_image_bytes
 from schemas.reasons import REASONS
 from stages.inputs import plan_shards
-from stages.read import read_shard
+from stages.read import ReadSpec, read_shard
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,7 +43,7 @@ def shards(cfg) -> list[dict]:
 
 
 def read_all(cfg, negatives=2, seed=0) -> list[dict]:
-    return [row for spec in shards(cfg) for row in read_shard(spec, cfg, negatives, seed)]
+    return [row for spec in shards(cfg) for row in read_shard(spec, ReadSpec.from_input(cfg, negatives, seed))]
 
 
 def without(rows, *keys):
@@ -234,7 +234,7 @@ def test_planning_is_deterministic_sorted_and_cheap_to_seek(tmp_path, image_root
     assert specs[3]["offset"] == sum(len(json.dumps(r)) + 1 for r in records[:3])  # seek, don't rescan
     assert specs[4]["offset"] is None  # gzip can't seek
     for spec in specs:
-        rows = read_shard(spec, cfg, 0, 0)
+        rows = read_shard(spec, ReadSpec.from_input(cfg, 0, 0))
         assert [r["row_index"] for r in rows] == list(range(spec["stop"] - spec["start"]))
         assert {r["shard_size"] for r in rows} == {spec["stop"] - spec["start"]}
     # the plain and the gzipped file give the same rows
@@ -263,7 +263,8 @@ def test_tar_shards_within_a_tar_seek_or_scan_alike(tmp_path, image_root):
     assert plain[1]["offset"] > 0 and packed[1]["offset"] is None
     cfg = input_cfg(tar, "webdataset", image_root)
     for a, b in zip(plain, packed):
-        assert without(read_shard(a, cfg, 1, 0), "source") == without(read_shard(b, cfg, 1, 0), "source")
+        read = ReadSpec.from_input(cfg, 1, 0)
+        assert without(read_shard(a, read), "source") == without(read_shard(b, read), "source")
 
 
 # --------------------------------------------------------------------------- quarantine
@@ -362,9 +363,10 @@ def test_a_pair_id_is_kept_once_across_shards(tmp_path, image_root):
     specs = plan_shards(cfg)
     keys = tmp_path / "keys"
     keys.mkdir()
-    assert index_pair_ids(specs, cfg, str(keys)) == 3
+    assert index_pair_ids(specs, ReadSpec.from_input(cfg, 0, 0), str(keys)) == 3
     assert find_duplicates(str(keys), str(tmp_path / "dups.parquet")) == 2
-    rows = [r for spec in specs for r in read_shard({**spec, "duplicates": str(tmp_path / "dups.parquet")}, cfg, 0, 0)]
+    read = ReadSpec.from_input(cfg, 0, 0)
+    rows = [r for spec in specs for r in read_shard({**spec, "duplicates": str(tmp_path / "dups.parquet")}, read)]
     # the first row of a pair_id keeps it, even one quarantined for its image: image checks don't decide owners
     assert [r["quarantine_reason"] for r in rows] == [
         None, "image_missing", "duplicate_pair_id", None, "malformed_record", "duplicate_pair_id"]
@@ -372,7 +374,7 @@ def test_a_pair_id_is_kept_once_across_shards(tmp_path, image_root):
     assert rows[5]["quarantine_detail"] == "same pair_id as row 0 of shard 0"
     assert rows[5]["pair_id"] == rows[0]["pair_id"]
     # a shard read on its own sees only its own rows: the index is what finds the others
-    assert [r["quarantine_reason"] for r in read_shard(specs[2], cfg, 0, 0)] == ["malformed_record", None]
+    assert [r["quarantine_reason"] for r in read_shard(specs[2], read)] == ["malformed_record", None]
 
 
 def test_columnar_wrong_types_are_quarantined(tmp_path, image_root):
@@ -485,9 +487,9 @@ def test_read_shard_table_is_work_schema_with_only_the_pair_columns(tmp_path):
         f.write("{broken\n")
     cfg = input_cfg(jsonl, root=tmp_path / "demo", rows_per_shard=30)
     specs = plan_shards(cfg)
-    tables = [read_shard_table(s, cfg, 2, 7) for s in specs]
+    tables = [read_shard_table(s, ReadSpec.from_input(cfg, 2, 7)) for s in specs]
     assert all(t.schema == schemas.WORK_SCHEMA for t in tables)
-    direct = [r for s in specs for r in read_shard(s, cfg, 2, 7)]
+    direct = [r for s in specs for r in read_shard(s, ReadSpec.from_input(cfg, 2, 7))]
     assert pa.concat_tables(tables).to_pylist() == schemas.conform(direct, schemas.WORK_SCHEMA).to_pylist()
     assert [r["quarantine_reason"] for r in direct].count("malformed_record") == 1
     assert set(CONTRACT.writes) == set(schemas.PAIR_COLUMNS) and not CONTRACT.reads

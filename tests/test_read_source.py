@@ -14,7 +14,7 @@ from pipeline.read_source import read_pairs
 from scripts.make_demo_data import make as make_demo
 from stages.duplicates import find_duplicates, index_pair_ids
 from stages.inputs import plan_shards
-from stages.read import read_shard
+from stages.read import ReadSpec, read_shard
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,11 +57,11 @@ def test_one_task_and_one_block_per_shard_with_read_shards_rows_after_the_duplic
     def index_late() -> dict:  # pipeline/run.py:start_duplicate_index's tasks, late (local: pickled by value)
         time.sleep(3)
         keys.mkdir()
-        index_pair_ids(specs, cfg, str(keys))
+        index_pair_ids(specs, ReadSpec.from_input(cfg, 0, 0), str(keys))
         return {"path": str(dest), "rows": find_duplicates(str(keys), str(dest))}
 
     duplicates = ray.remote(num_cpus=0.25)(index_late).remote()
-    ds = read_pairs(specs, input_cfg=cfg, in_shard_negatives=2, seed=7, duplicates=duplicates, num_cpus=0.25)
+    ds = read_pairs(specs, ReadSpec.from_input(cfg, 2, 7), duplicates=duplicates, num_cpus=0.25)
     assert not dest.exists()  # the index task is still sleeping: only a read that waits for it finds the file
     blocks = ray.get(ds.to_arrow_refs())
 
@@ -72,7 +72,7 @@ def test_one_task_and_one_block_per_shard_with_read_shards_rows_after_the_duplic
         (shard_id,) = set(block.column("shard_id").to_pylist())  # a block holds one shard, whole
         by_shard[shard_id] = block.to_pylist()
     for spec in specs:
-        expected = read_shard({**spec, "duplicates": str(dest)}, cfg, 2, 7)
+        expected = read_shard({**spec, "duplicates": str(dest)}, ReadSpec.from_input(cfg, 2, 7))
         assert by_shard[spec["shard_id"]] == schemas.conform(expected, schemas.WORK_SCHEMA).to_pylist()
     reasons = [r["quarantine_reason"] for rows in by_shard.values() for r in rows]
     assert len(reasons) == 44 and reasons.count("malformed_record") == 1
@@ -85,7 +85,7 @@ def test_one_task_and_one_block_per_shard_with_read_shards_rows_after_the_duplic
 def test_the_read_is_not_fused_into_the_next_actor_step_even_with_equal_num_cpus(local_ray, demo):
     ray = local_ray
     cfg, specs = demo
-    ds = read_pairs(specs, input_cfg=cfg, in_shard_negatives=0, seed=0, num_cpus=0.5)
+    ds = read_pairs(specs, ReadSpec.from_input(cfg, 0, 0), num_cpus=0.5)
 
     def then_actors(batch_size):
         return ds.map_batches(PassThrough, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
