@@ -192,6 +192,11 @@ def _run(args) -> int:
     try:
         result = job_run.execute(job, address=args.address, quiet=not args.verbose, progress=progress,
                                  on_ray_started=ray_started)
+    except ConfigError as e:  # a setting this Ray cannot run (pipeline/plan.py:check_pools_fit)
+        if progress is not None:
+            progress.stop()
+        console.say(f"pairsel: config error: {e}")
+        return EXIT_USER_ERROR
     except (KeyboardInterrupt, Exception) as e:  # JobStopped, or a failure after the shards (the manifest, the card)
         if progress is not None:
             progress.stop()

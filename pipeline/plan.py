@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 from pipeline import version
 from pipeline.calibration import calibrate_job, decoy_rule, labeller
 from pipeline.config import config_hash, to_dict
+from pipeline.errors import fail
 from schemas import SCHEMA_VERSION, WORK_SCHEMA, conform
 from stages import layout
 from stages.calibrate import row_scores
@@ -180,9 +181,10 @@ def check_contracts(cfg: DictConfig, plan: list[StageSpec]) -> None:
     check_chain([READ_CONTRACT] + [spec.contract() for spec in plan] + [write_spec(cfg).contract()])
 
 
-def _warn_if_pools_do_not_fit(cfg: DictConfig, plan: list[StageSpec]) -> None:
-    """Every actor pool must be up at once, or Ray Data waits forever for the ones that cannot start: say so
-    (an autoscaling cluster may still grow, so this only warns)."""
+def check_pools_fit(cfg: DictConfig, plan: list[StageSpec], can_grow: bool) -> None:
+    """Every actor pool must be up at once, or Ray Data waits forever for the ones that cannot start. A Ray
+    that cannot grow (the local one a run starts) fails here, as a user error naming the resources; a cluster
+    may autoscale, so there it is a warning."""
     import ray
 
     pools = [s.resources for s in plan if s.resources is not None]
@@ -190,21 +192,27 @@ def _warn_if_pools_do_not_fit(cfg: DictConfig, plan: list[StageSpec]) -> None:
             "GPU": sum(r.num_gpus * r.pool_size for r in pools)}
     have = ray.cluster_resources()
     short = [f"{need[k]:g} {k} (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0) + 1e-9]
-    if short:
-        log.warning("%d model actor pools (%d rounds) with reads and writes need %s; Ray Data waits until they "
-                    "all fit: lower num_cpus/num_gpus/pool_size, or use fewer rounds", len(pools),
-                    len(round_schedule(cfg)), ", ".join(short))
+    if not short:
+        return
+    what = (f"{len(pools)} model actor pools ({len(round_schedule(cfg))} rounds) with reads and writes need "
+            f"{', '.join(short)}")
+    if not can_grow:
+        keys = ", ".join([f"generators.{i}.resources" for i in range(len(cfg.generators))] + ["embedder.resources"])
+        fail(keys, f"{what}: Ray Data would wait forever for the pools that cannot start; lower num_cpus, num_gpus "
+                   "or pool_size, use fewer rounds, or run on a cluster with --address")
+    log.warning("%s; Ray Data waits until they all fit: lower num_cpus/num_gpus/pool_size, or use fewer rounds", what)
 
 
-def build_dataset(cfg: DictConfig, specs: list[dict], duplicates=None) -> ray.data.Dataset:
+def build_dataset(cfg: DictConfig, specs: list[dict], duplicates=None, can_grow: bool = True) -> ray.data.Dataset:
     """The job over `specs`. `duplicates`: the file of stages/duplicates.py:find_duplicates, or a Ray reference
-    to the task that writes it (pipeline/run.py:start_duplicate_index), which the read tasks wait for."""
+    to the task that writes it (pipeline/run.py:start_duplicate_index), which the read tasks wait for.
+    can_grow: whether the Ray cluster may add nodes (check_pools_fit)."""
     from pipeline.read_source import read_pairs
 
     task = {"batch_format": "pyarrow", "num_cpus": cfg.ray.write_num_cpus}
     plan = steps(cfg)
     check_contracts(cfg, plan)
-    _warn_if_pools_do_not_fit(cfg, plan)
+    check_pools_fit(cfg, plan, can_grow)
     # one read task per shard, kept apart from the first actor step (pipeline/read_source.py says how)
     ds = read_pairs(with_images_dir(cfg, specs), read_spec(cfg), duplicates=duplicates, num_cpus=cfg.ray.read_num_cpus)
     for spec in plan:

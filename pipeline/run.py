@@ -250,14 +250,18 @@ def execute(job: Job, address: str | None = None, quiet: bool = False, progress:
     if todo:
         had_ray = ray.is_initialized()
         try:
+            # a Ray this run starts on this machine has no autoscaler: what does not fit it now never will
+            can_grow = had_ray or bool(address or os.environ.get("RAY_ADDRESS"))
             init_ray(address, quiet)
             if on_ray_started is not None:
                 on_ray_started()
             duplicates = start_duplicate_index(cfg, job.specs, out_dir)
-            drive(build_dataset(cfg, todo, duplicates), cfg, todo, progress)
+            drive(build_dataset(cfg, todo, duplicates, can_grow), cfg, todo, progress)
             if duplicates is not None:
                 log.info("%d rows repeat a pair_id that an earlier shard holds", ray.get(duplicates)["rows"])
             label_scored_shards(cfg, job.specs, _ray_tasks(cfg))
+        except ConfigError:  # a setting the cluster cannot run: the CLI says it as a user error
+            raise
         except KeyboardInterrupt:
             log.info("interrupted with %d of %d shards committed in %s", len(manifest.commit_records(out_dir)),
                      len(job.specs), out_dir)

@@ -103,3 +103,23 @@ def test_a_config_file_that_is_not_yaml_names_the_file(user, tmp_path):
 def test_a_folder_that_holds_no_model_names_the_key(user, tiny_models):
     line = fails_fast(user, ["embedder.model=models"], "embedder.model")  # the folder above the models
     assert line.endswith("models is not a model folder (it has no config.json or modules.json or params.json)")
+
+
+def test_actor_pools_that_the_local_ray_cannot_hold_fail_in_one_line_and_a_rerun_that_fits_runs(user, tiny_models):
+    """Ray Data waits forever for an actor pool that cannot start, and the local Ray a run starts cannot grow:
+    the run ends at once with exit 2 and one line naming the resources (after Ray starts: only Ray knows the
+    machine's size). Pool sizes change no label, so the same command with pools that fit goes on from there."""
+    common = [f"input.path={user['input']}", f"input.image_root={user['root']}", f"output.dir={user['out']}"]
+    t0 = time.monotonic()
+    proc = run_pipeline([*common, "embedder.resources.num_cpus=4096"], timeout=120)
+    took = time.monotonic() - t0
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith("pairsel: config error: generators.0.resources, embedder.resources: 2 model actor "
+                                "pools (1 rounds) with reads and writes need 4097 CPU (the cluster has "), errors[0]
+    assert took < 60, f"took {took:.0f}s: it must not wait for the pools"
+    rerun = run_pipeline(common, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+    assert "shards planned, 0 already committed" in rerun.stderr and "shards committed" in rerun.stderr
