@@ -32,8 +32,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 from stages.decoys import decoy_counts
-from stages.select import sides_of
-from stages.side import SIDES, Side
+from stages.side import SIDES, Side, sides_of
 
 NULL_GROUPS = ("subset", "job")  # scoring.decision.group (pipeline/config.py takes its choices from here)
 JOB_GROUP = "*"

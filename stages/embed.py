@@ -46,7 +46,7 @@ from stages.contract import Contract
 from stages.counters import StageCounters
 from stages.embed_cache import EmbeddingCache, embedder_identity
 from stages.images import ImageError, ImageLoader, digest_bytes
-from stages.side import QUERY, Side
+from stages.side import QUERY, Side, sides_of
 from stages.spec import StageSpec
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ class Embed:
         hits)."""
         e = self.spec.embedder
         fresh = row.get("s_direct") is None
-        sides = [side for side in self.spec.sides if not side.optional or row.get(side.candidates)]
+        sides = sides_of(row, self.spec.sides)
         new = {side.name: [k for k, c in enumerate(row.get(side.candidates) or []) if needs_embedding(c)]
                for side in sides}
         decoys = {side.name: [d for d, x in enumerate(row.get(side.decoys) or []) if needs_embedding(x)]

@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 
 from stages.contract import Contract
-from stages.side import QUERY, SIDES, Side
+from stages.side import QUERY, Side, sides_of
 from stages.spec import StageSpec
 
 SCORING_MODES = ("cosine", "pair_aware")  # scoring.mode (pipeline/config.py takes its choices from here)
@@ -199,7 +199,7 @@ def score_rows(rows: list[dict], mode: str, temperature: float, valid_finish=VAL
         row["scoring_mode"] = mode
         row["temperature"] = float(temperature)
         s_neg = {side.name: _score_side(row, side, s_direct_neg, mode, temperature, valid_finish)
-                 for side in SIDES if not side.optional or row.get(side.candidates)}
+                 for side in sides_of(row)}
         cands, targets = row.get("candidates") or [], row.get("target_candidates") or []
         if cands and targets:  # the joint: each query candidate with each target candidate
             nan = float("nan")

@@ -53,7 +53,7 @@ import pyarrow as pa
 
 from schemas import JOINT_COLUMNS
 from stages.contract import Contract
-from stages.side import QUERY, SIDES, Side
+from stages.side import QUERY, Side, sides_of
 from stages.spec import StageSpec
 
 REASON, DIRECT, UNDECIDED = "reason", "direct", "undecided"
@@ -102,7 +102,7 @@ def decide(best_delta: Optional[float], threshold: Optional[float]) -> str:
 
 def decoy_deltas(row: dict, side: Side) -> list[float]:
     """The side's scored decoys' deltas (a decoy that could not be scored is left out)."""
-    return [d["delta"] for d in row.get(side.column("decoys")) or [] if d.get("delta") is not None]
+    return [d["delta"] for d in row.get(side.decoys) or [] if d.get("delta") is not None]
 
 
 def tested(row: dict, side: Side, decoys_required: int) -> bool:
@@ -118,8 +118,7 @@ def satisfied(row: dict, side: Side, epsilon: float, margin: float, decoys_requi
     threshold does not move as candidates are added, so the best candidate's win stands."""
     if not tested({**row, side.column("best_delta"): 0.0}, side, decoys_required):
         return False
-    cands = row.get(side.candidates) or []
-    best = choose([_nan(c.get("delta")) for c in cands], [bool(c.get("valid")) for c in cands])[1]
+    best = choose_side(row, side)[1]
     threshold = help_threshold(base_threshold(epsilon, row.get(side.column("control_delta"))),
                                decoy_deltas(row, side) if decoys_required else (), margin)
     return best is not None and best > threshold
@@ -129,11 +128,17 @@ def _nan(x) -> float:
     return np.nan if x is None else x
 
 
+def choose_side(row: dict, side: Side) -> tuple[Optional[int], Optional[float], list[int]]:
+    """choose() over the side's stored candidates."""
+    cands = row.get(side.candidates) or []
+    return choose([_nan(c.get("delta")) for c in cands], [bool(c.get("valid")) for c in cands])
+
+
 def score_side(row: dict, side: Side, epsilon: float, decoys_required: int = 0) -> None:
     """What one side's label needs and does not depend on other pairs: chosen, best_delta, rejected,
     base_threshold and, under the decoy rule, null_score."""
     cands = row.get(side.candidates) or []
-    chosen, best, rejected = choose([_nan(c.get("delta")) for c in cands], [bool(c.get("valid")) for c in cands])
+    chosen, best, rejected = choose_side(row, side)
     base = base_threshold(epsilon, row.get(side.column("control_delta")))
     row[side.column("chosen")] = chosen
     row[side.column("chosen_generator")] = None if chosen is None else cands[chosen]["generator"]
@@ -162,11 +167,6 @@ def label_side(row: dict, side: Side, margin: Optional[float], decoys_required: 
         row[side.column("null_margin")] = None if threshold is None else (float("inf") if margin is None else margin)
     row[side.column("decision")] = decision
     row[side.column("need_reasoning")] = None if decision == UNDECIDED else decision == REASON
-
-
-def sides_of(row: dict) -> list[Side]:
-    """The sides the pair has candidates for: the query side, and the target side where it has target ones."""
-    return [side for side in SIDES if not side.optional or row.get(side.candidates)]
 
 
 def score_rows(rows: list[dict], epsilon: float, decoys_required: Optional[dict] = None) -> list[dict]:

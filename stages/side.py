@@ -55,3 +55,8 @@ TARGET = Side(name="target", prefix=TARGET_PREFIX, count_key="k_target", templat
               request_suffix="#target")
 SIDES = (QUERY, TARGET)
 BY_NAME = {side.name: side for side in SIDES}
+
+
+def sides_of(row: dict, sides: tuple[Side, ...] = SIDES) -> list[Side]:
+    """Those of `sides` the pair has candidates for: the query side, and the target side where it has target ones."""
+    return [side for side in sides if not side.optional or row.get(side.candidates)]
