@@ -88,7 +88,7 @@ def read_commit_records(out_dir: Path) -> tuple[list[dict], list[Problem]]:
                 raise ValueError(f"it is the record of shard {record['shard_id']}")
             records.append(record)
         except (OSError, ValueError) as e:
-            problems.append(Problem(f"_commits/{path.name}", f"not a readable commit record ({_first_line(e)})",
+            problems.append(Problem(f"{layout.COMMITS}/{path.name}", f"not a readable commit record ({_first_line(e)})",
                                     shard_id))
     return records, problems
 
@@ -154,7 +154,7 @@ def shard_problems(out_dir: Path, record: dict, depth: Depth) -> list[Problem]:
         if rel is None:
             continue
         if rel != f"{sub}/{shard_file(shard_id)}":  # a record names its own shard's file, nothing else
-            problems.append(Problem(f"_commits/{shard_file(shard_id, '.json')}", f"names {rel!r}", shard_id))
+            problems.append(Problem(f"{layout.COMMITS}/{shard_file(shard_id, '.json')}", f"names {rel!r}", shard_id))
             continue
         # records of an older pairsel have no bytes, nor a quarantine sha256: what they hold is checked
         what = _file_problem(out_dir, rel, record[f"{prefix}rows"], record.get(f"{prefix}bytes"),
@@ -297,21 +297,21 @@ class Verdict:
 
 def _manifest_problems(manifest: Optional[dict], why: Optional[str], records: list[dict]) -> list[Problem]:
     if manifest is None:
-        return [Problem("manifest.json", f"{why}: the job has not finished; rerun its command to finish it")]
+        return [Problem(layout.MANIFEST, f"{why}: the job has not finished; rerun its command to finish it")]
     problems = []
     if manifest.get("status") != "complete":
-        problems.append(Problem("manifest.json", f"status {manifest.get('status')!r}: the job has not finished"))
+        problems.append(Problem(layout.MANIFEST, f"status {manifest.get('status')!r}: the job has not finished"))
     listed = {s.get("shard_id"): s for s in manifest.get("shards") or []}
     for record in records:
         entry = listed.pop(record["shard_id"], None)
         if entry is None:
-            problems.append(Problem("manifest.json", f"does not list shard {record['shard_id']}", record["shard_id"]))
+            problems.append(Problem(layout.MANIFEST, f"does not list shard {record['shard_id']}", record["shard_id"]))
         elif entry != record:
             keys = sorted(k for k in set(entry) | set(record) if entry.get(k) != record.get(k))
-            problems.append(Problem("manifest.json", f"shard {record['shard_id']}: {', '.join(keys)} differ from its "
-                                                     "commit record", record["shard_id"]))
+            problems.append(Problem(layout.MANIFEST, f"shard {record['shard_id']}: {', '.join(keys)} differ from its "
+                                                    "commit record", record["shard_id"]))
     for shard_id in sorted(listed, key=str):
-        problems.append(Problem("manifest.json", f"lists shard {shard_id}, which has no commit record"))
+        problems.append(Problem(layout.MANIFEST, f"lists shard {shard_id}, which has no commit record"))
     return problems
 
 
@@ -339,7 +339,8 @@ def verify(out_dir, quick: bool = False) -> Verdict:
     elif source == layout.MANIFEST:
         problems.append(Problem(f"{layout.COMMITS}/", "missing: the shards are checked against manifest.json alone"))
     planned = ((job or {}).get("input_plan") or {}).get("shards")
-    have = {r["shard_id"] for r in records} | {p.shard_id for p in problems if p.where.startswith("_commits/shard")}
+    unreadable = {p.shard_id for p in problems if p.where.startswith(f"{layout.COMMITS}/shard")}
+    have = {r["shard_id"] for r in records} | unreadable
     for shard_id in range(planned or 0):
         if shard_id not in have:
             problems.append(Problem(f"shard {shard_id}", "not committed (no commit record)", shard_id))
