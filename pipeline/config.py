@@ -312,8 +312,10 @@ def check(cfg: DictConfig) -> None:
     choice("scoring.decision.group", cfg.scoring.decision.group)
     if not 0 < cfg.scoring.decision.fdr < 1:
         fail("scoring.decision.fdr", "must be between 0 and 1 (the false-discovery rate of the reason labels)")
-    if not cfg.scoring.decision.decoys_per_candidate > 0:
-        fail("scoring.decision.decoys_per_candidate", "must be > 0")
+    per_candidate = cfg.scoring.decision.decoys_per_candidate
+    if not (per_candidate >= 1 and float(per_candidate).is_integer()):
+        fail("scoring.decision.decoys_per_candidate", "must be a whole number >= 1 (each decoy group mirrors the "
+             "pair's candidate slots)")
 
 
 def backend_options(key: str, backend_cls: type, backend: str, role: str, options) -> BackendOptions:

@@ -74,9 +74,9 @@ def decision_rule(pairs: Optional[pl.LazyFrame], cfg) -> dict:
                           "epsilon): a fixed bar, no stated error rate")
         return out
     chance = win_chance(to_dict(cfg)["generators"], rule.decoys_per_candidate)
-    out.update(fdr=float(rule.fdr), decoys_per_candidate=float(rule.decoys_per_candidate), group=rule.group,
+    out.update(fdr=float(rule.fdr), decoys_per_candidate=int(rule.decoys_per_candidate), group=rule.group,
                win_chance=chance, promise=(
-                   f"reason iff best_delta > help_threshold = max(base_threshold + null_margin, best decoy delta); "
+                   f"reason iff best_delta > help_threshold = max(base_threshold, best decoy delta) + null_margin; "
                    f"per {rule.group} and side, null_margin is set so that the estimated false-discovery rate of "
                    f"the reason labels is at most {rule.fdr:g} (knockoff+ over decoys: the expected share of reason "
                    f"labels whose rationales carry nothing about the pair stays under it)"))

@@ -154,7 +154,8 @@ def steps(cfg: DictConfig) -> list[StageSpec]:
                              stats_dir=stats_dir, round_index=r, controls=tuple(cfg.scoring.controls),
                              sides=job_sides, decoys=counts is not None))
         out.append(score)
-    out.append(SelectSpec(epsilon=cfg.scoring.epsilon, sides=job_sides, decoys_required=needed or None))
+    out.append(SelectSpec(epsilon=cfg.scoring.epsilon, sides=job_sides, decoys_required=needed or None,
+                          decoy_groups=int(cfg.scoring.decision.decoys_per_candidate)))
     return out
 
 

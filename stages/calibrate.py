@@ -1,23 +1,27 @@
 """The decoy rule's calibration: one margin per side and calibration group, so that the estimated false-discovery
 rate of the group's reason labels is at most scoring.decision.fdr (pure numpy over the pairs' null_score).
 
-Each tested pair of a group has a null_score T (stages/select.py): +size if its best valid candidate beats every
-one of its decoys, -size if a decoy is at least as good, size being how far the best of them clears the pair's
-bar. The pair is labelled reason iff T > margin.
+Each tested pair of a group has a null_score T (stages/select.py): its candidates and its decoys form groups of
+equal make-up (the candidates; the decoys in scoring.decision.decoys_per_candidate groups, each with one decoy per
+candidate slot of each generator); T is +size if the candidates' best tops every decoy group, -size if a decoy
+group does, size being how far the top group's best clears the runner-up group's best and the pair's bar. The pair
+is labelled reason iff T > margin.
 
 Why this controls the false-discovery rate: under the null that a pair's candidates carry no content about the
-pair, its candidates and decoys are exchangeable draws (same generator, same template, same kind of text), so the
-best of its m + D texts is a candidate with probability m / (m + D) <= c, whatever the values: the sign of T is
-a biased coin, independent of |T|. Then, for every margin s, the reason labels that are wrong are estimated by
-the decoy wins above s, and
+pair, its candidates and decoys are exchangeable draws (same generator, same template, same kind of text), so its
+groups are exchangeable too. Size is a symmetric function of the groups' best values, so the top group is the
+candidates' with probability c = 1 / (1 + decoy groups), independently of size: the sign of T is a biased coin, independent
+of |T|. Then, for every margin s, the reason labels that are wrong are estimated by the decoy wins above s, and
 
     FDR_hat(s) = c / (1 - c) * (1 + #{T < -s}) / max(1, #{T > s})
 
 picked at the smallest s in {0} U {|T|} with FDR_hat(s) <= fdr is the knockoff+ filter (Barber and Candes 2015;
 with c != 1/2 the Selective SeqStep+ form), which keeps the expected share of wrong reason labels among all
-reason labels of the group at most fdr. c = slots / (slots + decoys) of a pair (scoring.decision.decoys_per_candidate
-decoys per candidate slot): 1/2 by default. A pair counts its candidate slots, not its valid candidates, so that
-rounds of generation, which stop a pair once its best candidate beats its decoys, keep c an upper bound.
+reason labels of the group at most fdr (multiple knockoffs: Gimenez and Zou 2019). c = slots / (slots + decoys)
+of a pair: 1/2 by default (one decoy group). A pair counts its candidate slots, not its valid candidates: a pair
+with fewer valid candidates than slots (cut-off texts, rounds that stop a pair early) wins less often by chance.
+Why a difference and not the top's height above the bar: a decoy that beats the evidence by a hair then costs a
+loss of a hair, which the margin can pass, where a loss as tall as the evidence would cost every win below it.
 
 The guarantee needs no assumption on the score's distribution; it needs decoys that are no weaker than the
 candidates would be without content. Decoys written for other targets carry content about something else, which

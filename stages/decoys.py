@@ -150,17 +150,30 @@ DecoysSpec.stage = Decoys
 
 
 def decoy_counts(generators: list[dict], per_candidate: float) -> dict[str, dict[str, int]]:
-    """Per side, generator name -> decoys per pair: per_candidate decoys for each of the generator's candidate slots
-    (k, k_target), at least one per generator that has slots."""
+    """Per side, generator name -> decoys per pair: per_candidate (a whole number, pipeline/config.py checks it)
+    decoys for each of the generator's candidate slots (k, k_target), one group of slots per decoy_groups group."""
     counts: dict[str, dict[str, int]] = {side.name: {} for side in SIDES}
     for g in generators:
         for side in SIDES:
             slots = g.get(side.count_key, 0)
             if slots:
-                counts[side.name][g["name"]] = max(1, int(np.ceil(per_candidate * slots)))
+                counts[side.name][g["name"]] = int(per_candidate) * slots
     return {name: c for name, c in counts.items() if c}
 
 
 def required(counts: Optional[dict]) -> Optional[dict]:
     """Per side, the decoys a pair must have to be tested (select's decoys_required); None without decoys."""
     return None if counts is None else {side: sum(c.values()) for side, c in counts.items()}
+
+
+def decoy_groups(decoys: list[dict], groups: int) -> list[list[int]]:
+    """The positions of a pair's decoys (as draw_decoys stores them) in `groups` groups that each mirror the pair's
+    candidates: per generator, its i-th decoy goes to group i % groups, so each group holds as many of a generator's
+    decoys as the generator has candidate slots (decoy_counts draws that many per group)."""
+    out: list[list[int]] = [[] for _ in range(groups)]
+    seen: dict[str, int] = {}
+    for pos, decoy in enumerate(decoys):
+        i = seen.get(decoy.get("generator"), 0)
+        seen[decoy.get("generator")] = i + 1
+        out[i % groups].append(pos)
+    return out

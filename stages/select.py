@@ -10,20 +10,24 @@ A valid candidate *helps* when its delta > help_threshold, the pair's own thresh
 
   base_threshold = epsilon, and with content-free controls (scoring.controls) the best control's delta + epsilon:
                    the bar of the fixed rule (scoring.decision.rule: bar)
-  help_threshold = max(base_threshold + margin, the best decoy's delta)   (rule: decoys)
+  help_threshold = max(base_threshold, the best decoy's delta) + margin      (rule: decoys)
                  = base_threshold                                          (rule: bar)
 
 Under the decoy rule the best candidate must beat every decoy of the pair (rationales the same generator wrote for
-other pairs, stages/decoys.py: what text that carries nothing about this pair does to its score, the best of as
-many draws as the pair has candidate slots) and clear the bar by `margin`, which stages/calibrate.py sets per
-calibration group (subset or job) so that the estimated false-discovery rate of the reason labels is at most
-scoring.decision.fdr. Each pair takes part in that calibration with its null_score:
+other pairs, stages/decoys.py: what text that carries nothing about this pair does to its score) and the bar, by
+`margin`, which stages/calibrate.py sets per calibration group (subset or job) so that the estimated
+false-discovery rate of the reason labels is at most scoring.decision.fdr. Each pair takes part in that
+calibration with its null_score, a knockoff statistic over groups of equal size: the pair's candidates, and its
+decoys split into scoring.decision.decoys_per_candidate groups that mirror them (per generator, one decoy per
+candidate slot each: stages/decoys.py:decoy_groups). Of the groups' best deltas,
 
-  null_score     = +size when the best valid candidate beats every decoy, -size otherwise (ties go to the
-                   decoys); size = max(best candidate, best decoy, base_threshold) - base_threshold, how far the best
-                   of the pair's candidates and decoys clears the bar (0: nothing does)
+  null_score     = +size when the candidates' best is the top (it beats every decoy), -size otherwise (ties go to
+                   the decoys); size = top - max(the runner-up group's best, base_threshold), how far the top
+                   group clears both the next group and the bar (0: nothing clears the bar)
 
-so a pair is reason iff null_score > margin, i.e. best_delta > help_threshold.
+so a pair is reason iff null_score > margin, i.e. best_delta > help_threshold. The size is a difference, not the
+top's height above the bar: a decoy that beats the evidence by a hair costs a loss of a hair, which the calibration
+can set its margin above, where a loss as tall as the evidence would cost every win below it.
 
   chosen         = the valid candidate with the largest delta (ties: the lowest index); null when none is valid.
                    The threshold is the pair's, so if any candidate helps, the chosen one does.
@@ -53,6 +57,7 @@ import pyarrow as pa
 
 from schemas import JOINT_COLUMNS
 from stages.contract import Contract
+from stages.decoys import decoy_groups
 from stages.side import QUERY, Side, sides_of
 from stages.spec import StageSpec
 
@@ -83,15 +88,20 @@ def base_threshold(epsilon: float, control_delta=None) -> float:
 
 
 def help_threshold(base: float, decoy_deltas=(), margin: float = 0.0) -> float:
-    """The value a candidate's delta must exceed: base + margin, and every decoy's delta (NaN if base is)."""
-    return float(np.max([base + margin, *decoy_deltas]))
+    """The value a candidate's delta must exceed: base and every decoy's delta, by margin (NaN if base is)."""
+    return float(np.max([base, *decoy_deltas]) + margin)
 
 
-def null_score(best_delta: float, decoy_deltas, base: float) -> float:
-    """The pair's score in the decoy competition (see the module docstring)."""
-    best_decoy = max(decoy_deltas, default=-np.inf)
-    size = max(best_delta, best_decoy, base) - base
-    return float(size if best_delta > best_decoy else -size)
+def null_score(best_delta: float, group_best, base: float) -> float:
+    """The pair's score in the decoy competition (see the module docstring). group_best: the best delta of each
+    decoy group (stages/decoys.py:decoy_groups)."""
+    if not np.isfinite(base):
+        return float("nan")
+    ranked = sorted([best_delta, *group_best], reverse=True)
+    if not ranked[0] > base:
+        return 0.0
+    size = ranked[0] - max(ranked[1], base) if len(ranked) > 1 else ranked[0] - base
+    return float(size if best_delta > max(group_best, default=-np.inf) else -size)
 
 
 def decide(best_delta: Optional[float], threshold: Optional[float]) -> str:
@@ -103,6 +113,14 @@ def decide(best_delta: Optional[float], threshold: Optional[float]) -> str:
 def decoy_deltas(row: dict, side: Side) -> list[float]:
     """The side's scored decoys' deltas (a decoy that could not be scored is left out)."""
     return [d["delta"] for d in row.get(side.decoys) or [] if d.get("delta") is not None]
+
+
+def decoy_group_best(row: dict, side: Side, groups: int) -> list[float]:
+    """The best delta of each of the side's decoy groups (stages/decoys.py:decoy_groups)."""
+    decoys = row.get(side.decoys) or []
+    scored = [[decoys[i]["delta"] for i in members if decoys[i].get("delta") is not None]
+              for members in decoy_groups(decoys, groups)]
+    return [max(deltas) for deltas in scored if deltas]
 
 
 def tested(row: dict, side: Side, decoys_required: int) -> bool:
@@ -134,7 +152,7 @@ def choose_side(row: dict, side: Side) -> tuple[Optional[int], Optional[float], 
     return choose([_nan(c.get("delta")) for c in cands], [bool(c.get("valid")) for c in cands])
 
 
-def score_side(row: dict, side: Side, epsilon: float, decoys_required: int = 0) -> None:
+def score_side(row: dict, side: Side, epsilon: float, decoys_required: int = 0, groups: int = 1) -> None:
     """What one side's label needs and does not depend on other pairs: chosen, best_delta, rejected,
     base_threshold and, under the decoy rule, null_score."""
     cands = row.get(side.candidates) or []
@@ -146,7 +164,7 @@ def score_side(row: dict, side: Side, epsilon: float, decoys_required: int = 0) 
     row[side.column("rejected")] = rejected
     row[side.column("base_threshold")] = base
     if decoys_required:
-        row[side.column("null_score")] = (null_score(best, decoy_deltas(row, side), base)
+        row[side.column("null_score")] = (null_score(best, decoy_group_best(row, side, groups), base)
                                             if tested(row, side, decoys_required) else None)
 
 
@@ -169,9 +187,11 @@ def label_side(row: dict, side: Side, margin: Optional[float], decoys_required: 
     row[side.column("need_reasoning")] = None if decision == UNDECIDED else decision == REASON
 
 
-def score_rows(rows: list[dict], epsilon: float, decoys_required: Optional[dict] = None) -> list[dict]:
+def score_rows(rows: list[dict], epsilon: float, decoys_required: Optional[dict] = None,
+               groups: int = 1) -> list[dict]:
     """Per pair, everything but the decision (quarantining a pair whose every candidate failed).
-    decoys_required: per side name, the decoys the pair must have (the decoy rule), or None (the bar rule)."""
+    decoys_required: per side name, the decoys the pair must have (the decoy rule), or None (the bar rule);
+    groups: how many decoy groups they form (scoring.decision.decoys_per_candidate)."""
     for row in rows:
         if row.get("quarantine_reason"):
             continue
@@ -181,7 +201,7 @@ def score_rows(rows: list[dict], epsilon: float, decoys_required: Optional[dict]
             row["quarantine_detail"] = f"all {len(cands)} candidates failed; first error: {cands[0].get('error')}"[:1000]
             continue
         for side in sides_of(row):
-            score_side(row, side, epsilon, (decoys_required or {}).get(side.name, 0))
+            score_side(row, side, epsilon, (decoys_required or {}).get(side.name, 0), groups)
     return rows
 
 
@@ -249,11 +269,13 @@ def turned_direct(by: str, epsilon: float, side: Side = QUERY):
 @dataclass(frozen=True)
 class SelectSpec(StageSpec):
     """select over a batch: score_rows on the side(s) `sides` (and under the bar rule, decoys_required None,
-    label_rows). decoys_required: per side name, the decoys a tested pair has (the decoy rule)."""
+    label_rows). decoys_required: per side name, the decoys a tested pair has (the decoy rule), in decoy_groups
+    groups."""
 
     epsilon: float = 0.0
     sides: tuple[Side, ...] = (QUERY,)
     decoys_required: Optional[Mapping[str, int]] = None
+    decoy_groups: int = 1
 
     def contract(self) -> Contract:
         per_side = ["chosen", "chosen_generator", "best_delta", "rejected", "base_threshold"]
@@ -284,7 +306,8 @@ class Select:
     def __call__(self, batch: pa.Table) -> pa.Table:
         spec = self.spec
         if spec.decoys_required:
-            return self._contract.apply(batch, lambda rows: score_rows(rows, spec.epsilon, dict(spec.decoys_required)))
+            return self._contract.apply(batch, lambda rows: score_rows(rows, spec.epsilon, dict(spec.decoys_required),
+                                                                            spec.decoy_groups))
         return self._contract.apply(batch, lambda rows: select_rows(rows, spec.epsilon))
 
 

@@ -63,6 +63,8 @@ def test_defaults_fill_a_minimal_config(job):
         ("input.format=csv", "input.format"),
         ("input.image_root=/no/such/dir", "input.image_root"),
         ("input.rows_per_shard=0", "input.rows_per_shard"),
+        ("scoring.decision.decoys_per_candidate=0.5", "scoring.decision.decoys_per_candidate"),  # groups of k
+        ("scoring.decision.decoys_per_candidate=1.5", "scoring.decision.decoys_per_candidate"),
         # backend options: a type, a choice, a bound (stages/backends/options.py)
         ("embedder.options.batch_size=four", "embedder.options.batch_size"),
         ("embedder.options.batching=exakt", "embedder.options.batching"),

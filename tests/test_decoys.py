@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from stages.calibrate import calibrate, knockoff_margin, margin_lookup, row_scores
-from stages.decoys import DecoysSpec, check_whole_shards, decoy_counts, draw_decoys
+from stages.decoys import DecoysSpec, check_whole_shards, decoy_counts, decoy_groups, draw_decoys
 from stages.select import DIRECT, REASON, UNDECIDED, label_rows, null_score, score_rows
 
 
@@ -37,7 +37,7 @@ def _pair(rng, signal: float, k: int, d: int, base: float = 0.0) -> dict:
             "decoys": [{"delta": float(x)} for x in rng.normal(0, 1, d)], "control_delta": [base]}
 
 
-@pytest.mark.parametrize("k, d", [(4, 4), (8, 4), (5, 10)])
+@pytest.mark.parametrize("k, d", [(4, 4), (5, 10), (3, 9)])
 def test_the_false_discovery_rate_holds_on_exchangeable_nulls(k, d):
     """Half the pairs carry a signal in one candidate, half none; over many jobs the share of reason labels on
     null pairs among all reason labels stays under fdr (knockoff+), whatever the heavy tail of the null."""
@@ -49,15 +49,15 @@ def test_the_false_discovery_rate_holds_on_exchangeable_nulls(k, d):
             scale = rng.choice([0.2, 1.0, 3.0])
             for x in r["candidates"] + r["decoys"]:
                 x["delta"] *= scale
-        score_rows(rows, 0.0, {"query": d})
+        score_rows(rows, 0.0, {"query": d}, d // k)  # d // k decoy groups of k
         calibration = calibrate(row_scores(rows, "subset"), fdr, k / (k + d))
         label_rows(rows, 0.0, margin_lookup(calibration, "subset"), {"query": d})
         reason = [i for i, r in enumerate(rows) if r["decision"] == REASON]
         fdps.append(sum(i % 2 == 0 for i in reason) / max(1, len(reason)))
         power.append(sum(i % 2 == 1 for i in reason) / 40)
     assert np.mean(fdps) <= fdr
-    # and it finds signal; fewer decoys than candidates cost power (the estimate is scaled by c/(1-c) = k/d)
-    assert np.mean(power) > (0.3 if d >= k else 0.02)
+    # and it finds signal
+    assert np.mean(power) > 0.3
 
 
 def test_help_threshold_decides_each_pair():
@@ -68,8 +68,8 @@ def test_help_threshold_decides_each_pair():
     score_rows(rows, 0.0, {"query": 2})
     row = rows[0]
     assert row["base_threshold"] == pytest.approx(0.1) and row["chosen"] == 0
-    assert row["null_score"] == pytest.approx(0.5 - 0.1)  # beats both decoys; clears the bar by 0.4
-    for margin, decision in ((0.39, REASON), (0.4, DIRECT), (None, DIRECT)):
+    assert row["null_score"] == pytest.approx(0.5 - 0.3)  # beats both decoys, the best of them by 0.2
+    for margin, decision in ((0.19, REASON), (0.2, DIRECT), (None, DIRECT)):
         label_rows([row], 0.0, lambda side, r: margin, {"query": 2})
         assert row["decision"] == decision and row["need_reasoning"] == (decision == REASON)
         assert (row["best_delta"] > row["help_threshold"]) == (decision == REASON)
@@ -77,9 +77,31 @@ def test_help_threshold_decides_each_pair():
     assert row["help_threshold"] == pytest.approx(0.3)  # the best decoy, above the bar
 
 
-def test_ties_and_short_decoys():
-    assert null_score(0.3, [0.3], 0.0) < 0  # a decoy as good as the best candidate wins
+def test_null_score_by_hand():
+    assert null_score(0.3, [0.3], 0.0) <= 0  # a decoy as good as the best candidate: never a win
     assert null_score(0.3, [0.1], 0.5) == 0.0  # nothing clears the bar
+    assert null_score(0.5, [0.3], 0.1) == pytest.approx(0.2)  # a win by the gap to the best decoy
+    assert null_score(0.5, [0.3], 0.4) == pytest.approx(0.1)  # ... or to the bar, whichever is higher
+    assert null_score(0.3, [0.32], 0.0) == pytest.approx(-0.02)  # a loss by a hair costs a hair
+    assert null_score(0.2, [0.9], 0.5) == pytest.approx(-0.4)  # a decoy over a candidate under the bar
+    # three decoy groups: a decoy group on top is measured against the runner-up group, candidates or decoys
+    assert null_score(0.2, [0.9, 0.8, 0.1], 0.0) == pytest.approx(-0.1)
+    assert null_score(0.9, [0.5, 0.8, 0.1], 0.0) == pytest.approx(0.1)
+
+
+def test_decoy_groups_mirror_the_candidates():
+    # two generators with 2 and 1 slots, 2 groups: each group holds 2 of a's decoys' and 1 of b's
+    decoys = [{"generator": g, "delta": x} for g, x in
+              [("a", 0.1), ("a", 0.2), ("a", 0.3), ("a", 0.4), ("b", 0.5), ("b", 0.6)]]
+    assert decoy_groups(decoys, 2) == [[0, 2, 4], [1, 3, 5]]
+    assert decoy_groups(decoys, 1) == [[0, 1, 2, 3, 4, 5]]
+    row = {"subset": "s", "control_delta": [0.0], "decoys": decoys,
+           "candidates": [{"delta": 0.55, "valid": True, "generator": "a"}]}
+    score_rows([row], 0.0, {"query": 6}, 2)
+    assert row["null_score"] == pytest.approx(-(0.6 - 0.55))  # group 2 (best 0.6) tops; the candidates run up
+
+
+def test_short_decoys():
     row = {"subset": "s", "control_delta": None, "candidates": [{"delta": 0.5, "valid": True, "generator": "g"}],
            "decoys": [{"delta": 0.1}]}
     score_rows([row], 0.0, {"query": 2})
@@ -133,7 +155,7 @@ def test_the_decoy_stage_refuses_part_of_a_shard():
 def test_decoy_counts_per_candidate_slot():
     gens = [{"name": "a", "k": 4, "k_target": 0}, {"name": "b", "k": 3, "k_target": 2}]
     assert decoy_counts(gens, 1.0) == {"query": {"a": 4, "b": 3}, "target": {"b": 2}}
-    assert decoy_counts(gens, 0.5) == {"query": {"a": 2, "b": 2}, "target": {"b": 1}}
+    assert decoy_counts(gens, 2) == {"query": {"a": 8, "b": 6}, "target": {"b": 4}}
 
 
 def test_scores_labels_and_calibration_recompute_from_rows():

@@ -136,7 +136,8 @@ def test_labels_recompute_from_stored_similarities(job):
         if not valid or len(decoys) < 3:  # reasoning was never tested: undecided, not "no reasoning needed"
             assert row["decision"] == "undecided" and row["need_reasoning"] is None and row["null_score"] is None
             continue
-        assert row["null_score"] == null_score(row["best_delta"], [x["delta"] for x in decoys], row["base_threshold"])
+        assert row["null_score"] == null_score(row["best_delta"], [max(x["delta"] for x in decoys)],
+                                               row["base_threshold"])  # one decoy group
         assert row["help_threshold"] == help_threshold(row["base_threshold"], [x["delta"] for x in decoys],
                                                        row["null_margin"])
         assert row["decision"] == ("reason" if row["best_delta"] > row["help_threshold"] else "direct")

@@ -166,14 +166,14 @@ def test_under_the_decoy_rule_a_pair_stops_only_once_it_beats_its_decoys(tiny_mo
     bigger = {"path": str(make(tmp_path / "data", n_pairs=40, seed=3)), "root": str(tmp_path / "data")}
     cfg = load(tmp_path, tiny_models, bigger, "scoring.decision.rule=decoys", "generators.0.k=4", "rounds.k0=1",
                "rounds.step=1", "scoring.valid_finish_reasons=[stop,length]", "input.rows_per_shard=40",
-               "scoring.in_shard_negatives=0", "scoring.decision.decoys_per_candidate=0.5")
+               "scoring.in_shard_negatives=0")
     plan = [s.stage.__name__ for s in steps(cfg)]
     assert plan[:4] == ["Generate", "Decoys", "Embed", "Score"] and plan.count("Decoys") == 1
     rows = run(cfg)
     stopped = [r for r in rows.values() if 0 < len(r["candidates"]) < 4]
     assert stopped and any(len(r["candidates"]) == 4 for r in rows.values())
-    for r in rows.values():  # two decoys each (half a decoy per slot), from other pairs
-        assert len(r["decoys"]) == 2 and all(d["donor_pair_id"] != r["pair_id"] for d in r["decoys"])
+    for r in rows.values():  # four decoys each (one per slot), from other pairs
+        assert len(r["decoys"]) == 4 and all(d["donor_pair_id"] != r["pair_id"] for d in r["decoys"])
     for r in stopped:
         assert r["best_delta"] > max(r["base_threshold"], *(d["delta"] for d in r["decoys"]))
         assert r["null_score"] > 0

@@ -1,4 +1,10 @@
-"""pairsel record schemas, version 4.
+"""pairsel record schemas, version 5.
+
+Version 5 (from 4): the same columns; two of them are computed otherwise (stages/select.py). `null_score` is a
+difference: how far the top of the pair's groups (its candidates, and its decoys in groups that mirror them) clears
+the runner-up group and the bar, where it was the top's height above the bar; and `help_threshold` is
+max(base_threshold, the best decoy's delta) + null_margin, where it was max(base_threshold + null_margin, the best
+decoy's delta). A version 4 output's labels do not recompute under version 5's rule: rerun it with --overwrite.
 
 Version 4 (from 3): the calibrated decoy rule (stages/decoys.py, stages/select.py, stages/calibrate.py). Each
 pair gains its decoys (`decoys`: rationales the same generator wrote for other pairs of the shard, each with its
@@ -28,7 +34,7 @@ bookkeeping, plus provenance. QUARANTINE_SCHEMA is the quarantine shard.
 """
 import pyarrow as pa
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Where an image's bytes are, after the read: `size` bytes from `offset` of the file at `path` (absolute). A plain
 # image file: offset 0, its size; a member of an uncompressed tar: the member's data; inline bytes that cannot be
@@ -147,7 +153,7 @@ SCORE_FIELDS = [
     pa.field("base_threshold", pa.float64()),  # epsilon, or the best control's delta + epsilon
     pa.field("null_score", pa.float64()),  # the decoy competition score (null: bar rule, or untested)
     pa.field("null_margin", pa.float64()),  # the calibration group's margin (inf: the group labels no pair reason)
-    pa.field("help_threshold", pa.float64()),  # max(base_threshold + null_margin, best decoy delta); bar: base
+    pa.field("help_threshold", pa.float64()),  # max(base_threshold, best decoy delta) + null_margin; bar: base
 ]
 
 # ---- the target side (generators[].k_target > 0; all null without target candidates): the query side's columns
