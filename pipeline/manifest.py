@@ -18,7 +18,7 @@ from schemas import SCHEMA_VERSION
 from stages import layout
 from stages.calibrate import calibrate, output_scores, win_chance
 from stages.select import DIRECT, REASON, UNDECIDED, turned_direct
-from stages.side import QUERY, TARGET, Side
+from stages.side import QUERY, TARGET, Side, has_side
 from stages.files import SHARD_GLOB, atomic_write_json
 
 
@@ -52,9 +52,7 @@ def outcomes_by_subset(pairs: pl.LazyFrame, epsilon: float, side: Side = QUERY) 
     null_turned_direct (stages/select.py:turned_direct), of one side (query: `decision`; target:
     `target_decision`, over the pairs that have target candidates)."""
     decision = pl.col(side.column("decision"))
-    if side.optional:  # the pairs that have rationales on this side
-        pairs = pairs.filter(pl.col(side.candidates).list.len().fill_null(0) > 0)
-    return (pairs.group_by("subset")
+    return (pairs.filter(has_side(side)).group_by("subset")
             .agg(pl.len().alias("pairs"),
                  (decision == REASON).sum().alias("need_reasoning"),
                  (decision == DIRECT).sum().alias("direct"),

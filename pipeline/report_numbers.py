@@ -17,7 +17,7 @@ from typing import Optional
 import polars as pl
 
 from pipeline.read_output import quarantine_files, read_manifest, scan_pairs
-from stages.calibrate import JOB_GROUP
+from stages.calibrate import group_expr
 from stages.side import SIDES
 
 DEFAULT_MAX_POINTS = 20_000
@@ -130,7 +130,7 @@ def _decision(lf: pl.LazyFrame, manifest: Optional[dict]) -> dict:
     rate and the quartiles of the tested pairs' best_delta - help_threshold (how far the best rationale is above
     or below what it had to beat; the pair is reason where > 0)."""
     rule = dict((manifest or {}).get("decision") or {})
-    group = pl.lit(JOB_GROUP) if rule.get("group") == "job" else pl.col("subset").cast(pl.String)
+    group = group_expr(rule.get("group"))
     rule["over_threshold"] = {}
     for side in SIDES:
         best, threshold = pl.col(side.column("best_delta")), pl.col(side.column("help_threshold"))

@@ -149,7 +149,7 @@ def shard_problems(out_dir: Path, record: dict, depth: Depth) -> list[Problem]:
     shard_id = record["shard_id"]
     schema_version = record.get("schema_version", SCHEMA_VERSION)  # records without the key: the job's version
     problems = []
-    for sub, prefix in ((layout.DATA, ""), (layout.QUARANTINE, "quarantine_")):
+    for sub, prefix in layout.RECORD_PREFIX.items():
         rel = record[f"{prefix}path"]
         if rel is None:
             continue

@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 from stages.decoys import decoy_counts
-from stages.side import SIDES, Side, sides_of
+from stages.side import SIDES, Side, has_side, sides_of
 
 NULL_GROUPS = ("subset", "job")  # scoring.decision.group (pipeline/config.py takes its choices from here)
 JOB_GROUP = "*"
@@ -72,6 +72,13 @@ def group_key(subset: Optional[str], group: str) -> str:
     return JOB_GROUP if group == "job" else str(subset)
 
 
+def group_expr(group: str):
+    """group_key over output shards, as a polars expression of the subset column."""
+    import polars as pl
+
+    return pl.lit(JOB_GROUP) if group == "job" else pl.col("subset").cast(pl.String)
+
+
 def calibrate(scores: Iterable[tuple[str, str, Optional[float]]], fdr: float, chance: float) -> list[dict]:
     """scores: (side, group key, null_score) of every tested pair (null_score None: untested, left out).
     Returns one record per (side, group): knockoff_margin's, with its side and group."""
@@ -103,13 +110,12 @@ def output_scores(pairs, group: str) -> Iterable[tuple[str, str, Optional[float]
     rows, so that the manifest, the report and `pairsel verify` recompute the job's calibration from its output."""
     import polars as pl
 
-    # a side counts where the pair has its candidates (the query side always, the target side with k_target)
-    has = [pl.col(side.candidates).list.len().fill_null(0) > 0 for side in SIDES]
+    has = [has_side(side) for side in SIDES]
     df = pairs.select("subset", *[pl.when(h).then(pl.col(side.column("null_score"))).alias(side.name)
                                   for side, h in zip(SIDES, has)],
                       *[h.alias(f"has_{side.name}") for side, h in zip(SIDES, has)]).collect()
     for row in df.iter_rows(named=True):
         key = group_key(row["subset"], group)
         for side in SIDES:
-            if not side.optional or row[f"has_{side.name}"]:
+            if row[f"has_{side.name}"]:
                 yield side.name, key, row[side.name]

@@ -35,6 +35,9 @@ IMAGES = "_images"
 LOGS = "_logs"
 RUN_LOG = f"{LOGS}/run.log"
 
+# a commit record names each file of its shard with these key prefixes: path, rows, bytes, sha256 (stages/write.py)
+RECORD_PREFIX = {DATA: "", QUARANTINE: "quarantine_"}
+
 # wholly pairsel's: --overwrite removes them (and _commits, last)
 OWN_FOLDERS = (STAGING, SCORED, INDEX, STATS, CACHE, LOGS, IMAGES)
 OWN_FILES = (MANIFEST, REPORT)

@@ -60,3 +60,10 @@ BY_NAME = {side.name: side for side in SIDES}
 def sides_of(row: dict, sides: tuple[Side, ...] = SIDES) -> list[Side]:
     """Those of `sides` the pair has candidates for: the query side, and the target side where it has target ones."""
     return [side for side in sides if not side.optional or row.get(side.candidates)]
+
+
+def has_side(side: Side):
+    """sides_of's rule over output shards, as a polars expression: whether a pair has candidates for this side."""
+    import polars as pl  # the stages themselves run without polars (pipeline/plan.py:run_local on a bare machine)
+
+    return pl.lit(True) if not side.optional else pl.col(side.candidates).list.len().fill_null(0) > 0

@@ -153,7 +153,7 @@ def _check_rows(shard_id: int, size: int, *row_indices: pa.ChunkedArray) -> None
 def _file_entry(out: Path, sub: str, shard_id: int, rows: int) -> dict:
     """A commit record's entry for the shard's file in `sub` (data: path, rows, bytes, sha256; quarantine: the same
     keys with the quarantine_ prefix)."""
-    prefix = "" if sub == layout.DATA else "quarantine_"
+    prefix = layout.RECORD_PREFIX[sub]
     dest = out / sub / shard_file(shard_id)
     return {f"{prefix}path": f"{sub}/{shard_file(shard_id)}", f"{prefix}rows": rows,
             f"{prefix}bytes": dest.stat().st_size, f"{prefix}sha256": file_sha256(dest)}
