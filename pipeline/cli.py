@@ -264,7 +264,8 @@ def print_summary(result: dict, out: str, stream) -> None:
         print(f"  decoy rule at a false-discovery rate of {rule['fdr']:g}: the decoys turned "
               f"{c.get('null_turned_direct', 0)} pairs from reason to direct", file=stream)
         for cal in rule.get("calibration", []):
-            what = ("no pair reason (too few candidate wins over decoys)" if cal["margin"] is None else
+            what = (f"no pair reason ({cal['wins']} candidate wins, {cal['losses']} decoy wins; lowest estimated "
+                    f"FDR {cal['fdr_estimate']:.0%})" if cal["margin"] is None else
                     f"{cal['reason']} reason, estimated FDR {cal['fdr_estimate']:.1%}")
             print(f"    {cal['side']} side, {cal['group']}: {what}", file=stream)
     target = result.get("target_side")

@@ -63,6 +63,18 @@ def test_cli_says_where_the_shards_are(job):
     assert "quarantined 4 rows" in job["stdout"]
 
 
+def test_cli_says_each_groups_calibration_in_its_own_counts(job):
+    """A group that labels no pair reason says why: its candidate and decoy wins and its lowest estimated FDR,
+    the manifest's numbers."""
+    assert job["manifest"]["decision"]["calibration"]
+    for cal in job["manifest"]["decision"]["calibration"]:
+        said = (f"    {cal['side']} side, {cal['group']}: " +
+                (f"no pair reason ({cal['wins']} candidate wins, {cal['losses']} decoy wins; lowest estimated FDR "
+                 f"{cal['fdr_estimate']:.0%})" if cal["margin"] is None else
+                 f"{cal['reason']} reason, estimated FDR {cal['fdr_estimate']:.1%}"))
+        assert said in job["stdout"].splitlines()
+
+
 def test_every_valid_pair_written_once_and_bad_rows_quarantined(job, bad_input):
     m = job["manifest"]
     assert m["status"] == "complete"
