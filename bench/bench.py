@@ -386,6 +386,11 @@ def table(res: dict, n: int) -> str:
     return "\n".join(lines)
 
 
+def embed_forwards(run: dict) -> int:
+    """The embedder inputs a job ran (its Embed actors' counters)."""
+    return sum(st["forwards"] for st in run["stats"] if st["stage"] == "embed")
+
+
 def decoy_cost_rows(res: dict, n: int) -> list[str]:
     """What the decoys cost, from two full-K jobs over one shard of the 1x mix (every pair can draw all its decoys;
     in the bench's 10-pair shards many cannot, and cost less)."""
@@ -406,7 +411,7 @@ def run_decoy_cost(data: Path, out: Path, model_args: list[str], res: dict) -> N
     res["cost"] = run_job(data, out / "cost-1x", *model_args, *whole)
     res["cost_bar"] = run_job(data, out / "cost-bar-1x", *model_args, *whole, "scoring.decision.rule=bar")
     for run in (res["cost"], res["cost_bar"]):
-        run["forwards"] = sum(st["forwards"] for st in run["stats"] if st["stage"] == "embed")
+        run["forwards"] = embed_forwards(run)
 
 
 def main(argv=None) -> int:
@@ -442,8 +447,7 @@ def main(argv=None) -> int:
         (out / "results.json").write_text(json.dumps(slim, indent=1, default=str))
 
     def count_inputs(run: dict, s: int) -> dict:
-        embed = [st for st in run["stats"] if st["stage"] == "embed"]
-        run["forwards"] = sum(st["forwards"] for st in embed)
+        run["forwards"] = embed_forwards(run)
         run["model_seconds"] = sum(st["model_seconds"] for st in run["stats"])
         run["minimum"] = minimum_inputs(run["rows"], run["manifest"]["config"]["embedder"], data[s],
                                         run["manifest"]["config"]["scoring"]["controls"])
@@ -458,9 +462,6 @@ def main(argv=None) -> int:
         if s == 1:
             print("job with every candidate at once (full K) at 1x, and its model-only loop ...", flush=True)
             res["full"] = count_inputs(run_job(data[1], out / "full-1x", *model_args, "rounds.k0=null"), 1)
-            print("the same under the fixed rule (no decoys) at 1x ...", flush=True)
-            res["full_bar"] = count_inputs(run_job(data[1], out / "full-bar-1x", *model_args, "rounds.k0=null",
-                                                   "scoring.decision.rule=bar"), 1)
             print("the decoys' cost: full K over one shard at 1x, decoy rule and fixed rule ...", flush=True)
             run_decoy_cost(data[1], out, model_args, res)
             res["loop"]["full"] = model_only(data[1], args.loop_threads, model_args + ["rounds.k0=null"])
