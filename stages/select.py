@@ -17,7 +17,7 @@ Under the decoy rule the best candidate must beat every decoy of the pair (ratio
 other pairs, stages/decoys.py: what text that carries nothing about this pair does to its score) and the bar, by
 `margin`, which stages/calibrate.py sets per calibration group (subset or job) so that the estimated
 false-discovery rate of the reason labels is at most scoring.decision.fdr. Each pair takes part in that
-calibration with its null_score, a knockoff statistic over groups of equal size: the pair's candidates, and its
+calibration with its null_score, a knockoff statistic over groups of equal make-up: the pair's candidates, and its
 decoys split into scoring.decision.decoys_per_candidate groups that mirror them (per generator, one decoy per
 candidate slot each: stages/decoys.py:decoy_groups). Of the groups' best deltas,
 
