@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from stages import layout
 from tests import job_runs
 
 ROWS_PER_SHARD = 8  # 40 demo pairs: 5 shards
@@ -99,14 +100,19 @@ def test_resume_after_a_killed_driver_writes_the_same_shards(job, tiny_models, d
     cmd = ["-m", "pipeline", "run", "configs/demo.yaml", *args(tiny_models, demo_data, out)]
     proc = subprocess.Popen([sys.executable, *cmd], cwd=job_runs.REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # the decoy rule commits each shard into _scored/ as it is scored, then labels and commits them all at the end
+    # in one quick burst: kill at the first scored shard, while the others are still being generated
+    scored_commits = out / layout.SCORED / layout.COMMITS
     try:
-        job_runs.wait_for(lambda: list((out / "_commits").glob("shard-*.json")) if (out / "_commits").is_dir()
-                          else None, timeout=600, what="the first committed shard")
+        job_runs.wait_for(lambda: list(scored_commits.glob("shard-*.json")) if scored_commits.is_dir() else None,
+                          timeout=600, what="the first scored shard")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
         job_runs.end_session(proc.pid)
-    done = len(list((out / "_commits").glob("shard-*.json")))
+    scored = len(list(scored_commits.glob("shard-*.json")))
+    done = len(list((out / layout.COMMITS).glob("shard-*.json")))
+    assert scored < len(job["manifest"]["shards"]), "every shard was scored before the job could be killed"
     assert done < len(job["manifest"]["shards"]), "the job finished before it could be killed"
     proc = run(args(tiny_models, demo_data, out))
     assert f"{done} already committed" in proc.stderr, proc.stderr[-2000:]
