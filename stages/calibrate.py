@@ -51,8 +51,13 @@ def win_chance(generators: list[dict], decoys_per_candidate: float) -> float:
 
 
 def knockoff_margin(scores, fdr: float, chance: float) -> dict:
-    """The smallest margin s in {0} U {|T|} with FDR_hat(s) <= fdr, and the counts at it. margin None (and
-    fdr_estimate the lowest FDR_hat over all s) when no s qualifies: the group labels no pair reason."""
+    """The smallest s in {0} U {|T|} with FDR_hat(s) <= fdr, and the counts at it. margin None (and fdr_estimate
+    the lowest FDR_hat over all s) when no s qualifies: the group labels no pair reason.
+
+    The margin returned lies halfway between s and the next |T| (twice s above the largest), so that no score sits
+    on it: it labels the same pairs as s, and a pair's label (best_delta > max(bar, best decoy) + margin) then
+    agrees with the count here (T > margin) although rounding can split the two forms of that inequality at a
+    tie, which s itself, being some pair's |T|, always is."""
     t = np.asarray(list(scores), dtype=np.float64)
     wins, losses = np.sort(t[t > 0]), np.sort(-t[t < 0])
     candidates = np.concatenate([[0.0], np.unique(np.concatenate([wins, losses]))])
@@ -61,8 +66,9 @@ def knockoff_margin(scores, fdr: float, chance: float) -> dict:
     estimate = chance / (1 - chance) * (1 + above_losses) / np.maximum(1, above_wins)
     ok = np.flatnonzero(estimate <= fdr)
     i = int(ok[0]) if len(ok) else int(np.argmin(estimate))
+    between = (candidates + np.append(candidates[1:], 3 * candidates[-1])) / 2
     return {"pairs": len(t), "wins": len(wins), "losses": len(losses),
-            "margin": float(candidates[i]) if len(ok) else None,
+            "margin": float(between[i]) if len(ok) else None,
             "reason": int(above_wins[i]) if len(ok) else 0,
             "decoy_wins_above": int(above_losses[i]),
             "fdr_estimate": float(min(estimate[i], 1.0))}

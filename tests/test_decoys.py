@@ -14,11 +14,12 @@ def test_knockoff_margin_by_hand():
     # wins 5, 4, 3, 2, 1 (x5 each) and one loss at 2.5: at s=0 the estimate is (1+1)/25; fdr 0.1 takes it
     scores = [5.0, 4.0, 3.0, 2.0, 1.0] * 5 + [-2.5]
     out = knockoff_margin(scores, 0.1, 0.5)
-    assert out["margin"] == 0.0 and out["reason"] == 25 and out["fdr_estimate"] == pytest.approx(2 / 25)
+    # the margin lies halfway to the next score (0.5 here), so that no score ties it
+    assert out["margin"] == 0.5 and out["reason"] == 25 and out["fdr_estimate"] == pytest.approx(2 / 25)
     # fdr 0.05: above 2.5 the loss is gone, 15 wins are left: (1+0)/15 > 0.05; nothing qualifies
     assert knockoff_margin(scores, 0.05, 0.5)["margin"] is None
     # 25 wins and the loss: at s = 2.5, 15 wins (5, 4, 3) with no loss above: (1+0)/15 <= 0.07
-    assert knockoff_margin(scores, 0.07, 0.5)["margin"] == 2.5
+    assert knockoff_margin(scores, 0.07, 0.5)["margin"] == 2.75
     # a chance above 1/2 scales the estimate: c/(1-c) = 2 doubles it
     assert knockoff_margin(scores, 0.1, 2 / 3)["margin"] is None
 
@@ -26,7 +27,7 @@ def test_knockoff_margin_by_hand():
 def test_a_group_without_enough_wins_labels_no_pair_reason():
     # 19 clean wins and no loss: (1+0)/19 > 0.05, the knockoff+ needs 1/fdr of them
     assert knockoff_margin([1.0] * 19, 0.05, 0.5)["margin"] is None
-    assert knockoff_margin([1.0] * 20, 0.05, 0.5)["margin"] == 0.0
+    assert knockoff_margin([1.0] * 20, 0.05, 0.5)["margin"] == 0.5
 
 
 def _pair(rng, signal: float, k: int, d: int, base: float = 0.0) -> dict:
@@ -58,6 +59,29 @@ def test_the_false_discovery_rate_holds_on_exchangeable_nulls(k, d):
     assert np.mean(fdps) <= fdr
     # and it finds signal
     assert np.mean(power) > 0.3
+
+
+def test_the_labels_agree_with_the_calibration_at_a_tie():
+    """The group's margin falls where one pair's score ties it: 0.82 over a decoy at 0.067 scores
+    0.82 - 0.067 = 0.7529999999999999, and 0.067 + that = 0.8199999999999998 < 0.82. A margin on the score would
+    count that pair direct in the calibration and label it reason by best_delta > help_threshold."""
+    b, m = 0.82, 0.067
+    assert b > m + (b - m)  # the rounding the test is about
+
+    def row(best, decoy):
+        return {"subset": "s", "control_delta": [0.0], "decoys": [{"delta": decoy}],
+                "candidates": [{"delta": best, "valid": True, "generator": "g"}]}
+
+    # the tie pair, its mirror (a decoy win of the same size) and 20 clear wins: at 0 the estimate is 2/21 > 0.05,
+    # above the tie's size 1/20: the smallest qualifying score is the tie's
+    rows = [row(b, m), row(m, b)] + [row(1.0, 0.0) for _ in range(20)]
+    score_rows(rows, 0.0, {"query": 1})
+    assert rows[0]["null_score"] == -rows[1]["null_score"] == b - m
+    calibration = calibrate(row_scores(rows, "subset"), 0.05, 0.5)
+    assert calibration[0]["reason"] == 20 and rows[0]["null_score"] < calibration[0]["margin"] < 1.0
+    label_rows(rows, 0.0, margin_lookup(calibration, "subset"), {"query": 1})
+    assert sum(r["decision"] == REASON for r in rows) == calibration[0]["reason"]
+    assert all((r["best_delta"] > r["help_threshold"]) == (r["decision"] == REASON) for r in rows)
 
 
 def test_help_threshold_decides_each_pair():
