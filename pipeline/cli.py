@@ -213,11 +213,12 @@ def _run(args) -> int:
 
 def _stopped(console: Console, job, e: BaseException) -> int:
     """A job that ended early: one line on what happened, what is kept, and how to go on."""
-    from pipeline import manifest
+    from pipeline.verify import read_commit_records
 
-    committed = {r["shard_id"] for r in manifest.commit_records(job.out_dir)}
+    # a record that does not read counts as not committed, as the resume treats it
+    committed = {r["shard_id"] for r in read_commit_records(job.out_dir)[0]}
     kept = f"{len(committed)} of {len(job.specs)} shards are committed in {job.out_dir} and kept"
-    scored = {r["shard_id"] for r in manifest.commit_records(job.out_dir / layout.SCORED)} - committed
+    scored = {r["shard_id"] for r in read_commit_records(job.out_dir / layout.SCORED)[0]} - committed
     if scored:  # the decoy rule labels once every shard is scored: these wait for the rest
         kept += f", {len(scored)} more scored and kept until every shard is scored"
     if isinstance(e, KeyboardInterrupt) or e.interrupted:

@@ -5,7 +5,6 @@ job reports the same numbers as one that never stopped.
 """
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -14,12 +13,13 @@ import polars as pl
 
 from pipeline import version
 from pipeline.config import config_hash, to_dict
+from pipeline.verify import DamagedOutput, read_commit_records
 from schemas import SCHEMA_VERSION
 from stages import layout
 from stages.calibrate import calibrate, output_scores, win_chance
 from stages.select import DIRECT, REASON, UNDECIDED, turned_direct
 from stages.side import QUERY, TARGET, Side, has_side
-from stages.files import SHARD_GLOB, atomic_write_json
+from stages.files import atomic_write_json
 
 
 def now_iso() -> str:
@@ -27,10 +27,12 @@ def now_iso() -> str:
 
 
 def commit_records(out_dir: Path) -> list[dict]:
-    return sorted(
-        (json.loads(p.read_text()) for p in (out_dir / layout.COMMITS).glob(f"{SHARD_GLOB}.json")),
-        key=lambda r: r["shard_id"],
-    )
+    """The job's commit records in shard order, all of them readable (what the manifest counts): a record that does
+    not read is a damaged output, not a shard to leave out."""
+    records, unreadable = read_commit_records(out_dir)
+    if unreadable:
+        raise DamagedOutput(out_dir, unreadable)
+    return records
 
 
 def _rate(num: int, den: int) -> float | None:

@@ -32,6 +32,7 @@ from pipeline.calibration import commit_dir, label_scored_shards
 from pipeline.config import REPO_ROOT, ConfigError, to_dict
 from pipeline.output_dir import check_output_dir, is_pairsel_card, prepare_output
 from pipeline.plan import build_dataset, read_spec
+from pipeline.verify import read_commit_records
 from stages import faults
 from stages.duplicates import find_duplicates, index_pair_ids
 from stages import layout
@@ -263,12 +264,12 @@ def execute(job: Job, address: str | None = None, quiet: bool = False, progress:
         except ConfigError:  # a setting the cluster cannot run: the CLI says it as a user error
             raise
         except KeyboardInterrupt:
-            log.info("interrupted with %d of %d shards committed in %s", len(manifest.commit_records(out_dir)),
+            log.info("interrupted with %d of %d shards committed in %s", len(read_commit_records(out_dir)[0]),
                      len(job.specs), out_dir)
             raise JobStopped(interrupted=True) from None
         except Exception as e:
             log.exception("the job failed with %d of %d shards committed in %s; committed shards are kept: rerun "
-                          "the same command to finish the rest", len(manifest.commit_records(out_dir)),
+                          "the same command to finish the rest", len(read_commit_records(out_dir)[0]),
                           len(job.specs), out_dir)
             raise JobStopped(interrupted=False, cause=e) from e
         finally:

@@ -189,6 +189,19 @@ def test_stored_rows_convert_back_to_the_work_schema(demo_output):
 
 # ---------------------------------------------------------------- the readers
 @pytest.mark.slow
+def test_the_manifest_refuses_a_commit_record_that_does_not_read(out):
+    """One reader of commit records for verify, the resume and the manifest: the manifest does not count a
+    job without the shard whose record is cut short, it names the record; a count for a message skips it."""
+    from pipeline.manifest import commit_records
+    from pipeline.verify import DamagedOutput, read_commit_records
+
+    assert [r["shard_id"] for r in commit_records(out)] == [0, 1, 2]
+    (out / "_commits" / "shard-000001.json").write_text('{"shard_id": 1, "path": "da')
+    with pytest.raises(DamagedOutput, match=r"_commits/shard-000001.json: not a readable commit record"):
+        commit_records(out)
+    assert [r["shard_id"] for r in read_commit_records(out)[0]] == [0, 2]
+
+
 def test_report_show_and_export_refuse_a_damaged_output_in_one_line(out, tmp_path):
     flip(out / "data" / "shard-000001.parquet")
     before = checksums(out)
