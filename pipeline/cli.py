@@ -258,6 +258,10 @@ def print_summary(result: dict, out: str, stream) -> None:
     print(f"pairsel: {n} pairs written to {out}/data/ ({len(result['shards'])} shards): reason "
           f"{share('need_reasoning')}, direct {share('direct')}, undecided {share('undecided')}",
           file=stream)
+    if c.get("undecided_few_decoys"):
+        print(f"  {c['undecided_few_decoys']} of the undecided pairs have a valid candidate but too few decoys: a "
+              "pair draws them from other pairs' valid rationales of its own input shard and subset (keep a "
+              "subset's rows together)", file=stream)
     if c.get("control_turned_direct"):
         print(f"  the content-free control turned {c['control_turned_direct']} pairs from reason to direct", file=stream)
     rule = result.get("decision") or {}

@@ -40,18 +40,19 @@ def _rate(num: int, den: int) -> float | None:
 
 
 def outcome_counts(pairs: int, reason: int, direct: int, undecided: int, control_turned: int,
-                   null_turned: int) -> dict:
-    """The three outcomes of a set of pairs, each with its share of the pairs (the shares add up to 1), and
-    how many pairs the content-free control and the decoys turned from reason to direct."""
+                   null_turned: int, undecided_few_decoys: int) -> dict:
+    """The three outcomes of a set of pairs, each with its share of the pairs (the shares add up to 1), how
+    many pairs the content-free control and the decoys turned from reason to direct, and how many are undecided
+    with a valid candidate: too few decoys could be drawn for them (the rest had no valid candidate)."""
     return {"pairs": pairs, "need_reasoning": reason, "direct": direct, "undecided": undecided,
             "need_reasoning_rate": _rate(reason, pairs), "direct_rate": _rate(direct, pairs),
             "undecided_rate": _rate(undecided, pairs), "control_turned_direct": control_turned,
-            "null_turned_direct": null_turned}
+            "null_turned_direct": null_turned, "undecided_few_decoys": undecided_few_decoys}
 
 
 def outcomes_by_subset(pairs: pl.LazyFrame, epsilon: float, side: Side = QUERY) -> pl.LazyFrame:
     """Per subset: pairs, need_reasoning (decision reason), direct, undecided, control_turned_direct,
-    null_turned_direct (stages/select.py:turned_direct), of one side (query: `decision`; target:
+    null_turned_direct (stages/select.py:turned_direct), undecided_few_decoys, of one side (query: `decision`; target:
     `target_decision`, over the pairs that have target candidates)."""
     decision = pl.col(side.column("decision"))
     return (pairs.filter(has_side(side)).group_by("subset")
@@ -60,7 +61,9 @@ def outcomes_by_subset(pairs: pl.LazyFrame, epsilon: float, side: Side = QUERY) 
                  (decision == DIRECT).sum().alias("direct"),
                  (decision == UNDECIDED).sum().alias("undecided"),
                  turned_direct("control", epsilon, side).sum().alias("control_turned_direct"),
-                 turned_direct("null", epsilon, side).sum().alias("null_turned_direct"))
+                 turned_direct("null", epsilon, side).sum().alias("null_turned_direct"),
+                 ((decision == UNDECIDED) & pl.col(side.column("best_delta")).is_not_null()).sum()
+                 .alias("undecided_few_decoys"))
             .sort("subset"))
 
 
@@ -95,7 +98,8 @@ def joint_by_subset(pairs: pl.LazyFrame) -> pl.LazyFrame:
             .sort("subset"))
 
 
-OUTCOME_KEYS = ("pairs", "need_reasoning", "direct", "undecided", "control_turned_direct", "null_turned_direct")
+OUTCOME_KEYS = ("pairs", "need_reasoning", "direct", "undecided", "control_turned_direct", "null_turned_direct",
+                "undecided_few_decoys")
 JOINT_KEYS = ("pairs_with_joint", "beats_query", "beats_target", "beats_both")
 
 
@@ -126,7 +130,7 @@ def _stats(out_dir: Path, records: list[dict], epsilon: float) -> dict:
             "pairs_read": written + quarantined,
             "pairs_written": written,
             "pairs_quarantined": quarantined,
-            **{k: v for k, v in outcome_counts(written, 0, 0, 0, 0, 0).items() if k != "pairs"},
+            **{k: v for k, v in outcome_counts(written, 0, 0, 0, 0, 0, 0).items() if k != "pairs"},
             "quarantined_by_reason": {},
             "candidates": 0,
             "candidates_invalid_by_reason": {},

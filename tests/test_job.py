@@ -75,6 +75,19 @@ def test_cli_says_each_groups_calibration_in_its_own_counts(job):
         assert said in job["stdout"].splitlines()
 
 
+def test_the_undecided_pairs_that_lack_decoys_are_counted_and_said(job):
+    """An undecided pair with a valid candidate lacked decoys (the rest had no valid candidate): the manifest counts
+    them, per subset too, and the summary says where decoys come from."""
+    data = pl.read_parquet(job["out"] / "data" / "*.parquet")
+    few = data.filter((pl.col("decision") == "undecided") & pl.col("best_delta").is_not_null())
+    assert few.height > 0 and (few["decoys"].list.len() < 3).all()  # the demo's generators have k 3
+    m = job["manifest"]
+    assert m["counts"]["undecided_few_decoys"] == few.height
+    assert {s: c["undecided_few_decoys"] for s, c in m["subsets"].items() if c["undecided_few_decoys"]} == \
+        dict(few.group_by("subset").len().iter_rows())
+    assert f"  {few.height} of the undecided pairs have a valid candidate but too few decoys" in job["stdout"]
+
+
 def test_every_valid_pair_written_once_and_bad_rows_quarantined(job, bad_input):
     m = job["manifest"]
     assert m["status"] == "complete"
