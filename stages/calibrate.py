@@ -26,7 +26,7 @@ loss of a hair, which the margin can pass, where a loss as tall as the evidence 
 The guarantee needs no assumption on the score's distribution; it needs decoys that are no weaker than the
 candidates would be without content. Decoys written for other targets carry content about something else, which
 moves the score more than text about nothing: the rule errs on the safe side (measured in the README).
-A group needs at least about c / (1 - c) / fdr winners (20 at fdr 0.05) before it can label any pair reason;
+A group needs at least about c / (1 - c) / fdr winners (10 at fdr 0.1) before it can label any pair reason;
 scoring.decision.group: job pools small subsets.
 """
 from __future__ import annotations

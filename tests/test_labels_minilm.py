@@ -2,13 +2,13 @@
 (tests/constructed_pairs.py): hard pairs (the plain query ranks a hard negative first, the evidence rationale
 fixes it) and easy ones (the plain query is already right), each with and without an evidence-bearing candidate.
 The rationales go in through the precomputed generator, and the job's own stages label them with the shipped
-rule (configs/demo.yaml's scoring: pair-aware, the content-free controls, the decoy rule at fdr 0.05), through
+rule (configs/demo.yaml's scoring: pair-aware, the content-free controls, the decoy rule at fdr 0.1), through
 pipeline/plan.py:run_local.
 
 What is measured: candidates without content (misleading, off-topic, format-only, restatement) make at most 5% of
 pairs reason, on hard and easy pairs, in both modes; in pair-aware mode at least 95% of the hard pairs with an
-evidence candidate are reason (the target is 95%; 71/75 with the shipped seed, 63 to 74 of 75 over eight decoy
-draws: README), and the evidence is what they choose; the fixed
+evidence candidate are reason (72/75 with the shipped seed, 70 to 74 of 75 over eight decoy draws: README), and
+the evidence is what at least 95% of them choose; the fixed
 rule (scoring.decision.rule bar) on the same scores labels a share of the content-free pairs reason; every label recomputes from the stored columns.
 """
 import copy
@@ -93,8 +93,8 @@ def test_the_fixed_rule_passes_filler_for_reasoning_on_the_same_scores(pair_awar
 def test_evidence_is_found_on_hard_pairs_in_pair_aware_mode(world, pair_aware):
     rows = subset(pair_aware[1], "hard_evidence")
     reason = [r for r in rows if r["decision"] == REASON]
-    assert len(reason) >= 0.93 * len(rows)  # 71/75 (94.7%) when this was written; the README has the table
-    assert sum(kind(world, r, r["chosen"]) == "evidence" for r in reason) >= 0.9 * len(reason)
+    assert len(reason) >= 0.95 * len(rows)  # 72/75 when this was written; the README has the table
+    assert sum(kind(world, r, r["chosen"]) == "evidence" for r in reason) >= 0.95 * len(reason)
     misleading = [c["delta"] for r in rows for k, c in enumerate(r["candidates"]) if kind(world, r, k) == "misleading"]
     assert sorted(misleading)[int(0.9 * len(misleading))] < 0  # pointing at the hard negative hurts
 
@@ -119,9 +119,9 @@ def test_one_group_of_mixed_pairs_keeps_the_rate(world, pair_aware):
 
 
 def test_cosine_keeps_the_fixed_rules_evidence_at_a_higher_stated_rate(world, pair_aware, cosine):
-    """Cosine mode sees only the positive's similarity: on hard pairs the evidence moves it little, so at 5% the
-    rule labels fewer of them reason; at a stated 20% it keeps most of what the fixed rule found, and filler stays
-    under the stated rate."""
+    """Cosine mode sees only the positive's similarity: on hard pairs the evidence moves it little, so at the
+    shipped 10% the rule labels fewer of them reason than the fixed rule; at a stated 20% it keeps most of what the
+    fixed rule found, and filler stays under the stated rate."""
     cfg, rows = cosine
     bar = select_rows(copy.deepcopy(rows), 0.0)
     cfg = copy.deepcopy(cfg)
