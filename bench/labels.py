@@ -2,7 +2,7 @@
 (tests/constructed_pairs.py), under the shipped scoring (configs/demo.yaml) and under the fixed rule on the same
 scores: prints one table per scoring mode (`make bench-labels`).
 
-    python bench/labels.py [--out DIR] [key=value ...]     # overrides apply to the job, e.g. scoring.decision.fdr=0.1
+    python bench/labels.py [--out DIR] [key=value ...]     # overrides apply to the job, e.g. scoring.decision.fdr=0.05
 
 Rows: the hard pairs (the plain query ranks a hard negative first; the evidence rationale fixes it) and the easy
 ones (the plain query is already right), each with all five candidates and without the evidence one. Columns:
