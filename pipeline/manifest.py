@@ -52,8 +52,8 @@ def outcome_counts(pairs: int, reason: int, direct: int, undecided: int, control
 
 def outcomes_by_subset(pairs: pl.LazyFrame, epsilon: float, side: Side = QUERY) -> pl.LazyFrame:
     """Per subset: pairs, need_reasoning (decision reason), direct, undecided, control_turned_direct,
-    null_turned_direct (stages/select.py:turned_direct), undecided_few_decoys, of one side (query: `decision`; target:
-    `target_decision`, over the pairs that have target candidates)."""
+    null_turned_direct (stages/select.py:turned_direct), undecided_few_decoys, of one side (query: `decision`;
+    target: `target_decision`, over the pairs that have target candidates)."""
     decision = pl.col(side.column("decision"))
     return (pairs.filter(has_side(side)).group_by("subset")
             .agg(pl.len().alias("pairs"),
