@@ -17,7 +17,7 @@ from pipeline.verify import DamagedOutput, read_commit_records
 from schemas import SCHEMA_VERSION
 from stages import layout
 from stages.calibrate import calibrate, output_scores, win_chance
-from stages.select import DIRECT, REASON, UNDECIDED, turned_direct
+from stages.select import DIRECT, REASON, UNDECIDED, lacked_decoys, turned_direct
 from stages.side import QUERY, TARGET, Side, has_side
 from stages.files import atomic_write_json
 
@@ -52,8 +52,8 @@ def outcome_counts(pairs: int, reason: int, direct: int, undecided: int, control
 
 def outcomes_by_subset(pairs: pl.LazyFrame, epsilon: float, side: Side = QUERY) -> pl.LazyFrame:
     """Per subset: pairs, need_reasoning (decision reason), direct, undecided, control_turned_direct,
-    null_turned_direct (stages/select.py:turned_direct), undecided_few_decoys, of one side (query: `decision`;
-    target: `target_decision`, over the pairs that have target candidates)."""
+    null_turned_direct (stages/select.py:turned_direct), undecided_few_decoys (stages/select.py:lacked_decoys), of
+    one side (query: `decision`; target: `target_decision`, over the pairs that have target candidates)."""
     decision = pl.col(side.column("decision"))
     return (pairs.filter(has_side(side)).group_by("subset")
             .agg(pl.len().alias("pairs"),
@@ -62,8 +62,7 @@ def outcomes_by_subset(pairs: pl.LazyFrame, epsilon: float, side: Side = QUERY) 
                  (decision == UNDECIDED).sum().alias("undecided"),
                  turned_direct("control", epsilon, side).sum().alias("control_turned_direct"),
                  turned_direct("null", epsilon, side).sum().alias("null_turned_direct"),
-                 ((decision == UNDECIDED) & pl.col(side.column("best_delta")).is_not_null()).sum()
-                 .alias("undecided_few_decoys"))
+                 lacked_decoys(side).sum().alias("undecided_few_decoys"))
             .sort("subset"))
 
 

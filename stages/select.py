@@ -266,6 +266,15 @@ def turned_direct(by: str, epsilon: float, side: Side = QUERY):
     return (direct & stopped).fill_null(False)
 
 
+def lacked_decoys(side: Side = QUERY):
+    """Over output rows: the pairs undecided on this side although a candidate is valid, which `tested` leaves
+    undecided only when too few decoys could be drawn for them."""
+    import polars as pl
+
+    return ((pl.col(side.column("decision")) == UNDECIDED) & pl.col(side.column("best_delta")).is_not_null()
+            ).fill_null(False)
+
+
 @dataclass(frozen=True)
 class SelectSpec(StageSpec):
     """select over a batch: score_rows on the side(s) `sides` (and under the bar rule, decoys_required None,
