@@ -48,13 +48,23 @@ def run(world: dict, root: Path, mode: str, overrides: list[str]) -> tuple[list[
     return run_local(cfg, plan_shards(config.to_dict(cfg)["input"])), config.to_dict(cfg)["scoring"]
 
 
+def row_head(subset: str) -> tuple[str, str, bool]:
+    """A table row's pairs and candidates columns, and whether its pairs have the evidence candidate."""
+    kind, cands = subset.split("_", 1)
+    evidence = cands == "evidence"
+    return kind, "all five" if evidence else "without the evidence one", evidence
+
+
+def evidence_chosen(reason: list[dict], kinds: dict) -> int:
+    return sum(kinds[r["pair_id"]][r["chosen"]] == "evidence" for r in reason)
+
+
 def cell(rows: list[dict], kinds: dict, subset: str, evidence: bool) -> str:
     mine = [r for r in rows if r["subset"] == subset]
     reason = [r for r in mine if r["decision"] == REASON]
     text = f"{len(reason)}/{len(mine)} ({len(reason) / max(1, len(mine)):.0%})"
     if evidence and reason:
-        chosen = sum(kinds[r["pair_id"]][r["chosen"]] == "evidence" for r in reason)
-        text += f", evidence chosen {chosen}"
+        text += f", evidence chosen {evidence_chosen(reason, kinds)}"
     return text
 
 
@@ -68,16 +78,15 @@ def draws(world: dict, root: Path, n: int, overrides: list[str]) -> None:
             for subset in SUBSETS:
                 reason = [r for r in rows if r["subset"] == subset and r["decision"] == REASON]
                 counts[subset].append(len(reason))
-                chosen[subset] += sum(world["kinds"][r["pair_id"]][r["chosen"]] == "evidence" for r in reason)
+                chosen[subset] += evidence_chosen(reason, world["kinds"])
         print(f"### {mode}: `reason` under the decoy rule over {n} decoy draws (scoring.seed 0 to {n - 1})\n")
         print("| pairs | candidates | per draw | mean | evidence chosen |")
         print("|---|---|---|---|---|")
         for subset in SUBSETS:
-            kind, cands = subset.split("_", 1)
-            label = "all five" if cands == "evidence" else "without the evidence one"
+            kind, label, evidence = row_head(subset)
             total = sum(counts[subset])
             print(f"| {kind} | {label} | {', '.join(map(str, counts[subset]))} | {total / n:.1f} | "
-                  + (f"{chosen[subset]} of {total} |" if cands == "evidence" else "– |"))
+                  + (f"{chosen[subset]} of {total} |" if evidence else "– |"))
         print()
 
 
@@ -107,9 +116,7 @@ def main(argv=None) -> None:
         print(f"| pairs | candidates | fixed rule (bar) | decoy rule ({d['rule']}, fdr {d['fdr']:g}, group {d['group']}) |")
         print("|---|---|---|---|")
         for subset in SUBSETS:
-            kind, cands = subset.split("_", 1)
-            label = "all five" if cands == "evidence" else "without the evidence one"
-            evidence = cands == "evidence"
+            kind, label, evidence = row_head(subset)
             print(f"| {kind} | {label} | {cell(bar, world['kinds'], subset, evidence)} | "
                   f"{cell(rows, world['kinds'], subset, evidence)} |")
         print()
