@@ -8,11 +8,11 @@ TORCH  ?= torch==2.13.0
 
 .PHONY: demo test test-vllm models demo-data venv clean faults bench bench-bytes bench-vllm bench-gpu pool-demo vllm-env vllm-demo
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
 venv: $(VENV)/.installed
