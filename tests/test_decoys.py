@@ -113,6 +113,18 @@ def test_null_score_by_hand():
     assert null_score(0.9, [0.5, 0.8, 0.1], 0.0) == pytest.approx(0.1)
 
 
+def test_a_second_good_rationale_does_not_cost_the_win():
+    """Generators often write the decisive clue twice among K samples. The competition is between the candidates'
+    best and the decoys' best, so the pair wins by its lead over the decoys, not by the gap between its two good
+    rationales (the statistic with fewer decoys than slots, bench/labels.py --fewer-decoys, would score 0.02)."""
+    row = {"subset": "s", "control_delta": [0.0], "decoys": [{"delta": 0.3}, {"delta": 0.2}, {"delta": 0.1}],
+           "candidates": [{"delta": x, "valid": True, "generator": "g"} for x in (0.88, 0.9, 0.1)]}
+    score_rows([row], 0.0, {"query": 3})
+    assert row["chosen"] == 1 and row["null_score"] == pytest.approx(0.9 - 0.3)
+    label_rows([row], 0.0, lambda side, r: 0.5, {"query": 3})
+    assert row["decision"] == REASON
+
+
 def test_decoy_groups_mirror_the_candidates():
     # two generators with 2 and 1 slots, 2 groups: each group holds 2 of a's decoys' and 1 of b's
     decoys = [{"generator": g, "delta": x} for g, x in
