@@ -76,13 +76,18 @@ def cell(rows: list[dict], kinds: dict, subset: str, evidence: bool) -> str:
     return text
 
 
+def decoy_draws(world: dict, root: Path, mode: str, n: int, overrides: list[str]):
+    """The job's (rows, scoring) at each of n decoy draws: scoring.seed 0 to n-1."""
+    for seed in range(n):
+        yield run(world, root, mode, [*overrides, f"scoring.seed={seed}"])
+
+
 def draws(world: dict, root: Path, n: int, overrides: list[str]) -> None:
     """The decoy rule's reason counts over n decoy draws, per mode and row."""
     for mode in ("pair_aware", "cosine"):
         counts = {subset: [] for subset in SUBSETS}
         chosen = {subset: 0 for subset in SUBSETS}
-        for seed in range(n):
-            rows, _ = run(world, root, mode, [*overrides, f"scoring.seed={seed}"])
+        for rows, _ in decoy_draws(world, root, mode, n, overrides):
             for subset in SUBSETS:
                 reason = [r for r in rows if r["subset"] == subset and r["decision"] == REASON]
                 counts[subset].append(len(reason))
@@ -119,8 +124,7 @@ def fewer_decoys(world: dict, root: Path, n: int, overrides: list[str]) -> None:
     ways = [("shipped: 5 (one per slot)", None), *[(f"{d} of 5, lead over runner-up", d) for d in (5, 3, 2, 1)]]
     for mode in ("pair_aware", "cosine"):
         counts = {(way, subset): [] for way, _ in ways for subset in SUBSETS}
-        for seed in range(n):
-            rows, scoring = run(world, root, mode, [*overrides, f"scoring.seed={seed}"])
+        for rows, scoring in decoy_draws(world, root, mode, n, overrides):
             fdr, slots = scoring["decision"]["fdr"], len(rows[0]["candidates"])
             for subset in SUBSETS:
                 mine = [r for r in rows if r["subset"] == subset and r["best_delta"] is not None]
@@ -137,9 +141,9 @@ def fewer_decoys(world: dict, root: Path, n: int, overrides: list[str]) -> None:
         for way, _ in ways:
             cells = []
             for subset in SUBSETS:
-                values = counts[way, subset]
-                worst = min(values) if row_head(subset)[2] else max(values)
-                cells.append(f"{sum(values) / n:.1f} ({'lowest' if row_head(subset)[2] else 'highest'} {worst})")
+                values, evidence = counts[way, subset], row_head(subset)[2]
+                worst = f"lowest {min(values)}" if evidence else f"highest {max(values)}"
+                cells.append(f"{sum(values) / n:.1f} ({worst})")
             print(f"| {way} | " + " | ".join(cells) + " |")
         print()
 
