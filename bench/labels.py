@@ -1,6 +1,7 @@
 """How often the labels are right, with a real embedder (all-MiniLM-L6-v2) on constructed pairs whose answer is known
-(tests/constructed_pairs.py), under the shipped scoring (configs/demo.yaml) and under the fixed rule on the same
-scores: prints one table per scoring mode (`make bench-labels`).
+(tests/constructed_pairs.py), under the shipped scoring (configs/demo.yaml) and under the fixed rule it replaces
+(bench/baseline.yaml: the bar over five content-free controls): prints one table per scoring mode
+(`make bench-labels`).
 
     python bench/labels.py [--out DIR] [key=value ...]     # overrides apply to the job, e.g. scoring.decision.fdr=0.05
     python bench/labels.py --draws 8 [key=value ...]       # the same over decoy draws scoring.seed = 0 .. 7
@@ -20,7 +21,6 @@ own cost from the decoys'.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import tempfile
 import time
@@ -35,21 +35,25 @@ from pipeline import config  # noqa: E402
 from pipeline.plan import run_local  # noqa: E402
 from stages.inputs import plan_shards  # noqa: E402
 from stages.calibrate import knockoff_margin  # noqa: E402
-from stages.select import REASON, select_rows  # noqa: E402
+from stages.select import REASON  # noqa: E402
 from tests.constructed_pairs import build, minilm_embed, write  # noqa: E402
 
 SUBSETS = ("hard_evidence", "hard_content_free", "easy_evidence", "easy_content_free")
 
 
-def run(world: dict, root: Path, mode: str, overrides: list[str]) -> tuple[list[dict], dict]:
+def run(world: dict, root: Path, mode: str, overrides: list[str], baseline: bool = False) -> tuple[list[dict], dict]:
+    """The job's labelled rows and its scoring, under the shipped scoring or (baseline) the fixed rule."""
     scoring = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["scoring"]
+    if baseline:
+        scoring.update(yaml.safe_load((REPO / "bench" / "baseline.yaml").read_text())["scoring"])
+    name = f"{mode}-baseline" if baseline else mode
     spec = {"input": {"path": world["input"], "format": "mmeb", "rows_per_shard": 200},
             "generators": [{"name": "given", "backend": "precomputed", "model": "given", "k": 5,
                             "options": {"path": world["rationales"]}}],
             "embedder": {"backend": "sentence_transformers", "model": world["model"], "cache_dir": str(root / "cache"),
                          "resources": {"num_cpus": 1, "num_gpus": 0, "pool_size": 1, "batch_size": 64}},
-            "scoring": {**scoring, "mode": mode, "in_shard_negatives": 0}, "output": {"dir": str(root / mode)}}
-    path = root / f"job-{mode}.yaml"
+            "scoring": {**scoring, "mode": mode, "in_shard_negatives": 0}, "output": {"dir": str(root / name)}}
+    path = root / f"job-{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     cfg = config.load(path, overrides)
     config.resolve_paths(cfg)
@@ -169,11 +173,13 @@ def main(argv=None) -> None:
         print(f"{time.monotonic() - t0:.0f} s")
         return
     for mode in ("pair_aware", "cosine"):
+        bar, before = run(world, root, mode, args.overrides, baseline=True)
         rows, scoring = run(world, root, mode, args.overrides)
-        bar = select_rows(copy.deepcopy(rows), scoring["epsilon"])  # the fixed rule on the same stored scores
         d = scoring["decision"]
-        print(f"### {mode}: `reason` (controls: {len(scoring['controls'])}, epsilon {scoring['epsilon']:g})\n")
-        print(f"| pairs | candidates | fixed rule (bar) | decoy rule ({d['rule']}, fdr {d['fdr']:g}, group {d['group']}) |")
+        print(f"### {mode}: `reason`\n")
+        print(f"| pairs | candidates | fixed rule (bar, epsilon {before['epsilon']:g}, controls: {len(before['controls'])}) "
+              f"| decoy rule ({d['rule']}, fdr {d['fdr']:g}, group {d['group']}, epsilon {scoring['epsilon']:g}, "
+              f"controls: {len(scoring['controls'])}) |")
         print("|---|---|---|---|")
         for subset in SUBSETS:
             kind, label, evidence = row_head(subset)

@@ -27,6 +27,8 @@ from tests.constructed_pairs import write
 
 REPO = Path(__file__).resolve().parent.parent
 SCORING = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["scoring"]
+# the fixed rule the decoy rule replaces (the bar over five content-free controls), as bench/labels.py measures it
+BASELINE = {**SCORING, **yaml.safe_load((REPO / "bench" / "baseline.yaml").read_text())["scoring"]}
 HARD, EASY = "hard", "easy"
 
 
@@ -38,16 +40,16 @@ def world(constructed_sets, tmp_path_factory):
     return {**write(root / "data", sets), "root": root, "model": constructed_sets["model"], "sets": sets}
 
 
-def job(world, mode: str, *overrides: str):
+def job(world, mode: str, *overrides: str, scoring: dict = SCORING, name: str = ""):
     spec = {"input": {"path": world["input"], "format": "mmeb", "rows_per_shard": 200},
             "generators": [{"name": "given", "backend": "precomputed", "model": "given", "k": 5,
                             "options": {"path": world["rationales"]}}],
             "embedder": {"backend": "sentence_transformers", "model": world["model"],
                          "cache_dir": str(world["root"] / "cache"),
                          "resources": {"num_cpus": 1, "num_gpus": 0, "pool_size": 1, "batch_size": 64}},
-            "scoring": {**SCORING, "mode": mode, "in_shard_negatives": 0},
-            "output": {"dir": str(world["root"] / f"out-{mode}")}}
-    path = world["root"] / f"job-{mode}.yaml"
+            "scoring": {**scoring, "mode": mode, "in_shard_negatives": 0},
+            "output": {"dir": str(world["root"] / f"out-{mode}{name}")}}
+    path = world["root"] / f"job-{mode}{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     cfg = config.load(path, list(overrides))
     config.resolve_paths(cfg)
@@ -118,12 +120,12 @@ def test_one_group_of_mixed_pairs_keeps_the_rate(world, pair_aware):
     assert {r["pair_id"] for r in reason} <= {r["pair_id"] for r in pure}
 
 
-def test_cosine_keeps_the_fixed_rules_evidence_at_a_higher_stated_rate(world, pair_aware, cosine):
+def test_cosine_keeps_the_fixed_rules_evidence_at_a_higher_stated_rate(world, cosine):
     """Cosine mode sees only the positive's similarity: on hard pairs the evidence moves it little, so at the
-    shipped 10% the rule labels fewer of them reason than the fixed rule; at a stated 20% it keeps most of what the
-    fixed rule found, and filler stays under the stated rate."""
+    shipped 10% the rule labels a few fewer of them reason than the fixed rule it replaces; at a stated 20% it
+    keeps most of what that rule found, and filler stays under the stated rate."""
     cfg, rows = cosine
-    bar = select_rows(copy.deepcopy(rows), 0.0)
+    bar = job(world, "cosine", scoring=BASELINE, name="-baseline")[1]
     cfg = copy.deepcopy(cfg)
     cfg.scoring.decision.fdr = 0.2
     relabelled = copy.deepcopy(rows)
