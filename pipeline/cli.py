@@ -263,7 +263,7 @@ def print_summary(result: dict, out: str, stream) -> None:
               "pair draws them from other pairs' valid rationales of its own input shard and subset (keep a "
               "subset's rows together)", file=stream)
     if c.get("control_turned_direct"):
-        print(f"  the content-free control turned {c['control_turned_direct']} pairs from reason to direct", file=stream)
+        print(f"  the content-free controls turned {c['control_turned_direct']} pairs from reason to direct", file=stream)
     rule = result.get("decision") or {}
     if rule.get("rule") == "decoys":
         print(f"  decoy rule at a false-discovery rate of {rule['fdr']:g}: the decoys turned "
