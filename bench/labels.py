@@ -26,38 +26,22 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pipeline import config  # noqa: E402
-from pipeline.plan import run_local  # noqa: E402
-from stages.inputs import plan_shards  # noqa: E402
 from stages.calibrate import knockoff_margin  # noqa: E402
 from stages.select import REASON  # noqa: E402
-from tests.constructed_pairs import build, minilm_embed, write  # noqa: E402
+from tests.constructed_pairs import build, minilm_embed, run_job, write  # noqa: E402
 
 SUBSETS = ("hard_evidence", "hard_content_free", "easy_evidence", "easy_content_free")
 
 
 def run(world: dict, root: Path, mode: str, overrides: list[str], baseline: bool = False) -> tuple[list[dict], dict]:
     """The job's labelled rows and its scoring, under the shipped scoring or (baseline) the fixed rule."""
-    scoring = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["scoring"]
-    if baseline:
-        scoring.update(yaml.safe_load((REPO / "bench" / "baseline.yaml").read_text())["scoring"])
-    name = f"{mode}-baseline" if baseline else mode
-    spec = {"input": {"path": world["input"], "format": "mmeb", "rows_per_shard": 200},
-            "generators": [{"name": "given", "backend": "precomputed", "model": "given", "k": 5,
-                            "options": {"path": world["rationales"]}}],
-            "embedder": {"backend": "sentence_transformers", "model": world["model"], "cache_dir": str(root / "cache"),
-                         "resources": {"num_cpus": 1, "num_gpus": 0, "pool_size": 1, "batch_size": 64}},
-            "scoring": {**scoring, "mode": mode, "in_shard_negatives": 0}, "output": {"dir": str(root / name)}}
-    path = root / f"job-{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    cfg = config.load(path, overrides)
-    config.resolve_paths(cfg)
-    return run_local(cfg, plan_shards(config.to_dict(cfg)["input"])), config.to_dict(cfg)["scoring"]
+    cfg, rows = run_job(world, root, mode, overrides, baseline)
+    return rows, config.to_dict(cfg)["scoring"]
 
 
 def row_head(subset: str) -> tuple[str, str, bool]:

@@ -17,8 +17,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from tests.constructed_facts import CATEGORIES
+
+REPO = Path(__file__).resolve().parent.parent
 
 KINDS = ("evidence", "misleading", "off_topic", "format_only", "restating")
 CONTENT_FREE = KINDS[1:]
@@ -131,6 +134,33 @@ def write(root: Path, sets: dict[str, list[dict]]) -> dict:
             (root / "pairs" / f"{subset}.jsonl").write_text("\n".join(lines) + "\n")
     (root / "rationales.jsonl").write_text("\n".join(rationales) + "\n")
     return {"input": str(root / "pairs"), "rationales": str(root / "rationales.jsonl"), "kinds": kinds}
+
+
+def run_job(world: dict, root: Path, mode: str, overrides=(), baseline: bool = False):
+    """Label the written sets (world: write()'s paths and kinds, and the MiniLM "model") with the job's own stages
+    through pipeline/plan.py:run_local, the precomputed generator giving each pair its five candidates, under
+    configs/demo.yaml's scoring in `mode` or (baseline) the fixed rule it replaces, bench/baseline.yaml's keys on
+    top of it. No in-shard negatives: each pair brings its own. Embeddings are cached in root/cache. Returns the
+    config and the labelled rows."""
+    from pipeline import config
+    from pipeline.plan import run_local
+    from stages.inputs import plan_shards
+
+    scoring = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["scoring"]
+    if baseline:
+        scoring.update(yaml.safe_load((REPO / "bench" / "baseline.yaml").read_text())["scoring"])
+    name = f"{mode}-baseline" if baseline else mode
+    spec = {"input": {"path": world["input"], "format": "mmeb", "rows_per_shard": 200},
+            "generators": [{"name": "given", "backend": "precomputed", "model": "given", "k": 5,
+                            "options": {"path": world["rationales"]}}],
+            "embedder": {"backend": "sentence_transformers", "model": world["model"], "cache_dir": str(root / "cache"),
+                         "resources": {"num_cpus": 1, "num_gpus": 0, "pool_size": 1, "batch_size": 64}},
+            "scoring": {**scoring, "mode": mode, "in_shard_negatives": 0}, "output": {"dir": str(root / f"out-{name}")}}
+    path = root / f"job-{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    cfg = config.load(path, list(overrides))
+    config.resolve_paths(cfg)
+    return cfg, run_local(cfg, plan_shards(config.to_dict(cfg)["input"]))
 
 
 def minilm_embed(model_path: str):

@@ -12,23 +12,15 @@ the evidence is what at least 95% of them choose; the fixed
 rule (scoring.decision.rule bar) on the same scores labels a share of the content-free pairs reason; every label recomputes from the stored columns.
 """
 import copy
-from pathlib import Path
 
 import pytest
-import yaml
 
-from pipeline import config
-from pipeline.plan import label_job, run_local
+from pipeline.plan import label_job
 from stages.calibrate import calibrate, row_scores
-from stages.inputs import plan_shards
 from stages.score import score_rows as score_deltas
 from stages.select import REASON, help_threshold, null_score, score_rows, select_rows
-from tests.constructed_pairs import write
+from tests.constructed_pairs import run_job, write
 
-REPO = Path(__file__).resolve().parent.parent
-SCORING = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["scoring"]
-# the fixed rule the decoy rule replaces (the bar over five content-free controls), as bench/labels.py measures it
-BASELINE = {**SCORING, **yaml.safe_load((REPO / "bench" / "baseline.yaml").read_text())["scoring"]}
 HARD, EASY = "hard", "easy"
 
 
@@ -40,20 +32,8 @@ def world(constructed_sets, tmp_path_factory):
     return {**write(root / "data", sets), "root": root, "model": constructed_sets["model"], "sets": sets}
 
 
-def job(world, mode: str, *overrides: str, scoring: dict = SCORING, name: str = ""):
-    spec = {"input": {"path": world["input"], "format": "mmeb", "rows_per_shard": 200},
-            "generators": [{"name": "given", "backend": "precomputed", "model": "given", "k": 5,
-                            "options": {"path": world["rationales"]}}],
-            "embedder": {"backend": "sentence_transformers", "model": world["model"],
-                         "cache_dir": str(world["root"] / "cache"),
-                         "resources": {"num_cpus": 1, "num_gpus": 0, "pool_size": 1, "batch_size": 64}},
-            "scoring": {**scoring, "mode": mode, "in_shard_negatives": 0},
-            "output": {"dir": str(world["root"] / f"out-{mode}{name}")}}
-    path = world["root"] / f"job-{mode}{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    cfg = config.load(path, list(overrides))
-    config.resolve_paths(cfg)
-    rows = run_local(cfg, plan_shards(config.to_dict(cfg)["input"]))
+def job(world, mode: str, *overrides: str, baseline: bool = False):
+    cfg, rows = run_job(world, world["root"], mode, overrides, baseline)
     assert not [r for r in rows if r.get("quarantine_reason")]
     return cfg, rows
 
@@ -125,7 +105,7 @@ def test_cosine_keeps_the_fixed_rules_evidence_at_a_higher_stated_rate(world, co
     shipped 10% the rule labels a few fewer of them reason than the fixed rule it replaces; at a stated 20% it
     keeps most of what that rule found, and filler stays under the stated rate."""
     cfg, rows = cosine
-    bar = job(world, "cosine", scoring=BASELINE, name="-baseline")[1]
+    bar = job(world, "cosine", baseline=True)[1]  # the fixed rule it replaces (bench/baseline.yaml)
     cfg = copy.deepcopy(cfg)
     cfg.scoring.decision.fdr = 0.2
     relabelled = copy.deepcopy(rows)
