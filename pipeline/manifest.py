@@ -78,8 +78,9 @@ def decision_rule(pairs: Optional[pl.LazyFrame], cfg) -> dict:
     chance = win_chance(to_dict(cfg)["generators"], rule.decoys_per_candidate)
     out.update(fdr=float(rule.fdr), decoys_per_candidate=int(rule.decoys_per_candidate), group=rule.group,
                win_chance=chance, promise=(
-                   f"reason iff best_delta > help_threshold = max(base_threshold, best decoy delta) + null_margin; "
-                   f"per {rule.group} and side, null_margin is set so that the estimated false-discovery rate of "
+                   f"reason iff best_delta > help_threshold = max(base_threshold, best decoy delta) + null_margin, "
+                   f"null_margin = margin x the pair's headroom (-log p(t+ | q), or 1 - s_direct in cosine mode); "
+                   f"per {rule.group} and side, the margin is set so that the estimated false-discovery rate of "
                    f"the reason labels is at most {rule.fdr:g} (knockoff+ over decoys: the expected share of reason "
                    f"labels whose rationales carry nothing about the pair stays under it)"))
     out["calibration"] = [] if pairs is None else calibrate(output_scores(pairs, rule.group), rule.fdr, chance)

@@ -3,7 +3,7 @@
 what changed; the old module goes, since nothing reads another version (report, show and export refuse it) and
 git keeps it. The internal schemas (WORK_SCHEMA between stages, the bookkeeping files) may change within a
 version, as long as the version's docstring says so and the output stays the same."""
-from schemas.v5 import (  # noqa: F401
+from schemas.v6 import (  # noqa: F401
     CALIBRATED_COLUMNS,
     CANDIDATE,
     DECOY,

@@ -4,14 +4,16 @@ rate of the group's reason labels is at most scoring.decision.fdr (pure numpy ov
 Each tested pair of a group has a null_score T (stages/select.py): its candidates and its decoys form groups of
 equal make-up (the candidates; the decoys in scoring.decision.decoys_per_candidate groups, each with one decoy per
 candidate slot of each generator); T is +size if the candidates' best tops every decoy group, -size if a decoy
-group does, size being how far the top group's best clears the runner-up group's best and the pair's bar. The pair
-is labelled reason iff T > margin.
+group does, size being how far the top group's best clears the runner-up group's best and the pair's bar, as a
+share of the pair's headroom (stages/score.py: the most a delta of the pair can be). The pair is labelled reason
+iff T > margin.
 
 Why this controls the false-discovery rate: under the null that a pair's candidates carry no content about the
 pair, its candidates and decoys are exchangeable draws (same generator, same template, same kind of text), so its
-groups are exchangeable too. Size is a symmetric function of the groups' best values, so the top group is the
-candidates' with probability c = 1 / (1 + decoy groups), independently of size: the sign of T is a biased coin, independent
-of |T|. Then, for every margin s, the reason labels that are wrong are estimated by the decoy wins above s, and
+groups are exchangeable too. Size is a symmetric function of the groups' best values and of the plain pair (its
+bar, its headroom), so the top group is the candidates' with probability c = 1 / (1 + decoy groups), independently
+of size: the sign of T is a biased coin, independent of |T|. Then, for every margin s, the reason labels that
+are wrong are estimated by the decoy wins above s, and
 
     FDR_hat(s) = c / (1 - c) * (1 + #{T < -s}) / max(1, #{T > s})
 

@@ -104,7 +104,7 @@ def image_identity(path: Optional[str], digest: Optional[str]) -> Optional[str]:
 
 
 def image_ref(path: str, offset: int, size: int, digest: str) -> dict:
-    """An IMAGE_REF (schemas/v5.py): `size` bytes from `offset` of the file at `path` (absolute), with their digest."""
+    """An IMAGE_REF (schemas/v6.py): `size` bytes from `offset` of the file at `path` (absolute), with their digest."""
     return {"path": path, "offset": offset, "size": size, "digest": digest}
 
 

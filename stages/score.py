@@ -9,6 +9,8 @@ Outputs: lse_direct, lse_control, control_delta, and per candidate lse, delta, d
   cosine:      delta_k = s_k - s_direct
   pair_aware:  log p(t+ | x) = s_pos(x)/τ - lse(x),  lse(x) = logsumexp([s_pos(x), s_neg_1(x), ...] / τ)
                delta_k = log p(t+ | q ⊕ r_k) - log p(t+ | q)
+  headroom    = the most any delta of the pair can be: -log p(t+ | q) (pair_aware: log p <= 0), 1 - s_direct
+               (cosine: cos <= 1). The decoy rule measures a pair's lead in shares of it (stages/select.py).
   neg_delta_k = s_neg_k[j*] - s_direct_neg[j*], j* = argmax_j s_direct_neg[j]: how far the rationale moved
                the negative that was hardest for the plain query (null without negatives).
   control_delta_i = the delta of control c_i, computed as a candidate's (same mode, same units)
@@ -80,6 +82,17 @@ def reasoned_deltas(s_direct: float, s_direct_neg: np.ndarray, s_pos: np.ndarray
         return s_pos - s_direct, lse
     lp_direct = log_p_positive(np.array([s_direct], dtype=np.float64), s_direct_neg[None, :], temperature)[0]
     return lp - lp_direct[0], lse
+
+
+def headroom(mode: str, s_direct: float, lse_direct: float, temperature: float) -> float:
+    """The most any delta of the pair can be, on either side: log p(t+ | x) <= 0 in pair_aware mode (so -log p(t+ | q)
+    = lse_direct - s_direct/τ), cos <= 1 in cosine mode (1 - s_direct). It depends on the plain pair alone. NaN if
+    an input is missing."""
+    if mode not in SCORING_MODES:
+        raise ValueError(f"unknown scoring mode {mode!r}")
+    if s_direct is None or lse_direct is None:
+        return float("nan")
+    return float(1.0 - s_direct if mode == "cosine" else lse_direct - s_direct / temperature)
 
 
 def score_pair(

@@ -10,24 +10,32 @@ A valid candidate *helps* when its delta > help_threshold, the pair's own thresh
 
   base_threshold = epsilon, and with content-free controls (scoring.controls) the best control's delta + epsilon:
                    the bar of the fixed rule (scoring.decision.rule: bar)
-  help_threshold = max(base_threshold, the best decoy's delta) + margin      (rule: decoys)
-                 = base_threshold                                          (rule: bar)
+  help_threshold = max(base_threshold, the best decoy's delta) + margin · headroom      (rule: decoys)
+                 = base_threshold                                                    (rule: bar)
 
 Under the decoy rule the best candidate must beat every decoy of the pair (rationales the same generator wrote for
 other pairs, stages/decoys.py: what text that carries nothing about this pair does to its score) and the bar, by
-`margin`, which stages/calibrate.py sets per calibration group (subset or job) so that the estimated
+`margin` shares of its headroom (stages/score.py: the most a delta of the pair can be, -log p(t+ | q) or
+1 - s_direct), a margin that stages/calibrate.py sets per calibration group (subset or job) so that the estimated
 false-discovery rate of the reason labels is at most scoring.decision.fdr. Each pair takes part in that
 calibration with its null_score, a knockoff statistic over groups of equal make-up: the pair's candidates, and its
 decoys split into scoring.decision.decoys_per_candidate groups that mirror them (per generator, one decoy per
 candidate slot each: stages/decoys.py:decoy_groups). Of the groups' best deltas,
 
   null_score     = +size when the candidates' best is the top (it beats every decoy), -size otherwise (ties go to
-                   the decoys); size = top - max(the runner-up group's best, base_threshold), how far the top
-                   group clears both the next group and the bar (0: nothing clears the bar)
+                   the decoys); size = (top - max(the runner-up group's best, base_threshold)) / headroom, how far
+                   the top group clears both the next group and the bar, as a share of what the pair could gain
+                   (0: nothing clears the bar, or nothing can be gained)
+  null_margin    = margin · headroom, the pair's margin in delta's units (inf: the group labels no pair reason)
 
 so a pair is reason iff null_score > margin, i.e. best_delta > help_threshold. The size is a difference, not the
 top's height above the bar: a decoy that beats the evidence by a hair costs a loss of a hair, which the calibration
-can set its margin above, where a loss as tall as the evidence would cost every win below it.
+can set its margin above, where a loss as tall as the evidence would cost every win below it. It is a share of the
+headroom because one margin serves pairs of every kind: a hard pair (the plain query ranks a negative first)
+has units of log p to gain and any text moves it far, an easy one has hundredths; in absolute units the
+hard pairs' chance leads would set the margin and pass over every real lead of the easy ones. The headroom
+depends on the plain pair alone, never on its candidates or decoys, so the sign of the score stays a fair coin
+under the null (stages/calibrate.py).
 
   chosen         = the valid candidate with the largest delta (ties: the lowest index); null when none is valid.
                    The threshold is the pair's, so if any candidate helps, the chosen one does.
@@ -58,6 +66,7 @@ import pyarrow as pa
 from schemas import JOINT_COLUMNS
 from stages.contract import Contract
 from stages.decoys import decoy_groups
+from stages.score import headroom
 from stages.side import QUERY, Side, sides_of
 from stages.spec import StageSpec
 
@@ -92,16 +101,27 @@ def help_threshold(base: float, decoy_deltas=(), margin: float = 0.0) -> float:
     return float(np.max([base, *decoy_deltas]) + margin)
 
 
-def null_score(best_delta: float, group_best, base: float) -> float:
+def null_score(best_delta: float, group_best, base: float, room: float) -> float:
     """The pair's score in the decoy competition (see the module docstring). group_best: the best delta of each
-    decoy group (stages/decoys.py:decoy_groups)."""
+    decoy group (stages/decoys.py:decoy_groups); room: the pair's headroom."""
     if not np.isfinite(base):
         return float("nan")
     ranked = sorted([best_delta, *group_best], reverse=True)
-    if not ranked[0] > base:
+    if not (ranked[0] > base and room > 0):
         return 0.0
-    size = ranked[0] - max(ranked[1], base) if len(ranked) > 1 else ranked[0] - base
+    size = (ranked[0] - max(ranked[1], base) if len(ranked) > 1 else ranked[0] - base) / room
     return float(size if best_delta > max(group_best, default=-np.inf) else -size)
+
+
+def pair_headroom(row: dict) -> float:
+    """The pair's headroom (stages/score.py) from its stored scores."""
+    return headroom(row["scoring_mode"], row["s_direct"], row.get("lse_direct"), row["temperature"])
+
+
+def pair_margin(margin: float, room: float) -> float:
+    """The group's margin (a share of the headroom) in the pair's delta units; inf where nothing can be gained
+    (null_score is then 0, which no margin passes)."""
+    return float(margin * room) if room > 0 else float("inf")
 
 
 def decide(best_delta: Optional[float], threshold: Optional[float]) -> str:
@@ -164,25 +184,28 @@ def score_side(row: dict, side: Side, epsilon: float, decoys_required: int = 0, 
     row[side.column("rejected")] = rejected
     row[side.column("base_threshold")] = base
     if decoys_required:
-        row[side.column("null_score")] = (null_score(best, decoy_group_best(row, side, groups), base)
-                                            if tested(row, side, decoys_required) else None)
+        row[side.column("null_score")] = (
+            null_score(best, decoy_group_best(row, side, groups), base, pair_headroom(row))
+            if tested(row, side, decoys_required) else None)
 
 
 def label_side(row: dict, side: Side, margin: Optional[float], decoys_required: int = 0) -> None:
     """The side's decision from its stored scores: help_threshold with this margin (the bar rule: margin 0 and no
-    decoys), decision and need_reasoning. margin None: the pair's calibration group got no margin at which the
-    false-discovery rate holds (every decoy-rule pair there is direct)."""
+    decoys; the decoy rule: the group's margin, in shares of the pair's headroom), decision and need_reasoning.
+    margin None: the pair's calibration group got no margin at which the false-discovery rate holds (every
+    decoy-rule pair there is direct)."""
     base = row[side.column("base_threshold")]
     if not tested(row, side, decoys_required):
-        threshold = None
+        threshold = own = None
     elif margin is None:
-        threshold = float("inf")
+        threshold = own = float("inf")
     else:
-        threshold = help_threshold(base, decoy_deltas(row, side) if decoys_required else (), margin)
+        own = pair_margin(margin, pair_headroom(row)) if decoys_required else margin
+        threshold = help_threshold(base, decoy_deltas(row, side) if decoys_required else (), own)
     decision = decide(row.get(side.column("best_delta")), threshold)
     row[side.column("help_threshold")] = threshold
     if decoys_required:
-        row[side.column("null_margin")] = None if threshold is None else (float("inf") if margin is None else margin)
+        row[side.column("null_margin")] = own
     row[side.column("decision")] = decision
     row[side.column("need_reasoning")] = None if decision == UNDECIDED else decision == REASON
 
@@ -297,6 +320,8 @@ class SelectSpec(StageSpec):
                                                        ("delta", "valid", "generator")]
             reads += [f"{side.decoys}.delta"] if self.decoys_required else []
             writes += [side.column(name) for name in per_side]
+        if self.decoys_required:  # the headroom (stages/score.py)
+            reads += ["scoring_mode", "temperature", "s_direct", "lse_direct"]
         if len(self.sides) > 1 and not self.decoys_required:  # the joint choice compares the sides' decisions
             reads += ["candidates.delta_joint"]
             writes += JOINT_COLUMNS

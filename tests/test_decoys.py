@@ -9,6 +9,9 @@ from stages.calibrate import calibrate, knockoff_margin, margin_lookup, row_scor
 from stages.decoys import DecoysSpec, check_whole_shards, decoy_counts, decoy_groups, draw_decoys
 from stages.select import DIRECT, REASON, UNDECIDED, label_rows, null_score, score_rows
 
+# a plain pair whose headroom (stages/score.py) is 1 in cosine mode: its null scores are in delta's units
+PLAIN = {"scoring_mode": "cosine", "s_direct": 0.0, "lse_direct": 0.0, "temperature": 1.0}
+
 
 def test_knockoff_margin_by_hand():
     # wins 5, 4, 3, 2, 1 (x5 each) and one loss at 2.5: at s=0 the estimate is (1+1)/25; fdr 0.1 takes it
@@ -34,7 +37,8 @@ def _pair(rng, signal: float, k: int, d: int, base: float = 0.0) -> dict:
     """A scored pair whose candidates and decoys are draws of one null; candidate 0 is shifted by `signal`."""
     deltas = rng.normal(0, 1, k)
     deltas[0] += signal
-    return {"subset": "s", "candidates": [{"delta": float(x), "valid": True, "generator": "g"} for x in deltas],
+    return {**PLAIN, "subset": "s",
+            "candidates": [{"delta": float(x), "valid": True, "generator": "g"} for x in deltas],
             "decoys": [{"delta": float(x)} for x in rng.normal(0, 1, d)], "control_delta": [base]}
 
 
@@ -50,6 +54,7 @@ def test_the_false_discovery_rate_holds_on_exchangeable_nulls(k, d):
             scale = rng.choice([0.2, 1.0, 3.0])
             for x in r["candidates"] + r["decoys"]:
                 x["delta"] *= scale
+            r["s_direct"] = rng.choice([0.5, 0.0, -1.0])  # headroom 0.5, 1 or 2, whatever the pair's null
         score_rows(rows, 0.0, {"query": d}, d // k)  # d // k decoy groups of k
         calibration = calibrate(row_scores(rows, "subset"), fdr, k / (k + d))
         label_rows(rows, 0.0, margin_lookup(calibration, "subset"), {"query": d})
@@ -69,7 +74,7 @@ def test_the_labels_agree_with_the_calibration_at_a_tie():
     assert b > m + (b - m)  # the rounding the test is about
 
     def row(best, decoy):
-        return {"subset": "s", "control_delta": [0.0], "decoys": [{"delta": decoy}],
+        return {**PLAIN, "subset": "s", "control_delta": [0.0], "decoys": [{"delta": decoy}],
                 "candidates": [{"delta": best, "valid": True, "generator": "g"}]}
 
     # the tie pair, its mirror (a decoy win of the same size) and 20 clear wins: at 0 the estimate is 2/21 > 0.05,
@@ -85,7 +90,7 @@ def test_the_labels_agree_with_the_calibration_at_a_tie():
 
 
 def test_help_threshold_decides_each_pair():
-    rows = [{"subset": "s", "control_delta": [0.1],
+    rows = [{**PLAIN, "subset": "s", "control_delta": [0.1],
              "candidates": [{"delta": 0.5, "valid": True, "generator": "g"}, {"delta": 0.9, "valid": False,
                                                                               "generator": "g"}],
              "decoys": [{"delta": 0.3}, {"delta": 0.2}]}]
@@ -102,22 +107,62 @@ def test_help_threshold_decides_each_pair():
 
 
 def test_null_score_by_hand():
-    assert null_score(0.3, [0.3], 0.0) <= 0  # a decoy as good as the best candidate: never a win
-    assert null_score(0.3, [0.1], 0.5) == 0.0  # nothing clears the bar
-    assert null_score(0.5, [0.3], 0.1) == pytest.approx(0.2)  # a win by the gap to the best decoy
-    assert null_score(0.5, [0.3], 0.4) == pytest.approx(0.1)  # ... or to the bar, whichever is higher
-    assert null_score(0.3, [0.32], 0.0) == pytest.approx(-0.02)  # a loss by a hair costs a hair
-    assert null_score(0.2, [0.9], 0.5) == pytest.approx(-0.4)  # a decoy over a candidate under the bar
+    assert null_score(0.3, [0.3], 0.0, 1.0) <= 0  # a decoy as good as the best candidate: never a win
+    assert null_score(0.3, [0.1], 0.5, 1.0) == 0.0  # nothing clears the bar
+    assert null_score(0.5, [0.3], 0.1, 1.0) == pytest.approx(0.2)  # a win by the gap to the best decoy
+    assert null_score(0.5, [0.3], 0.4, 1.0) == pytest.approx(0.1)  # ... or to the bar, whichever is higher
+    assert null_score(0.3, [0.32], 0.0, 1.0) == pytest.approx(-0.02)  # a loss by a hair costs a hair
+    assert null_score(0.2, [0.9], 0.5, 1.0) == pytest.approx(-0.4)  # a decoy over a candidate under the bar
     # three decoy groups: a decoy group on top is measured against the runner-up group, candidates or decoys
-    assert null_score(0.2, [0.9, 0.8, 0.1], 0.0) == pytest.approx(-0.1)
-    assert null_score(0.9, [0.5, 0.8, 0.1], 0.0) == pytest.approx(0.1)
+    assert null_score(0.2, [0.9, 0.8, 0.1], 0.0, 1.0) == pytest.approx(-0.1)
+    assert null_score(0.9, [0.5, 0.8, 0.1], 0.0, 1.0) == pytest.approx(0.1)
+    # a share of the headroom: a lead of 0.2 where the pair could gain 0.4 at most
+    assert null_score(0.5, [0.3], 0.1, 0.4) == pytest.approx(0.5)
+    assert null_score(0.5, [0.3], 0.1, 0.0) == 0.0  # nothing to gain (a plain query at the ceiling)
+
+
+def _scaled_pair(rng, signal: float, room: float, noise: float, k: int = 4) -> dict:
+    """A pair whose plain query has headroom `room` (pair-aware: log p(t+ | q) = -room, one negative, τ 1) and whose
+    candidates and decoys move its score by N(0, noise); candidate 0 gains `signal` more."""
+    row = _pair(rng, 0.0, k, k)
+    for x in row["candidates"] + row["decoys"]:
+        x["delta"] *= noise
+    row["candidates"][0]["delta"] += signal
+    # log p = s - lse with lse = log(e^s + e^s_neg): s = 0, s_neg = log(e^room - 1) gives log p = -room
+    return {**row, "scoring_mode": "pair_aware", "temperature": 1.0, "s_direct": 0.0,
+            "lse_direct": room}
+
+
+def test_one_margin_serves_hard_and_easy_pairs():
+    """A group of hard pairs whose candidates carry nothing (units to gain, and any text moves them by about a
+    unit) and easy ones whose evidence closes most of the little they can gain (a few hundredths): measured in
+    shares of each pair's headroom, the easy pairs' leads stand out of the hard pairs' chance leads, where in
+    delta's units the hard pairs' losses would set the margin above every easy pair."""
+    rng = np.random.default_rng(1)
+    hard = [_scaled_pair(rng, 0.0, 4.0, 1.0) for _ in range(40)]
+    easy = [_scaled_pair(rng, 0.04, 0.05, 0.005) for _ in range(40)]
+    rows = hard + easy
+    score_rows(rows, 0.0, {"query": 4})
+    calibration = calibrate(row_scores(rows, "subset"), 0.1, 0.5)
+    label_rows(rows, 0.0, margin_lookup(calibration, "subset"), {"query": 4})
+    reason_easy, reason_hard = (sum(r["decision"] == REASON for r in part) for part in (easy, hard))
+    assert reason_easy >= 35 and reason_hard / (reason_easy + reason_hard) <= 0.15
+    assert all((r["best_delta"] > r["help_threshold"]) == (r["decision"] == REASON) for r in rows)
+    # the pair's margin in delta's units is the group's margin times its headroom
+    margin = calibration[0]["margin"]
+    assert all(r["null_margin"] == pytest.approx(margin * (4.0 if r in hard else 0.05)) for r in rows)
+    # the same leads in delta's units (every headroom 1) label no easy pair
+    flat = [{**r, "scoring_mode": "cosine", "s_direct": 0.0} for r in copy.deepcopy(rows)]
+    score_rows(flat, 0.0, {"query": 4})
+    label_rows(flat, 0.0, margin_lookup(calibrate(row_scores(flat, "subset"), 0.1, 0.5), "subset"), {"query": 4})
+    assert sum(r["decision"] == REASON for r in flat[40:]) == 0
 
 
 def test_a_second_good_rationale_does_not_cost_the_win():
     """Generators often write the decisive clue twice among K samples. The competition is between the candidates'
     best and the decoys' best, so the pair wins by its lead over the decoys, not by the gap between its two good
     rationales (the statistic with fewer decoys than slots, bench/labels.py --fewer-decoys, would score 0.02)."""
-    row = {"subset": "s", "control_delta": [0.0], "decoys": [{"delta": 0.3}, {"delta": 0.2}, {"delta": 0.1}],
+    row = {**PLAIN, "subset": "s", "control_delta": [0.0], "decoys": [{"delta": 0.3}, {"delta": 0.2}, {"delta": 0.1}],
            "candidates": [{"delta": x, "valid": True, "generator": "g"} for x in (0.88, 0.9, 0.1)]}
     score_rows([row], 0.0, {"query": 3})
     assert row["chosen"] == 1 and row["null_score"] == pytest.approx(0.9 - 0.3)
@@ -131,14 +176,15 @@ def test_decoy_groups_mirror_the_candidates():
               [("a", 0.1), ("a", 0.2), ("a", 0.3), ("a", 0.4), ("b", 0.5), ("b", 0.6)]]
     assert decoy_groups(decoys, 2) == [[0, 2, 4], [1, 3, 5]]
     assert decoy_groups(decoys, 1) == [[0, 1, 2, 3, 4, 5]]
-    row = {"subset": "s", "control_delta": [0.0], "decoys": decoys,
+    row = {**PLAIN, "subset": "s", "control_delta": [0.0], "decoys": decoys,
            "candidates": [{"delta": 0.55, "valid": True, "generator": "a"}]}
     score_rows([row], 0.0, {"query": 6}, 2)
     assert row["null_score"] == pytest.approx(-(0.6 - 0.55))  # group 2 (best 0.6) tops; the candidates run up
 
 
 def test_short_decoys():
-    row = {"subset": "s", "control_delta": None, "candidates": [{"delta": 0.5, "valid": True, "generator": "g"}],
+    row = {**PLAIN, "subset": "s", "control_delta": None,
+           "candidates": [{"delta": 0.5, "valid": True, "generator": "g"}],
            "decoys": [{"delta": 0.1}]}
     score_rows([row], 0.0, {"query": 2})
     label_rows([row], 0.0, lambda side, r: 0.0, {"query": 2})

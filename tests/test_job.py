@@ -126,12 +126,13 @@ def test_the_output_holds_only_what_the_layout_names(job):
 
 def test_labels_recompute_from_stored_similarities(job):
     """Under the shipped decoy rule: every delta from the stored similarities, every decoy from a donor pair of the
-    output, every null_score from the deltas, each subset's margin from the null_score column, and every decision
-    from best_delta > help_threshold."""
+    output, every null_score from the deltas and the pair's headroom, each subset's margin from the null_score
+    column, and every decision from best_delta > help_threshold."""
     rows = pq.read_table(job["out"] / "data").to_pylist()
     assert rows
     scoring = job["manifest"]["config"]["scoring"]
     by_id = {r["pair_id"]: r for r in rows}
+    headroom = {}
     for row in rows:
         assert row["scoring_mode"] == "pair_aware"
         cands = row["candidates"]
@@ -141,6 +142,9 @@ def test_labels_recompute_from_stored_similarities(job):
                        [c["s_neg"] for c in k_ok], row["scoring_mode"], row["temperature"],
                        row["s_control"] or [], row["s_control_neg"])
         np.testing.assert_allclose([c["delta"] for c in k_ok], s["delta"], rtol=0, atol=1e-12)
+        assert row["lse_direct"] == pytest.approx(s["lse_direct"], abs=1e-12)
+        # -log p(t+ | q): the most a pair-aware delta can be
+        headroom[row["pair_id"]] = room = s["lse_direct"] - row["s_direct"] / row["temperature"]
         # configs/demo.yaml sets content-free controls: they make the bar every candidate and decoy is measured from
         assert len(row["s_control"]) == len(scoring["controls"]) > 0
         assert row["base_threshold"] == pytest.approx(max(0.0, max(s["control_delta"])) + scoring["epsilon"])
@@ -161,8 +165,9 @@ def test_labels_recompute_from_stored_similarities(job):
         if not valid or len(decoys) < 3:  # reasoning was never tested: undecided, not "no reasoning needed"
             assert row["decision"] == "undecided" and row["need_reasoning"] is None and row["null_score"] is None
             continue
-        assert row["null_score"] == null_score(row["best_delta"], [max(x["delta"] for x in decoys)],
-                                               row["base_threshold"])  # one decoy group
+        assert row["null_score"] == pytest.approx(  # one decoy group
+            null_score(row["best_delta"], [max(x["delta"] for x in decoys)], row["base_threshold"], 1.0) / room,
+            rel=1e-9, abs=1e-12)
         assert row["help_threshold"] == help_threshold(row["base_threshold"], [x["delta"] for x in decoys],
                                                        row["null_margin"])
         assert row["decision"] == ("reason" if row["best_delta"] > row["help_threshold"] else "direct")
@@ -173,7 +178,9 @@ def test_labels_recompute_from_stored_similarities(job):
                             scoring["decision"]["fdr"], 0.5)
     assert calibration == job["manifest"]["decision"]["calibration"]
     margins = {c["group"]: float("inf") if c["margin"] is None else c["margin"] for c in calibration}
-    assert all(r["null_margin"] == margins[r["subset"]] for r in rows if r["null_score"] is not None)
+    for r in rows:
+        if r["null_score"] is not None:
+            assert r["null_margin"] == pytest.approx(margins[r["subset"]] * headroom[r["pair_id"]], rel=1e-9)
 
 
 def test_output_reads_with_polars_pyarrow_and_datasets(job, bad_input):

@@ -8,8 +8,10 @@ pipeline/plan.py:run_local.
 What is measured: candidates without content (misleading, off-topic, format-only, restatement) make at most 5% of
 pairs reason, on hard and easy pairs, in both modes; in pair-aware mode at least 95% of the hard pairs with an
 evidence candidate are reason (72/75 with the shipped seed, 70 to 74 of 75 over eight decoy draws: README), and
-the evidence is what at least 95% of them choose; the fixed
-rule (scoring.decision.rule bar) on the same scores labels a share of the content-free pairs reason; every label recomputes from the stored columns.
+the evidence is what at least 95% of them choose; calibrated as one group, pairs with and without evidence (hard
+ones, or all four sets) keep the rate and much of the evidence, hard and easy; the fixed rule
+(scoring.decision.rule bar) on the same scores labels a share of the content-free pairs reason; every label
+recomputes from the stored columns.
 """
 import copy
 
@@ -81,23 +83,45 @@ def test_evidence_is_found_on_hard_pairs_in_pair_aware_mode(world, pair_aware):
     assert sorted(misleading)[int(0.9 * len(misleading))] < 0  # pointing at the hard negative hurts
 
 
-def test_one_group_of_mixed_pairs_keeps_the_rate(world, pair_aware):
-    """The hard pairs with and without evidence calibrated as one group (scoring.decision.group job): the share
-    of reason labels on content-free pairs stays under the rate, and a reason label names the evidence. Decoys
-    written for other targets move these pairs' scores far more than their own content-free candidates do, so the
-    content-free pairs lose their competitions by wide margins and the rule errs on the safe side: the margin rises
-    above most of the evidence too (README: a mixed group)."""
+def one_group(pair_aware, subsets) -> list[dict]:
+    """The pair-aware job's pairs of these subsets, relabelled as one calibration group (scoring.decision.group
+    job)."""
     cfg, rows = pair_aware
-    rows = [copy.deepcopy(r) for r in rows if r["subset"].startswith("hard_")]
+    rows = [copy.deepcopy(r) for r in rows if r["subset"] in subsets]
     cfg = copy.deepcopy(cfg)
     cfg.scoring.decision.group = "job"
     label_job(cfg, rows)
+    return rows
+
+
+def test_one_group_of_mixed_pairs_keeps_the_rate(world, pair_aware):
+    """The hard pairs with and without evidence calibrated as one group: the share of reason labels on
+    content-free pairs stays under the rate, and a reason label names the evidence. Decoys written for other
+    targets move these pairs' scores far more than their own content-free candidates do, so the content-free pairs
+    lose their competitions by wide margins and the rule errs on the safe side; measured in shares of each pair's
+    headroom, those losses stay below much of the evidence (40 of 75 with the shipped seed, 31 to 41 over eight
+    draws, where leads in delta's units labelled 0 to 34: README, a mixed group)."""
+    rows = one_group(pair_aware, ("hard_evidence", "hard_content_free"))
     reason = [r for r in rows if r["decision"] == REASON]
     false = [r for r in reason if r["subset"] == "hard_content_free"]
     assert len(false) <= 0.05 * len(reason)
+    assert len(reason) >= 0.4 * len(subset(rows, "hard_evidence"))
     assert all(kind(world, r, r["chosen"]) == "evidence" for r in reason)
     pure = [r for r in subset(pair_aware[1], "hard_evidence") if r["decision"] == REASON]
     assert {r["pair_id"] for r in reason} <= {r["pair_id"] for r in pure}
+
+
+def test_one_margin_serves_hard_and_easy_pairs(world, pair_aware):
+    """All four sets as one group: the easy pairs' evidence gains hundredths of a unit of log p, the hard pairs'
+    content-free candidates lose to their decoys by up to a unit, and in shares of each pair's headroom the easy
+    evidence is still found (93 of 156 and 59 of 75 hard with the shipped seed; in delta's units none and 15)."""
+    rows = one_group(pair_aware, ("hard_evidence", "hard_content_free", "easy_evidence", "easy_content_free"))
+    reason = [r for r in rows if r["decision"] == REASON]
+    assert sum(r["subset"].endswith("content_free") for r in reason) <= 0.05 * len(reason)
+    for name, share in ((HARD, 0.5), (EASY, 0.4)):
+        found = [r for r in reason if r["subset"] == f"{name}_evidence"]
+        assert len(found) >= share * len(subset(rows, f"{name}_evidence")), name
+        assert all(kind(world, r, r["chosen"]) == "evidence" for r in found)
 
 
 def test_cosine_keeps_the_fixed_rules_evidence_at_a_higher_stated_rate(world, cosine):
@@ -116,17 +140,27 @@ def test_cosine_keeps_the_fixed_rules_evidence_at_a_higher_stated_rate(world, co
         assert reason_rate(relabelled, f"{name}_content_free") <= 0.2
 
 
+def headroom(row) -> float:
+    """The most the pair's delta can be, from its stored columns (README: the decoy rule)."""
+    if row["scoring_mode"] == "cosine":
+        return 1 - row["s_direct"]
+    return row["lse_direct"] - row["s_direct"] / row["temperature"]
+
+
 @pytest.mark.parametrize("mode", ["pair_aware", "cosine"])
 def test_every_label_recomputes_from_the_stored_columns(mode, request):
     cfg, rows = request.getfixturevalue(mode)
     for r in rows:
         assert (r["decision"] == REASON) == (r["best_delta"] > r["help_threshold"])
         decoys = [d["delta"] for d in r["decoys"]]
-        assert len(decoys) == 5 and r["null_score"] == null_score(r["best_delta"], [max(decoys)], r["base_threshold"])
+        assert len(decoys) == 5 and headroom(r) > 0
+        assert r["null_score"] == pytest.approx(null_score(r["best_delta"], [max(decoys)], r["base_threshold"], 1.0)
+                                                / headroom(r), rel=1e-9, abs=1e-12)
         assert r["help_threshold"] == help_threshold(r["base_threshold"], decoys, r["null_margin"])
     margins = {c["group"]: c["margin"] for c in calibrate(row_scores(rows, "subset"), cfg.scoring.decision.fdr, 0.5)}
-    assert {r["subset"]: r["null_margin"] for r in rows} == {k: float("inf") if v is None else v
-                                                             for k, v in margins.items()}
+    for r in rows:
+        margin = margins[r["subset"]]
+        assert r["null_margin"] == (float("inf") if margin is None else pytest.approx(margin * headroom(r), rel=1e-9))
     fresh = copy.deepcopy(rows)
     for r in fresh:
         for d in r["decoys"]:

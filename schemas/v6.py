@@ -1,4 +1,12 @@
-"""pairsel record schemas, version 5.
+"""pairsel record schemas, version 6.
+
+Version 6 (from 5): the same columns; the decoy rule measures a pair's lead in shares of its headroom
+(stages/score.py: the most a delta of the pair can be, -log p(t+ | q) in pair_aware mode, 1 - s_direct in cosine
+mode), so that one margin serves hard and easy pairs in a calibration group. `null_score` is version 5's divided by
+the pair's headroom (0 where the headroom is not positive); `null_margin` is the group's margin (the manifest's, a
+share) times the pair's headroom, in delta's units, so help_threshold = max(base_threshold, the best decoy's delta) +
+null_margin as before. A version 5 output's labels do not recompute under version 6's rule: rerun it with
+--overwrite.
 
 Version 5 (from 4): the same columns; two of them are computed otherwise (stages/select.py). `null_score` is a
 difference: how far the top of the pair's groups (its candidates, and its decoys in groups that mirror them) clears
@@ -34,7 +42,7 @@ bookkeeping, plus provenance. QUARANTINE_SCHEMA is the quarantine shard.
 """
 import pyarrow as pa
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Where an image's bytes are, after the read: `size` bytes from `offset` of the file at `path` (absolute). A plain
 # image file: offset 0, its size; a member of an uncompressed tar: the member's data; inline bytes that cannot be
@@ -152,7 +160,8 @@ SCORE_FIELDS = [
     pa.field("decoys", pa.list_(DECOY)),  # null under the bar rule
     pa.field("base_threshold", pa.float64()),  # epsilon, or the best control's delta + epsilon
     pa.field("null_score", pa.float64()),  # the decoy competition score (null: bar rule, or untested)
-    pa.field("null_margin", pa.float64()),  # the calibration group's margin (inf: the group labels no pair reason)
+    # the group's margin x the pair's headroom (inf: the group labels no pair reason)
+    pa.field("null_margin", pa.float64()),
     pa.field("help_threshold", pa.float64()),  # max(base_threshold, best decoy delta) + null_margin; bar: base
 ]
 
