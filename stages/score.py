@@ -86,12 +86,9 @@ def reasoned_deltas(s_direct: float, s_direct_neg: np.ndarray, s_pos: np.ndarray
 
 def headroom(mode: str, s_direct: float, lse_direct: float, temperature: float) -> float:
     """The most any delta of the pair can be, on either side: log p(t+ | x) <= 0 in pair_aware mode (so -log p(t+ | q)
-    = lse_direct - s_direct/τ), cos <= 1 in cosine mode (1 - s_direct). It depends on the plain pair alone. NaN if
-    an input is missing."""
+    = lse_direct - s_direct/τ), cos <= 1 in cosine mode (1 - s_direct). It depends on the plain pair alone."""
     if mode not in SCORING_MODES:
         raise ValueError(f"unknown scoring mode {mode!r}")
-    if s_direct is None or lse_direct is None:
-        return float("nan")
     return float(1.0 - s_direct if mode == "cosine" else lse_direct - s_direct / temperature)
 
 

@@ -115,7 +115,7 @@ def null_score(best_delta: float, group_best, base: float, room: float) -> float
 
 def pair_headroom(row: dict) -> float:
     """The pair's headroom (stages/score.py) from its stored scores."""
-    return headroom(row["scoring_mode"], row["s_direct"], row.get("lse_direct"), row["temperature"])
+    return headroom(row["scoring_mode"], row["s_direct"], row["lse_direct"], row["temperature"])
 
 
 def pair_margin(margin: float, room: float) -> float:
