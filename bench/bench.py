@@ -496,7 +496,9 @@ def main(argv=None) -> int:
     text = table(res, args.pairs)
     replays = ["| margin | valid finish reasons | token saving | need_reasoning agreement | mean loss in chosen delta |",
                "|---|---|---|---|---|"]
-    for m, v in [(margin, valid), (0.5, valid), (1.0, valid), (2.0, valid), (margin, ("stop",))]:
+    # larger margins: under the decoy rule shares of a pair's headroom, under the bar rule delta's units
+    wider = (0.05, 0.1, 0.2) if cfg["scoring"]["decision"]["rule"] == "decoys" else (0.5, 1.0, 2.0)
+    for m, v in [(margin, valid), *[(w, valid) for w in wider], (margin, ("stop",))]:
         r = replay(res["full"]["rows"], schedule, eps, m, v, cfg["scoring"]["decision"])
         replays.append(f"| {m:g} | {', '.join(v)} | {r['saving']:.1%} | {r['agree']}/{r['pairs']} | {r['mean_loss']:.4f} |")
     text += (f"\n\nRounds {schedule} of K_max = {k_max}, margin {margin:g}, valid finish reasons {list(valid)}. "

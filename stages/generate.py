@@ -159,7 +159,9 @@ class GenerateSpec(StageSpec):
                  "target_image_path", f"{field}.generator"]  # the candidates this generator already added (rounds)
         if self.satisfied_above is not None:  # a later round skips the pairs that a candidate already helps
             reads += [side.column("control_delta")] + [f"{field}.{name}" for name in SATISFIED_FIELDS]
-            reads += [f"{side.decoys}.delta"] if self.decoys_required else []
+            # the decoys and, as the margin is a share of it, the headroom (stages/score.py)
+            reads += ([f"{side.decoys}.delta", "scoring_mode", "temperature", "s_direct", "lse_direct"]
+                      if self.decoys_required else [])
         writes = [field] + [f"{field}.{name}" for name in GENERATED_FIELDS]
         writes += ["quarantine_reason", "quarantine_detail"]  # an image changed or gone since the read
         return Contract(f"generate[{self.generator.name},{side.name}]", tuple(reads), tuple(writes))

@@ -151,14 +151,16 @@ def tested(row: dict, side: Side, decoys_required: int) -> bool:
 
 def satisfied(row: dict, side: Side, epsilon: float, margin: float, decoys_required: int = 0) -> bool:
     """Whether a later round of generation may skip this side of the pair (stages/generate.py): a valid candidate
-    already beats the side's help_threshold with the rounds' margin in place of the group's (under the bar rule
-    the pair has no decoys and that is base + margin). A pair stops only where a full-K run finds the same: the
+    already beats the side's help_threshold with the rounds' margin in place of the group's, in the same units
+    (under the decoy rule a share of the pair's headroom; under the bar rule the pair has no decoys and the
+    threshold is base + margin, in delta's units). A pair stops only where a full-K run finds the same: the
     threshold does not move as candidates are added, so the best candidate's win stands."""
     if not tested({**row, side.column("best_delta"): 0.0}, side, decoys_required):
         return False
     best = choose_side(row, side)[1]
+    own = pair_margin(margin, pair_headroom(row)) if decoys_required else margin
     threshold = help_threshold(base_threshold(epsilon, row.get(side.column("control_delta"))),
-                               decoy_deltas(row, side) if decoys_required else (), margin)
+                               decoy_deltas(row, side) if decoys_required else (), own)
     return best is not None and best > threshold
 
 

@@ -17,7 +17,7 @@ from schemas import WORK_SCHEMA, conform
 from scripts.make_demo_data import make
 from stages.generate import Generate, GeneratorSpec, GenerateSpec
 from stages.inputs import plan_shards
-from stages.select import satisfied
+from stages.select import pair_headroom, satisfied
 from stages.side import QUERY
 
 REPO = Path(__file__).resolve().parent.parent
@@ -162,11 +162,14 @@ def test_a_satisfied_pair_gets_nothing_more(tiny_models, data, tmp_path):
 
 def test_under_the_decoy_rule_a_pair_stops_only_once_it_beats_its_decoys(tiny_models, data, tmp_path):
     """The decoys are drawn in round 1 for every slot of K_max (valid texts of round 1), so a pair that stops early
-    already beats all of them and its bar: it wins its decoy competition as it would with K_max candidates."""
+    already beats all of them and its bar: it wins its decoy competition as it would with K_max candidates. The
+    rounds' margin is a share of the pair's headroom, as the calibrated margin is: a pair stops once its lead
+    (null_score) passes it, and a shorter prefix of its candidates had not."""
     bigger = {"path": str(make(tmp_path / "data", n_pairs=40, seed=3)), "root": str(tmp_path / "data")}
+    margin = 0.03  # below some pairs' lead as a share of their headroom and above it in delta's units
     cfg = load(tmp_path, tiny_models, bigger, "scoring.decision.rule=decoys", "generators.0.k=4", "rounds.k0=1",
                "rounds.step=1", "scoring.valid_finish_reasons=[stop,length]", "input.rows_per_shard=40",
-               "scoring.in_shard_negatives=0")
+               "scoring.in_shard_negatives=0", f"rounds.margin={margin}")
     plan = [s.stage.__name__ for s in steps(cfg)]
     assert plan[:4] == ["Generate", "Decoys", "Embed", "Score"] and plan.count("Decoys") == 1
     rows = run(cfg)
@@ -175,8 +178,14 @@ def test_under_the_decoy_rule_a_pair_stops_only_once_it_beats_its_decoys(tiny_mo
     for r in rows.values():  # four decoys each (one per slot), from other pairs
         assert len(r["decoys"]) == 4 and all(d["donor_pair_id"] != r["pair_id"] for d in r["decoys"])
     for r in stopped:
-        assert r["best_delta"] > max(r["base_threshold"], *(d["delta"] for d in r["decoys"]))
-        assert r["null_score"] > 0
+        room = pair_headroom(r)
+        assert r["best_delta"] > max(r["base_threshold"], *(d["delta"] for d in r["decoys"])) + margin * room
+        assert r["null_score"] > margin
+    for r in rows.values():  # each round that went on had a prefix below the threshold
+        for n in range(1, len(r["candidates"])):
+            best = max((c["delta"] for c in r["candidates"][:n] if c["valid"]), default=None)
+            assert best is None or r["null_score"] is None or \
+                best <= max(r["base_threshold"], *(d["delta"] for d in r["decoys"])) + margin * pair_headroom(r)
 
 
 @pytest.mark.slow
