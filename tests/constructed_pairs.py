@@ -10,10 +10,15 @@ Each pair has five candidates of known kind, in an order that moves with the pai
 cannot pass for a choice): evidence (names the clue and whose it is), misleading (names the hard negative),
 off-topic text, format-only "reasoning" and a restatement of the query; every filler text differs. The
 `*_content_free` subsets hold the same pairs without the evidence candidate.
+
+Two wordings of the same facts (WORDINGS): `plain`, the one the tests and the README's tables use, and `varied`,
+other templates for every text (queries, evidence, misleading, restatements, longer filler), to check that the
+labels hold for sets written another way.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,36 +50,97 @@ _CLOSINGS = ["Then I will give my answer.", "After that, the answer should be cl
              "That settles it."]
 
 
+
+@dataclass(frozen=True)
+class Wording:
+    """How a set's texts are written: templates over {category}, {described} (a description), {clue} and {name}
+    (an entity's name, lowered after "the"), and the parts of the filler."""
+
+    hard_query: str
+    easy_query: str
+    hard_restating: str
+    easy_restating: str
+    evidence: str
+    misleading: str
+    subjects: tuple
+    predicates: tuple
+    openings: tuple
+    closings: tuple
+
+
+WORDINGS = {
+    "plain": Wording(
+        hard_query="Which {category} is {described}, and {clue}?", easy_query="Which {category} is {described}?",
+        hard_restating="We are looking for the {category} that is {described} and {clue}.",
+        easy_restating="We are looking for the {category} that is {described}.",
+        evidence="The deciding detail is that it {clue}, which is true only of {name}.",
+        misleading="The description fits {name}, so the answer is {name}.",
+        subjects=tuple(_SUBJECTS), predicates=tuple(_PREDICATES), openings=tuple(_OPENINGS),
+        closings=tuple(_CLOSINGS)),
+    "varied": Wording(
+        hard_query="Name the {category} that is {described} and that {clue}.",
+        easy_query="Name the {category} that is {described}.",
+        hard_restating="So the task asks for a {category} which is {described}, and which {clue}.",
+        easy_restating="So the task asks for a {category} which is {described}.",
+        evidence="The key clue is that it {clue}. Of all the options, that holds only for {name}, so {name} is "
+                 "the answer.",
+        misleading="Everything in the description matches {name}; I would pick {name}.",
+        subjects=("The harbour ferry", "A ceramic teapot", "The village library", "My cousin's bicycle",
+                  "The museum cafe", "A stack of old maps", "The hotel lift", "Our kitchen radio", "The tram depot",
+                  "A wooden chess set", "The corner pharmacy", "A box of crayons", "The swimming pool",
+                  "The rooftop garden", "A pair of hiking boots", "The parking meter", "A glass vase"),
+        predicates=("was closed for cleaning all of last week, and nobody seemed to mind very much",
+                    "got a fresh coat of paint that everyone agreed looked nicer than before",
+                    "has been making an odd rattling sound whenever the weather turns cold",
+                    "was featured in a small article in the weekend newspaper",
+                    "ended up costing a little more than what had been planned at first",
+                    "was moved across the street to make room for the new bus stop",
+                    "turned out to be older than the records had suggested"),
+        openings=("Before answering, let me carefully consider what is being asked here.",
+                  "I want to be careful and methodical about this one.",
+                  "Let me go through the question slowly and make sure I understand it.",
+                  "There are a few things to weigh before settling on an answer.",
+                  "I'll start by laying out my reasoning in a clear way."),
+        closings=("Once I have done that, the answer should follow naturally.",
+                  "After weighing everything, I will commit to a single choice.",
+                  "With that done, I can state my final answer.", "That way the conclusion will be well supported.",
+                  "Then I will name the option that fits best.")),
+}
+PLAIN = WORDINGS["plain"]
+
+
 def _lower(name: str) -> str:
     return name[0].lower() + name[1:] if name.split()[0] in ("The", "A", "An") else name
 
 
-def filler(i: int) -> tuple[str, str]:
+def filler(i: int, wording: Wording = PLAIN) -> tuple[str, str]:
     """(off-topic, format-only) texts of pair i: different for every pair of a set."""
-    off = f"{_SUBJECTS[i % len(_SUBJECTS)]} {_PREDICATES[(i // len(_SUBJECTS)) % len(_PREDICATES)]}."
-    fmt = f"{_OPENINGS[i % len(_OPENINGS)]} {_CLOSINGS[(i // len(_OPENINGS)) % len(_CLOSINGS)]}"
+    w = wording
+    off = f"{w.subjects[i % len(w.subjects)]} {w.predicates[(i // len(w.subjects)) % len(w.predicates)]}."
+    fmt = f"{w.openings[i % len(w.openings)]} {w.closings[(i // len(w.openings)) % len(w.closings)]}"
     return off, fmt
 
 
-def _pair(category: str, target: tuple, negative: tuple, others: list[tuple], hard: bool) -> dict:
+def _pair(category: str, target: tuple, negative: tuple, others: list[tuple], hard: bool, wording: Wording) -> dict:
     (name, desc, clue), (neg_name, neg_desc, _) = target, negative
-    described = neg_desc if hard else desc
-    query = f"Which {category} is {described}, and {clue}?" if hard else f"Which {category} is {described}?"
-    restating = f"We are looking for the {category} that is {described}" + (f" and {clue}." if hard else ".")
-    return {"query": query, "target": f"{name}, {desc}.",
+    fields = {"category": category, "described": neg_desc if hard else desc, "clue": clue}
+    query, restating = ((wording.hard_query, wording.hard_restating) if hard else
+                        (wording.easy_query, wording.easy_restating))
+    return {"query": query.format(**fields), "target": f"{name}, {desc}.",
             "negatives": [f"{e[0]}, {e[1]}." for e in [negative, *others]],
-            "evidence": f"The deciding detail is that it {clue}, which is true only of {_lower(name)}.",
-            "misleading": f"The description fits {_lower(neg_name)}, so the answer is {_lower(neg_name)}.",
-            "restating": restating}
+            "evidence": wording.evidence.format(**fields, name=_lower(name)),
+            "misleading": wording.misleading.format(name=_lower(neg_name)),
+            "restating": restating.format(**fields)}
 
 
-def _pairs_with(shift: int, hard: bool) -> list[tuple[str, dict]]:
+def _pairs_with(shift: int, hard: bool, wording: Wording) -> list[tuple[str, dict]]:
     out = []
     for category, entities in CATEGORIES.items():
         size = len(entities)
         for i, entity in enumerate(entities):
             others = [entities[(i + d) % size] for d in range(1, size) if d != shift][:2]
-            out.append((f"{category}-{i}", _pair(category, entity, entities[(i + shift) % size], others, hard)))
+            out.append((f"{category}-{i}", _pair(category, entity, entities[(i + shift) % size], others, hard,
+                                                 wording)))
     return out
 
 
@@ -89,25 +155,25 @@ def _ranks_first(embed, queries: list[str], pairs: list[dict]) -> list[bool]:
     return out
 
 
-def build(embed) -> dict[str, list[dict]]:
+def build(embed, wording: Wording = PLAIN) -> dict[str, list[dict]]:
     """{"hard": [...], "easy": [...]}: the pairs that the embedder (texts -> unit vectors) gets as their name says.
     A hard pair takes, for each target, the first hard negative whose pair qualifies."""
     hard: dict[str, dict] = {}
     for shift in range(1, 6):
-        todo = [(key, p) for key, p in _pairs_with(shift, hard=True) if key not in hard]
+        todo = [(key, p) for key, p in _pairs_with(shift, True, wording) if key not in hard]
         todo = [(key, p) for key, p in todo if len(p["negatives"]) == 3]
         plain = _ranks_first(embed, [QUERY.replace("{text}", p["query"]) for _, p in todo], [p for _, p in todo])
         fixed = _ranks_first(embed, [REASONED.replace("{text}", p["query"]).replace("{rationale}", p["evidence"])
                                      for _, p in todo], [p for _, p in todo])
         hard.update({key: p for (key, p), a, b in zip(todo, plain, fixed) if not a and b})
-    easy_all = _pairs_with(1, hard=False)
+    easy_all = _pairs_with(1, False, wording)
     plain = _ranks_first(embed, [QUERY.replace("{text}", p["query"]) for _, p in easy_all], [p for _, p in easy_all])
     return {"hard": [hard[key] for key, _ in easy_all if key in hard],  # in the facts' order
             "easy": [p for (_, p), ok in zip(easy_all, plain) if ok]}
 
 
-def candidates(i: int, pair: dict, with_evidence: bool) -> list[tuple[str, str]]:
-    off, fmt = filler(i)
+def candidates(i: int, pair: dict, with_evidence: bool, wording: Wording = PLAIN) -> list[tuple[str, str]]:
+    off, fmt = filler(i, wording)
     texts = {"misleading": pair["misleading"], "off_topic": off, "format_only": fmt, "restating": pair["restating"]}
     out = [(kind, texts[kind]) for kind in CONTENT_FREE]
     if with_evidence:
@@ -115,10 +181,10 @@ def candidates(i: int, pair: dict, with_evidence: bool) -> list[tuple[str, str]]
     return out
 
 
-def write(root: Path, sets: dict[str, list[dict]]) -> dict:
+def write(root: Path, sets: dict[str, list[dict]], wording: Wording = PLAIN) -> dict:
     """An MMEB-style input, one file (subset) per set and condition (`<set>_evidence`: all five candidates,
-    `<set>_content_free`: without the evidence one), and the rationales for the precomputed generator.
-    Returns the paths and {pair_id: [candidate kinds]}."""
+    `<set>_content_free`: without the evidence one), and the rationales for the precomputed generator, in the
+    wording the sets were built with. Returns the paths and {pair_id: [candidate kinds]}."""
     (root / "pairs").mkdir(parents=True, exist_ok=True)
     kinds, rationales = {}, []
     for name, pairs in sets.items():
@@ -128,7 +194,7 @@ def write(root: Path, sets: dict[str, list[dict]]) -> dict:
                 pair_id = f"{subset}-{i:03d}"
                 lines.append(json.dumps({"pair_id": pair_id, "subset": subset, "qry": p["query"],
                                          "pos_text": p["target"], "neg_text": p["negatives"]}))
-                cands = candidates(i, p, with_evidence)
+                cands = candidates(i, p, with_evidence, wording)
                 kinds[pair_id] = [k for k, _ in cands]
                 rationales.append(json.dumps({"pair_id": pair_id, "rationales": [t for _, t in cands]}))
             (root / "pairs" / f"{subset}.jsonl").write_text("\n".join(lines) + "\n")

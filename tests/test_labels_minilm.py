@@ -11,7 +11,7 @@ evidence candidate are reason (72/75 with the shipped seed, 70 to 74 of 75 over 
 the evidence is what at least 95% of them choose; calibrated as one group, pairs with and without evidence (hard
 ones, or all four sets) keep the rate and much of the evidence, hard and easy; the fixed rule
 (scoring.decision.rule bar) on the same scores labels a share of the content-free pairs reason; every label
-recomputes from the stored columns.
+recomputes from the stored columns; with every text worded another way, filler stays under 5% in both modes.
 """
 import copy
 
@@ -21,7 +21,7 @@ from pipeline.plan import label_job
 from stages.calibrate import calibrate, row_scores
 from stages.score import score_rows as score_deltas
 from stages.select import REASON, help_threshold, null_score, score_rows, select_rows
-from tests.constructed_pairs import run_job, write
+from tests.constructed_pairs import WORDINGS, build, minilm_embed, run_job, write
 
 HARD, EASY = "hard", "easy"
 
@@ -138,6 +138,33 @@ def test_cosine_keeps_the_fixed_rules_evidence_at_a_higher_stated_rate(world, co
             >= 0.85 * sum(r["decision"] == REASON for r in subset(bar, "hard_evidence")))
     for name in (HARD, EASY):
         assert reason_rate(relabelled, f"{name}_content_free") <= 0.2
+
+
+@pytest.fixture(scope="module")
+def varied(constructed_sets, tmp_path_factory):
+    """The same facts with every text worded another way (tests/constructed_pairs.py: WORDINGS["varied"]), and
+    their labels in both modes."""
+    wording = WORDINGS["varied"]
+    sets = build(minilm_embed(constructed_sets["model"]), wording)
+    assert len(sets[HARD]) >= 60 and len(sets[EASY]) >= 60
+    root = tmp_path_factory.mktemp("labels-varied")
+    world = {**write(root / "data", sets, wording), "root": root, "model": constructed_sets["model"]}
+    return world, {mode: job(world, mode)[1] for mode in ("pair_aware", "cosine")}
+
+
+def test_another_wording_keeps_filler_out_and_most_evidence(varied):
+    """Other queries, evidence, restatements and longer filler: content-free candidates stay under 5% in both
+    modes, and in pair-aware mode most hard pairs with evidence are reason, naming it. With the shipped seed
+    96 of 101 (95%), over eight draws 94.1 (88 to 97): short of 95% on average, where other pairs' rationales beat
+    the evidence (README: another wording)."""
+    world, rows = varied
+    for mode in ("pair_aware", "cosine"):
+        for name in (HARD, EASY):
+            assert reason_rate(rows[mode], f"{name}_content_free") <= 0.05, (mode, name)
+    hard = subset(rows["pair_aware"], "hard_evidence")
+    reason = [r for r in hard if r["decision"] == REASON]
+    assert len(reason) >= 0.9 * len(hard)
+    assert sum(kind(world, r, r["chosen"]) == "evidence" for r in reason) >= 0.95 * len(reason)
 
 
 def headroom(row) -> float:
