@@ -82,7 +82,12 @@ def decision_rule(pairs: Optional[pl.LazyFrame], cfg) -> dict:
                    f"null_margin = margin x the pair's headroom (-log p(t+ | q), or 1 - s_direct in cosine mode); "
                    f"per {rule.group} and side, the margin is set so that the estimated false-discovery rate of "
                    f"the reason labels is at most {rule.fdr:g} (knockoff+ over decoys: the expected share of reason "
-                   f"labels whose rationales carry nothing about the pair stays under it)"))
+                   f"labels whose rationales carry nothing about the pair stays under it, as far as the decoys move "
+                   f"the score no less than the pair's own content-free rationales would)" + (
+                       "; cosine mode sees the positive alone, and there a rationale that names an entity of the "
+                       "target's kind beats the decoys more often than chance, so groups that mix pairs with and "
+                       "without content can exceed the rate (README: a mixed group)"
+                       if cfg.scoring.mode == "cosine" else "")))
     out["calibration"] = [] if pairs is None else calibrate(output_scores(pairs, rule.group), rule.fdr, chance)
     return out
 

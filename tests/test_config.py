@@ -210,3 +210,17 @@ def test_vllm_takes_the_transformers_embedder_options_and_passes_engine_options_
     assert config.config_hash(ignored) == config.config_hash(vllm) != config.config_hash(engine)
     options = embedder_class("vllm").Options.parse({"batch_size": 4, "max_model_len": 64, "dtype": "float32"})
     assert options.passed_on == {"max_model_len": 64, "dtype": "float32"}
+
+
+def test_the_manifest_states_the_rules_promise_and_its_limit_in_cosine_mode(job):
+    """Under the decoy rule the manifest (and from it the report and the dataset card) states the rate and the
+    assumption it rests on, and in cosine mode where that assumption fails on measured sets."""
+    from pipeline.manifest import decision_rule
+
+    for mode in ("pair_aware", "cosine"):
+        rule = decision_rule(None, config.load(job, [f"scoring.mode={mode}", "scoring.decision.rule=decoys",
+                                                     "scoring.decision.fdr=0.05"]))
+        assert rule["fdr"] == 0.05 and "at most 0.05" in rule["promise"]
+        assert "no less than the pair's own content-free rationales" in rule["promise"]
+        assert ("can exceed the rate" in rule["promise"]) == (mode == "cosine")
+    assert "no stated error rate" in decision_rule(None, config.load(job, ["scoring.decision.rule=bar"]))["promise"]
