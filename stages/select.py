@@ -124,6 +124,12 @@ def pair_margin(margin: float, room: float) -> float:
     return float(margin * room) if room > 0 else float("inf")
 
 
+def delta_margin(row: dict, margin: float, decoys_required: int) -> float:
+    """A margin in the pair's delta units: under the decoy rule (decoys_required > 0) margin is a share of the
+    pair's headroom (pair_margin), under the bar rule it is in delta's units already."""
+    return pair_margin(margin, pair_headroom(row)) if decoys_required else margin
+
+
 def decide(best_delta: Optional[float], threshold: Optional[float]) -> str:
     if best_delta is None or threshold is None:
         return UNDECIDED
@@ -158,9 +164,9 @@ def satisfied(row: dict, side: Side, epsilon: float, margin: float, decoys_requi
     if not tested({**row, side.column("best_delta"): 0.0}, side, decoys_required):
         return False
     best = choose_side(row, side)[1]
-    own = pair_margin(margin, pair_headroom(row)) if decoys_required else margin
     threshold = help_threshold(base_threshold(epsilon, row.get(side.column("control_delta"))),
-                               decoy_deltas(row, side) if decoys_required else (), own)
+                               decoy_deltas(row, side) if decoys_required else (),
+                               delta_margin(row, margin, decoys_required))
     return best is not None and best > threshold
 
 
@@ -202,7 +208,7 @@ def label_side(row: dict, side: Side, margin: Optional[float], decoys_required: 
     elif margin is None:
         threshold = own = float("inf")
     else:
-        own = pair_margin(margin, pair_headroom(row)) if decoys_required else margin
+        own = delta_margin(row, margin, decoys_required)
         threshold = help_threshold(base, decoy_deltas(row, side) if decoys_required else (), own)
     decision = decide(row.get(side.column("best_delta")), threshold)
     row[side.column("help_threshold")] = threshold
