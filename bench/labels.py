@@ -7,6 +7,7 @@
     python bench/labels.py --draws 8 [key=value ...]       # the same over decoy draws scoring.seed = 0 .. 7
     python bench/labels.py --fewer-decoys 8                # what fewer decoys than candidate slots would give
     python bench/labels.py --mixed 8 [key=value ...]       # pairs with and without evidence as one group
+    python bench/labels.py --null-wins 8                   # how often content-free candidates top their decoys
     python bench/labels.py --wording varied [...]          # any of the above on the sets worded another way
 
 Rows: the hard pairs (the plain query ranks a hard negative first; the evidence rationale fixes it) and the easy
@@ -127,6 +128,38 @@ def mixed(world: dict, root: Path, n: int, overrides: list[str]) -> None:
         print()
 
 
+def null_wins(world: dict, root: Path, n: int, overrides: list[str]) -> None:
+    """Over n decoy draws, per mode, on the pairs without the evidence candidate: in how many decoy competitions
+    that the bar does not settle (the top of candidates and decoys is above it) the candidates' best tops every
+    decoy, against the share exchangeable texts would give (valid candidates over valid candidates and decoys), and
+    which candidate kind won. Fewer wins than that share: the decoys are stronger than the pair's own content-free
+    text and the rule errs on the safe side; more: the rate can be exceeded (README: the decoy rule)."""
+    for mode in ("pair_aware", "cosine"):
+        print(f"### {mode}: content-free candidates against their decoys, {n} decoy draws\n")
+        print("| pairs | competitions | candidates top | exchangeable texts would | won by |")
+        print("|---|---|---|---|---|")
+        tally = {kind: {"games": 0, "wins": 0, "chance": 0.0, "by": {}} for kind in ("hard", "easy")}
+        for rows, _ in decoy_draws(world, root, mode, n, overrides):
+            for r in rows:
+                kind, cands = r["subset"].split("_", 1)
+                valid = [c["delta"] for c in r["candidates"] if c.get("valid") and c.get("delta") is not None]
+                decoys = [d["delta"] for d in r["decoys"] if d.get("delta") is not None]
+                if cands == "evidence" or not valid or not decoys \
+                        or not max(*valid, *decoys) > r["base_threshold"]:
+                    continue
+                t = tally[kind]
+                t["games"] += 1
+                t["chance"] += len(valid) / (len(valid) + len(decoys))
+                if max(valid) > max(decoys):
+                    t["wins"] += 1
+                    name = world["kinds"][r["pair_id"]][r["chosen"]]
+                    t["by"][name] = t["by"].get(name, 0) + 1
+        for kind, t in tally.items():
+            by = ", ".join(f"{name} {count}" for name, count in sorted(t["by"].items(), key=lambda x: -x[1]))
+            print(f"| {kind}, without the evidence one | {t['games']} | {t['wins']} | {t['chance']:.0f} | {by} |")
+        print()
+
+
 def lead_over_runner_up(row: dict, decoys: int) -> float:
     """The pair's null_score against its first `decoys` decoys with a statistic that is exact for any number of
     them: + or - (the best candidate tops every decoy or not) the top's lead over max(the runner-up of all the
@@ -180,6 +213,8 @@ def main(argv=None) -> None:
                     help="over N decoy draws, the labels with fewer decoys than candidate slots")
     ap.add_argument("--mixed", type=int, default=0, metavar="N",
                     help="over N decoy draws, pairs with and without evidence calibrated as one group")
+    ap.add_argument("--null-wins", type=int, default=0, metavar="N",
+                    help="over N decoy draws, how often content-free candidates top their decoys")
     ap.add_argument("--wording", choices=sorted(WORDINGS), default="plain",
                     help="how the sets' texts are written (tests/constructed_pairs.py; default plain)")
     ap.add_argument("overrides", nargs="*")
@@ -194,7 +229,8 @@ def main(argv=None) -> None:
     world = {**write(root / "data", sets, wording), "model": model}
     print(f"constructed pairs, {args.wording} wording: {len(sets['hard'])} hard, {len(sets['easy'])} easy "
           f"(MiniLM; {root})\n")
-    special = [(n, way) for n, way in ((args.draws, draws), (args.fewer_decoys, fewer_decoys), (args.mixed, mixed)) if n]
+    special = [(n, way) for n, way in ((args.draws, draws), (args.fewer_decoys, fewer_decoys), (args.mixed, mixed),
+                                                 (args.null_wins, null_wins)) if n]
     if special:
         n, way = special[0]
         way(world, root, n, args.overrides)
