@@ -32,7 +32,7 @@ from typing import Any, Mapping, Optional
 import pyarrow as pa
 
 from stages.contract import Contract
-from stages.select import satisfied
+from stages.select import HEADROOM_COLUMNS, satisfied
 from stages.backends import generator_class
 from stages.backends.base import IMAGE_MARKER, GenRequest
 from stages.backends.parsing import classify, select_rationale
@@ -160,8 +160,7 @@ class GenerateSpec(StageSpec):
         if self.satisfied_above is not None:  # a later round skips the pairs that a candidate already helps
             reads += [side.column("control_delta")] + [f"{field}.{name}" for name in SATISFIED_FIELDS]
             # the decoys and, as the margin is a share of it, the headroom (stages/score.py)
-            reads += ([f"{side.decoys}.delta", "scoring_mode", "temperature", "s_direct", "lse_direct"]
-                      if self.decoys_required else [])
+            reads += [f"{side.decoys}.delta", *HEADROOM_COLUMNS] if self.decoys_required else []
         writes = [field] + [f"{field}.{name}" for name in GENERATED_FIELDS]
         writes += ["quarantine_reason", "quarantine_detail"]  # an image changed or gone since the read
         return Contract(f"generate[{self.generator.name},{side.name}]", tuple(reads), tuple(writes))

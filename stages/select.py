@@ -113,8 +113,12 @@ def null_score(best_delta: float, group_best, base: float, room: float) -> float
     return float(size if best_delta > max(group_best, default=-np.inf) else -size)
 
 
+# what pair_headroom reads of a row: a stage that calls it names these in its contract
+HEADROOM_COLUMNS = ("scoring_mode", "temperature", "s_direct", "lse_direct")
+
+
 def pair_headroom(row: dict) -> float:
-    """The pair's headroom (stages/score.py) from its stored scores."""
+    """The pair's headroom (stages/score.py) from its stored scores (HEADROOM_COLUMNS)."""
     return headroom(row["scoring_mode"], row["s_direct"], row["lse_direct"], row["temperature"])
 
 
@@ -329,7 +333,7 @@ class SelectSpec(StageSpec):
             reads += [f"{side.decoys}.delta"] if self.decoys_required else []
             writes += [side.column(name) for name in per_side]
         if self.decoys_required:  # the headroom (stages/score.py)
-            reads += ["scoring_mode", "temperature", "s_direct", "lse_direct"]
+            reads += HEADROOM_COLUMNS
         if len(self.sides) > 1 and not self.decoys_required:  # the joint choice compares the sides' decisions
             reads += ["candidates.delta_joint"]
             writes += JOINT_COLUMNS
