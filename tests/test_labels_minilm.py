@@ -26,12 +26,15 @@ from tests.constructed_pairs import WORDINGS, build, minilm_embed, run_job, writ
 HARD, EASY = "hard", "easy"
 
 
+def written(root, sets: dict, model: str, wording=WORDINGS["plain"]) -> dict:
+    """The sets written as the job's input under root (tests/constructed_pairs.py:write), with what job() needs."""
+    assert len(sets[HARD]) >= 60 and len(sets[EASY]) >= 60
+    return {**write(root / "data", sets, wording), "root": root, "model": model, "sets": sets}
+
+
 @pytest.fixture(scope="module")
 def world(constructed_sets, tmp_path_factory):
-    root = tmp_path_factory.mktemp("labels-world")
-    sets = constructed_sets["sets"]
-    assert len(sets[HARD]) >= 60 and len(sets[EASY]) >= 60
-    return {**write(root / "data", sets), "root": root, "model": constructed_sets["model"], "sets": sets}
+    return written(tmp_path_factory.mktemp("labels-world"), constructed_sets["sets"], constructed_sets["model"])
 
 
 def job(world, mode: str, *overrides: str, baseline: bool = False):
@@ -144,11 +147,8 @@ def test_cosine_keeps_the_fixed_rules_evidence_at_a_higher_stated_rate(world, co
 def varied(constructed_sets, tmp_path_factory):
     """The same facts with every text worded another way (tests/constructed_pairs.py: WORDINGS["varied"]), and
     their labels in both modes."""
-    wording = WORDINGS["varied"]
-    sets = build(minilm_embed(constructed_sets["model"]), wording)
-    assert len(sets[HARD]) >= 60 and len(sets[EASY]) >= 60
-    root = tmp_path_factory.mktemp("labels-varied")
-    world = {**write(root / "data", sets, wording), "root": root, "model": constructed_sets["model"]}
+    wording, model = WORDINGS["varied"], constructed_sets["model"]
+    world = written(tmp_path_factory.mktemp("labels-varied"), build(minilm_embed(model), wording), model, wording)
     return world, {mode: job(world, mode)[1] for mode in ("pair_aware", "cosine")}
 
 
