@@ -224,3 +224,13 @@ def test_the_manifest_states_the_rules_promise_and_its_limit_in_cosine_mode(job)
         assert "no less than the pair's own content-free rationales" in rule["promise"]
         assert ("can exceed the rate" in rule["promise"]) == (mode == "cosine")
     assert "no stated error rate" in decision_rule(None, config.load(job, ["scoring.decision.rule=bar"]))["promise"]
+
+
+def test_a_job_that_names_no_mode_gets_the_mode_whose_rate_holds_in_mixed_groups(job):
+    """A config that leaves scoring.mode out is labelled in pair-aware mode, the one the manifest promises its rate
+    without cosine mode's limit."""
+    from pipeline.manifest import decision_rule
+
+    cfg = config.load(job, [])
+    assert cfg.scoring.mode == "pair_aware" and cfg.scoring.decision.rule == "decoys"
+    assert "can exceed the rate" not in decision_rule(None, cfg)["promise"]
