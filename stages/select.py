@@ -128,10 +128,13 @@ def pair_margin(margin: float, room: float) -> float:
     return float(margin * room) if room > 0 else float("inf")
 
 
-def delta_margin(row: dict, margin: float, decoys_required: int) -> float:
-    """A margin in the pair's delta units: under the decoy rule (decoys_required > 0) margin is a share of the
-    pair's headroom (pair_margin), under the bar rule it is in delta's units already."""
-    return pair_margin(margin, pair_headroom(row)) if decoys_required else margin
+def side_threshold(row: dict, side: Side, base: float, margin: float, decoys_required: int) -> tuple[float, float]:
+    """The side's help_threshold and its margin in the pair's delta units. Under the decoy rule (decoys_required
+    > 0) `margin` is a share of the pair's headroom (pair_margin) and the threshold clears base and the side's
+    decoys; under the bar rule it is in delta's units already and clears base alone. Labels (label_side) and
+    rounds (satisfied) both take their threshold from here."""
+    own = pair_margin(margin, pair_headroom(row)) if decoys_required else margin
+    return help_threshold(base, decoy_deltas(row, side) if decoys_required else (), own), own
 
 
 def decide(best_delta: Optional[float], threshold: Optional[float]) -> str:
@@ -168,9 +171,8 @@ def satisfied(row: dict, side: Side, epsilon: float, margin: float, decoys_requi
     if not tested({**row, side.column("best_delta"): 0.0}, side, decoys_required):
         return False
     best = choose_side(row, side)[1]
-    threshold = help_threshold(base_threshold(epsilon, row.get(side.column("control_delta"))),
-                               decoy_deltas(row, side) if decoys_required else (),
-                               delta_margin(row, margin, decoys_required))
+    threshold, _ = side_threshold(row, side, base_threshold(epsilon, row.get(side.column("control_delta"))), margin,
+                                  decoys_required)
     return best is not None and best > threshold
 
 
@@ -212,8 +214,7 @@ def label_side(row: dict, side: Side, margin: Optional[float], decoys_required: 
     elif margin is None:
         threshold = own = float("inf")
     else:
-        own = delta_margin(row, margin, decoys_required)
-        threshold = help_threshold(base, decoy_deltas(row, side) if decoys_required else (), own)
+        threshold, own = side_threshold(row, side, base, margin, decoys_required)
     decision = decide(row.get(side.column("best_delta")), threshold)
     row[side.column("help_threshold")] = threshold
     if decoys_required:
