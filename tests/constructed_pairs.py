@@ -50,7 +50,6 @@ _CLOSINGS = ["Then I will give my answer.", "After that, the answer should be cl
              "That settles it."]
 
 
-
 @dataclass(frozen=True)
 class Wording:
     """How a set's texts are written: templates over {category}, {described} (a description), {clue} and {name}
