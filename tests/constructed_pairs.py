@@ -180,25 +180,41 @@ def candidates(i: int, pair: dict, with_evidence: bool, wording: Wording = PLAIN
     return out
 
 
-def write(root: Path, sets: dict[str, list[dict]], wording: Wording = PLAIN) -> dict:
-    """An MMEB-style input, one file (subset) per set and condition (`<set>_evidence`: all five candidates,
-    `<set>_content_free`: without the evidence one), and the rationales for the precomputed generator, in the
-    wording the sets were built with. Returns the paths and {pair_id: [candidate kinds]}."""
-    (root / "pairs").mkdir(parents=True, exist_ok=True)
+LAYOUTS = ("per_set", "one_subset")
+
+
+def write(root: Path, sets: dict[str, list[dict]], wording: Wording = PLAIN, layout: str = "per_set") -> dict:
+    """An MMEB-style input and the rationales for the precomputed generator, in the wording the sets were built
+    with. Layout per_set: each set and condition is its own subset (`<set>_evidence`: all five candidates,
+    `<set>_content_free`: without the evidence one). Layout one_subset: each condition holds every set's pairs in
+    one subset, `all_<condition>`, in a seeded shuffle, so that decoys are drawn and margins calibrated across hard
+    and easy pairs, as in a real subset. A pair's id is `<set>_<condition>-<index>` in both (set_of). Returns the
+    paths and {pair_id: [candidate kinds]}."""
+    files: dict[str, list[str]] = {}
     kinds, rationales = {}, []
     for name, pairs in sets.items():
         for condition, with_evidence in (("evidence", True), ("content_free", False)):
-            subset, lines = f"{name}_{condition}", []
             for i, p in enumerate(pairs):
-                pair_id = f"{subset}-{i:03d}"
-                lines.append(json.dumps({"pair_id": pair_id, "subset": subset, "qry": p["query"],
-                                         "pos_text": p["target"], "neg_text": p["negatives"]}))
+                pair_id = f"{name}_{condition}-{i:03d}"
+                subset = f"{name}_{condition}" if layout == "per_set" else f"all_{condition}"
+                files.setdefault(subset, []).append(json.dumps({"pair_id": pair_id, "subset": subset,
+                                                                "qry": p["query"], "pos_text": p["target"],
+                                                                "neg_text": p["negatives"]}))
                 cands = candidates(i, p, with_evidence, wording)
                 kinds[pair_id] = [k for k, _ in cands]
                 rationales.append(json.dumps({"pair_id": pair_id, "rationales": [t for _, t in cands]}))
-            (root / "pairs" / f"{subset}.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "pairs").mkdir(parents=True, exist_ok=True)
+    for subset, lines in files.items():
+        if layout == "one_subset":
+            lines = [lines[j] for j in np.random.default_rng(0).permutation(len(lines))]
+        (root / "pairs" / f"{subset}.jsonl").write_text("\n".join(lines) + "\n")
     (root / "rationales.jsonl").write_text("\n".join(rationales) + "\n")
     return {"input": str(root / "pairs"), "rationales": str(root / "rationales.jsonl"), "kinds": kinds}
+
+
+def set_of(row: dict) -> str:
+    """The set and condition a labelled row was written for (`hard_evidence`, ...), whatever the layout."""
+    return row["pair_id"].rsplit("-", 1)[0]
 
 
 def run_job(world: dict, root: Path, mode: str, overrides=(), baseline: bool = False):
