@@ -41,7 +41,8 @@ from stages.calibrate import knockoff_margin  # noqa: E402
 from stages.select import REASON, pair_headroom  # noqa: E402
 from tests.constructed_pairs import LAYOUTS, WORDINGS, build, minilm_embed, run_job, set_of, write  # noqa: E402
 
-SUBSETS = ("hard_evidence", "hard_content_free", "easy_evidence", "easy_content_free")
+# the tables' rows: a set and condition (tests/constructed_pairs.py:set_of), whatever the layout
+SETS = ("hard_evidence", "hard_content_free", "easy_evidence", "easy_content_free")
 
 
 def run(world: dict, root: Path, mode: str, overrides: list[str], baseline: bool = False) -> tuple[list[dict], dict]:
@@ -50,9 +51,9 @@ def run(world: dict, root: Path, mode: str, overrides: list[str], baseline: bool
     return rows, config.to_dict(cfg)["scoring"]
 
 
-def row_head(subset: str) -> tuple[str, str, bool]:
+def row_head(set_name: str) -> tuple[str, str, bool]:
     """A table row's pairs and candidates columns, and whether its pairs have the evidence candidate."""
-    kind, cands = subset.split("_", 1)
+    kind, cands = set_name.split("_", 1)
     evidence = cands == "evidence"
     return kind, "all five" if evidence else "without the evidence one", evidence
 
@@ -61,8 +62,8 @@ def evidence_chosen(reason: list[dict], kinds: dict) -> int:
     return sum(kinds[r["pair_id"]][r["chosen"]] == "evidence" for r in reason)
 
 
-def cell(rows: list[dict], kinds: dict, subset: str, evidence: bool) -> str:
-    mine = [r for r in rows if set_of(r) == subset]
+def cell(rows: list[dict], kinds: dict, set_name: str, evidence: bool) -> str:
+    mine = [r for r in rows if set_of(r) == set_name]
     reason = [r for r in mine if r["decision"] == REASON]
     text = f"{len(reason)}/{len(mine)} ({len(reason) / max(1, len(mine)):.0%})"
     if evidence and reason:
@@ -80,25 +81,25 @@ def decoy_draws(world: dict, root: Path, mode: str, n: int, overrides: list[str]
 def draws(world: dict, root: Path, n: int, overrides: list[str]) -> None:
     """The decoy rule's reason counts over n decoy draws, per mode and row."""
     for mode in ("pair_aware", "cosine"):
-        counts = {subset: [] for subset in SUBSETS}
-        chosen = {subset: 0 for subset in SUBSETS}
+        counts = {set_name: [] for set_name in SETS}
+        chosen = {set_name: 0 for set_name in SETS}
         for rows, _ in decoy_draws(world, root, mode, n, overrides):
-            for subset in SUBSETS:
-                reason = [r for r in rows if set_of(r) == subset and r["decision"] == REASON]
-                counts[subset].append(len(reason))
-                chosen[subset] += evidence_chosen(reason, world["kinds"])
+            for set_name in SETS:
+                reason = [r for r in rows if set_of(r) == set_name and r["decision"] == REASON]
+                counts[set_name].append(len(reason))
+                chosen[set_name] += evidence_chosen(reason, world["kinds"])
         print(f"### {mode}: `reason` under the decoy rule over {n} decoy draws (scoring.seed 0 to {n - 1})\n")
         print("| pairs | candidates | per draw | mean | evidence chosen |")
         print("|---|---|---|---|---|")
-        for subset in SUBSETS:
-            kind, label, evidence = row_head(subset)
-            total = sum(counts[subset])
-            print(f"| {kind} | {label} | {', '.join(map(str, counts[subset]))} | {total / n:.1f} | "
-                  + (f"{chosen[subset]} of {total} |" if evidence else "– |"))
+        for set_name in SETS:
+            kind, label, evidence = row_head(set_name)
+            total = sum(counts[set_name])
+            print(f"| {kind} | {label} | {', '.join(map(str, counts[set_name]))} | {total / n:.1f} | "
+                  + (f"{chosen[set_name]} of {total} |" if evidence else "– |"))
         print()
 
 
-MIXED_GROUPS = {"the hard pairs": ("hard_evidence", "hard_content_free"), "all four sets": SUBSETS}
+MIXED_GROUPS = {"the hard pairs": ("hard_evidence", "hard_content_free"), "all four sets": SETS}
 
 
 def mixed(world: dict, root: Path, n: int, overrides: list[str]) -> None:
@@ -107,25 +108,25 @@ def mixed(world: dict, root: Path, n: int, overrides: list[str]) -> None:
     content: the hard pairs with and without evidence, then all four sets (hard and easy) together. Each pair
     keeps its scores and decoys as the job drew them."""
     for mode in ("pair_aware", "cosine"):
-        counts = {(name, subset): [] for name, subsets in MIXED_GROUPS.items() for subset in subsets}
+        counts = {(name, set_name): [] for name, sets in MIXED_GROUPS.items() for set_name in sets}
         chosen = dict.fromkeys(counts, 0)
         for rows, cfg in decoy_draws(world, root, mode, n, overrides):
             cfg.scoring.decision.group = "job"
-            for name, subsets in MIXED_GROUPS.items():
-                group = [copy.deepcopy(r) for r in rows if set_of(r) in subsets]
+            for name, sets in MIXED_GROUPS.items():
+                group = [copy.deepcopy(r) for r in rows if set_of(r) in sets]
                 label_job(cfg, group)
-                for subset in subsets:
-                    reason = [r for r in group if set_of(r) == subset and r["decision"] == REASON]
-                    counts[name, subset].append(len(reason))
-                    chosen[name, subset] += evidence_chosen(reason, world["kinds"])
+                for set_name in sets:
+                    reason = [r for r in group if set_of(r) == set_name and r["decision"] == REASON]
+                    counts[name, set_name].append(len(reason))
+                    chosen[name, set_name] += evidence_chosen(reason, world["kinds"])
         print(f"### {mode}: pairs with and without the evidence one calibrated as one group, {n} decoy draws\n")
         print("| group | pairs | candidates | per draw | mean | evidence chosen |")
         print("|---|---|---|---|---|---|")
-        for (name, subset), values in counts.items():
-            kind, label, evidence = row_head(subset)
+        for (name, set_name), values in counts.items():
+            kind, label, evidence = row_head(set_name)
             total = sum(values)
             print(f"| {name} | {kind} | {label} | {', '.join(map(str, values))} | {total / n:.1f} | "
-                  + (f"{chosen[name, subset]} of {total} |" if evidence else "– |"))
+                  + (f"{chosen[name, set_name]} of {total} |" if evidence else "– |"))
         print()
 
 
@@ -181,7 +182,7 @@ def fewer_decoys(world: dict, root: Path, n: int, overrides: list[str]) -> None:
     fewer decoys per pair (lead_over_runner_up, calibrated per subset as the shipped rule is)."""
     ways = [("shipped: 5 (one per slot)", None), *[(f"{d} of 5, lead over runner-up", d) for d in (5, 3, 2, 1)]]
     for mode in ("pair_aware", "cosine"):
-        counts = {(way, subset): [] for way, _ in ways for subset in SUBSETS}
+        counts = {(way, set_name): [] for way, _ in ways for set_name in SETS}
         for rows, cfg in decoy_draws(world, root, mode, n, overrides):
             fdr, slots = cfg.scoring.decision.fdr, len(rows[0]["candidates"])
             tested = [r for r in rows if r["best_delta"] is not None]
@@ -194,15 +195,15 @@ def fewer_decoys(world: dict, root: Path, n: int, overrides: list[str]) -> None:
                         scores = [lead_over_runner_up(r, d) for r in mine]
                         margin = knockoff_margin(scores, fdr, slots / (slots + d))["margin"]
                         reason |= {r["pair_id"] for r, t in zip(mine, scores) if margin is not None and t > margin}
-                for subset in SUBSETS:
-                    counts[way, subset].append(sum(r["pair_id"] in reason and set_of(r) == subset for r in tested))
+                for set_name in SETS:
+                    counts[way, set_name].append(sum(r["pair_id"] in reason and set_of(r) == set_name for r in tested))
         print(f"### {mode}: `reason` with fewer decoys per pair, {n} decoy draws (mean; lowest or highest draw)\n")
-        print("| decoys per pair | " + " | ".join(" ".join(row_head(s)[:2]) for s in SUBSETS) + " |")
-        print("|---" * (len(SUBSETS) + 1) + "|")
+        print("| decoys per pair | " + " | ".join(" ".join(row_head(s)[:2]) for s in SETS) + " |")
+        print("|---" * (len(SETS) + 1) + "|")
         for way, _ in ways:
             cells = []
-            for subset in SUBSETS:
-                values, evidence = counts[way, subset], row_head(subset)[2]
+            for set_name in SETS:
+                values, evidence = counts[way, set_name], row_head(set_name)[2]
                 worst = f"lowest {min(values)}" if evidence else f"highest {max(values)}"
                 cells.append(f"{sum(values) / n:.1f} ({worst})")
             print(f"| {way} | " + " | ".join(cells) + " |")
@@ -252,10 +253,10 @@ def main(argv=None) -> None:
               f"| decoy rule ({d['rule']}, fdr {d['fdr']:g}, group {d['group']}, epsilon {scoring['epsilon']:g}, "
               f"controls: {len(scoring['controls'])}) |")
         print("|---|---|---|---|")
-        for subset in SUBSETS:
-            kind, label, evidence = row_head(subset)
-            print(f"| {kind} | {label} | {cell(bar, world['kinds'], subset, evidence)} | "
-                  f"{cell(rows, world['kinds'], subset, evidence)} |")
+        for set_name in SETS:
+            kind, label, evidence = row_head(set_name)
+            print(f"| {kind} | {label} | {cell(bar, world['kinds'], set_name, evidence)} | "
+                  f"{cell(rows, world['kinds'], set_name, evidence)} |")
         print()
     print(f"{time.monotonic() - t0:.0f} s")
 
