@@ -117,10 +117,12 @@ class EmbedderSpec:
         """From the config's embedder (the typed config's node, or the same as a dict)."""
         return cls(**{f: dict(e[f]) if f == "options" else e[f] for f in cls.__dataclass_fields__})
 
-    def identity(self) -> str:
-        """What decides its vectors, for the embedding cache's keys (stages/embed_cache.py)."""
+    def identity(self, vector_settings: Mapping) -> str:
+        """What decides its vectors, for the embedding cache's keys (stages/embed_cache.py): the config's side and
+        what the loaded backend decided on its machine (EmbedderBackend.vector_settings)."""
         return embedder_identity({"backend": self.backend, "model": self.model, "pooling": self.pooling,
-                                  "max_length": self.max_length, "options": dict(self.options)})
+                                  "max_length": self.max_length, "options": dict(self.options),
+                                  "vector_settings": dict(vector_settings)})
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,7 @@ class Embed:
         self.images = ImageLoader(spec.max_image_pixels)  # this actor's images, loaded from their references
         self.backend = embedder_class(e.backend)(e.model, pooling=e.pooling, max_length=e.max_length,
                                                  trust_remote_code=e.trust_remote_code, **e.options)
-        self.cache = EmbeddingCache(spec.cache_dir, e.identity())
+        self.cache = EmbeddingCache(spec.cache_dir, e.identity(self.backend.vector_settings))
         self.stats.ready()
 
     # ------------------------------------------------------------ one batch

@@ -69,15 +69,17 @@ def model_fingerprint(model: str) -> str:
 
 
 def embedder_identity(embedder: dict) -> str:
-    """A short hex id of everything that decides an embedder's vectors: backend, weights, pooling, max_length
-    and options (all of them: device, dtype and even batch shapes can move the last bits). Instructions are
-    not part of it: they are in the text that `content_key` hashes."""
+    """A short hex id of everything that decides an embedder's vectors: backend, weights, pooling, max_length,
+    options (all of them: device, dtype and even batch shapes can move the last bits) and `vector_settings`, what
+    the backend decided where the options are silent (a GPU's defaults are not a CPU's). Instructions are not part
+    of it: they are in the text that `content_key` hashes."""
     spec = {
         "backend": embedder["backend"],
         "model": model_fingerprint(embedder["model"]),
         "pooling": embedder["pooling"],
         "max_length": embedder["max_length"],
         "options": embedder.get("options") or {},
+        "vector_settings": embedder.get("vector_settings") or {},
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -225,6 +225,19 @@ def test_embeddings_are_unit_rows_of_the_hidden_size(embedder):
     assert embedder.embed([]).shape == (0, 64)
 
 
+def test_an_embedder_says_what_it_decided_on_this_machine(embedder, tiny_models):
+    """What the config left unset and the machine decided (the embedding cache keys on it): the README's defaults
+    (bfloat16 and sorted batching on a GPU, float32 and exact elsewhere), and what options set where they do."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    assert embedder.vector_settings == {"device": "cuda" if gpu else "cpu",
+                                        "dtype": "torch.bfloat16" if gpu else "torch.float32",
+                                        "batching": "sorted" if gpu else "exact"}
+    chosen = TransformersEmbedder(str(tiny_models["embedder"]), device="cpu", dtype="bfloat16", batching="sorted")
+    assert chosen.vector_settings == {"device": "cpu", "dtype": "torch.bfloat16", "batching": "sorted"}
+
+
 def test_batched_equals_one_by_one(embedder):
     inputs = mixed_inputs()
     batched = embedder.embed(inputs)  # batch_size=3: two batches, sorted by length

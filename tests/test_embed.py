@@ -10,6 +10,8 @@ import pytest
 from pipeline import config
 from schemas import WORK_SCHEMA, conform
 from stages.embed import Embed, EmbedderSpec, EmbedSpec
+from stages.embed_cache import EmbeddingCache
+from stages.images import digest_bytes
 from stages.inputs import plan_shards
 from stages.read import ReadSpec, read_shard
 
@@ -98,6 +100,21 @@ def test_a_warm_cache_does_no_model_work_and_gives_the_same_numbers(setup, first
     rows = embed_all(again, setup["rows"])
     assert again.stats["forwards"] == 0 and again.cache.stats["disk_hits"] > 0
     assert similarities(rows) == similarities(first_pass["rows"])
+
+
+def test_vectors_cached_under_other_machine_settings_are_not_served(setup, first_pass):
+    """The same config on another machine (a GPU's default device, dtype and batching, where the config sets none)
+    embeds differently: the cache keys on what the backend decided here, so such a job misses this job's vectors
+    instead of mixing them with its own."""
+    stage = first_pass["stage"]
+    spec, here = stage.spec.embedder, stage.backend.vector_settings
+    q = setup["rows"][0]
+    query = (setup["embedder"]["query_instruction"].replace("{text}", q["query_text"] or ""),
+             digest_bytes(q["query_image"]))
+    same = EmbeddingCache(first_pass["cache"], spec.identity(here))
+    assert same.get_many([same.key(*query)])[0] is not None
+    elsewhere = EmbeddingCache(first_pass["cache"], spec.identity({**here, "device": "cuda", "batching": "sorted"}))
+    assert elsewhere.get_many([elsewhere.key(*query)]) == [None]
 
 
 def test_without_the_cache_the_similarities_agree(setup, first_pass):

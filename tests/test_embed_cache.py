@@ -40,7 +40,7 @@ def test_keys_cover_identity_text_and_image_bytes():
     assert base not in others and len(others) == 4
 
 
-def test_embedder_identity_follows_weights_pooling_and_options(tmp_path):
+def test_embedder_identity_follows_weights_pooling_options_and_machine_settings(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text('{"hidden_size": 8}')
@@ -54,6 +54,10 @@ def test_embedder_identity_follows_weights_pooling_and_options(tmp_path):
     assert embedder_identity({**cfg, "pooling": "mean"}) != ident
     assert embedder_identity({**cfg, "max_length": 256}) != ident
     assert embedder_identity({**cfg, "options": {"dtype": "bfloat16"}}) != ident
+    # the same config where a GPU decides the defaults (device, dtype, batching) it leaves unset
+    cpu = {"device": "cpu", "dtype": "torch.float32", "batching": "exact"}
+    gpu = {"device": "cuda", "dtype": "torch.bfloat16", "batching": "sorted"}
+    assert embedder_identity({**cfg, "vector_settings": cpu}) != embedder_identity({**cfg, "vector_settings": gpu})
 
     blob = bytearray((model / "model.safetensors").read_bytes())
     blob[-5] = 2  # retrained weights: only the tail differs

@@ -69,6 +69,9 @@ class EmbedderBackend(Protocol):
 
     Options: type
     model_id: str
+    # what the backend decided on this machine where the config is silent and that moves vectors (device, dtype,
+    # batching): the same config on a CPU and on a GPU embeds differently, so the embedding cache keys on it
+    vector_settings: dict
 
     def embed(self, inputs: list[EmbedInput]) -> np.ndarray:
         """float32 array (len(inputs), dim), each row L2-normalised."""

@@ -349,6 +349,7 @@ class VLLMEmbedder:
         self.image_token_id = next((vocab[t] for t in ("<|image_pad|>", "<image>") if t in self.image_placeholder
                                     and t in vocab), None)
         self.model_id = f"vllm:{model}:{pooling}"
+        self.vector_settings = {"device": "cpu" if on_cpu() else "accelerator"}
 
     def _tokenized(self, prompt: dict) -> dict:
         """The prompt as token ids, cut to max_length text tokens as the transformers embedder cuts it."""

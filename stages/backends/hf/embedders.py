@@ -80,8 +80,9 @@ class TransformersEmbedder:
         self.batch_size = self.options.batch_size
         self.length_bucket = self.options.length_bucket
         self.inputs = ModelInputs(model, trust_remote_code)
-        self.model = load_model(model, [AutoModel], trust_remote_code, self.device,
-                                dtype_for(self.options.dtype, self.device))
+        dtype = dtype_for(self.options.dtype, self.device)
+        self.model = load_model(model, [AutoModel], trust_remote_code, self.device, dtype)
+        self.vector_settings = {"device": self.device, "dtype": str(dtype), "batching": self.batching}
         params = inspect.signature(self.model.forward).parameters
         # decoders would build a KV cache nobody reads; encoders take no such argument
         self.forward_options = {"use_cache": False} if "use_cache" in params else {}
@@ -232,8 +233,9 @@ class SentenceTransformersEmbedder:
         self.options = self.Options.parse(options, "sentence_transformers embedder")
         self.model_id = model
         self.batch_size = self.options.batch_size
-        self.model = SentenceTransformer(model, device=device_for(self.options.device),
-                                         trust_remote_code=trust_remote_code)
+        device = device_for(self.options.device)
+        self.model = SentenceTransformer(model, device=device, trust_remote_code=trust_remote_code)
+        self.vector_settings = {"device": device}
         self.model.max_seq_length = max_length
 
     def embed(self, inputs: list[EmbedInput]) -> np.ndarray:
