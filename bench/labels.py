@@ -187,8 +187,9 @@ def fewer_decoys(world: dict, root: Path, n: int, overrides: list[str]) -> None:
             fdr, slots = cfg.scoring.decision.fdr, len(rows[0]["candidates"])
             tested = [r for r in rows if r["best_delta"] is not None]
             for way, d in ways:
-                reason = {r["pair_id"] for r in tested if r["decision"] == REASON}
-                if d is not None:
+                if d is None:
+                    reason = {r["pair_id"] for r in tested if r["decision"] == REASON}
+                else:
                     reason = set()
                     for subset in {r["subset"] for r in tested}:
                         mine = [r for r in tested if r["subset"] == subset]
