@@ -211,6 +211,15 @@ def _run(args) -> int:
     return 0 if result["status"] == "complete" else EXIT_FAILED
 
 
+def _relabel(args) -> int:
+    from pipeline import relabel
+
+    cfg = relabel.load_config(Path(args.old_dir), args.new_dir, args.overrides)  # fails fast, in one line
+    result = relabel.relabel(Path(args.old_dir), cfg, overwrite=args.overwrite)
+    print_summary(result, cfg.output.dir, sys.stdout)
+    return 0
+
+
 def _stopped(console: Console, job, e: BaseException) -> int:
     """A job that ended early: one line on what happened, what is kept, and how to go on."""
     from pipeline.verify import read_commit_records
@@ -358,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="show Ray's and the libraries' own output (always in OUT/_logs/run.log)")
     run.set_defaults(func=_run)
 
+    relabel = sub.add_parser("relabel", help="label a finished job's pairs again under other scoring settings "
+                                             "(no model runs), into a new output")
+    __import__("pipeline.relabel", fromlist=["add_arguments"]).add_arguments(relabel)
+    relabel.set_defaults(func=_relabel)
+
     for name, help_text in (("report", "write report.html for a job's output"),
                             ("show", "print one pair of a job's output"),
                             ("export", "export a job's output for a trainer"),
@@ -375,11 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    if args.command == "run" and not verbose:  # until the log file takes them: only warnings on the terminal
+    if args.command in ("run", "relabel") and not verbose:  # until the log file takes them: only warnings on the terminal
         for handler in logging.getLogger().handlers:
             handler.setLevel(logging.WARNING)
     # `run CONFIG --overwrite key=value`: argparse leaves overrides that follow a flag unparsed
-    if extra and args.command == "run" and all("=" in e and not e.startswith("-") for e in extra):
+    if extra and args.command in ("run", "relabel") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

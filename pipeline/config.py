@@ -187,13 +187,16 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{getattr(e, 'problem', None) or e}{where}"
 
 
-def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> DictConfig:
-    """default.yaml <- job config file <- key=value overrides, then checked."""
+def load(path: str | os.PathLike | None, overrides: list[str] = (), saved: dict | None = None) -> DictConfig:
+    """default.yaml <- job config file (or `saved`: a finished job's whole config, as its manifest holds it) <-
+    key=value overrides, then checked."""
     try:
         base = OmegaConf.load(DEFAULT_CONFIG)
         # Each generator entry is completed from the first entry of default.yaml.
         gen_default = base.generators[0]
         layers = [base]
+        if saved is not None:
+            layers.append(OmegaConf.create(saved))
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"config: no such file: {path}")

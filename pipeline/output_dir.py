@@ -11,17 +11,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import yaml
 from omegaconf import DictConfig
 
+from pipeline import card, manifest
 from pipeline.config import ConfigError, config_hash, label_config
 from pipeline.verify import Depth, Problem, check_records, read_commit_records
 from schemas import SCHEMA_VERSION
 from stages import layout
 from stages.files import SHARD_FILE, SHARD_GLOB, TEMP_SHARD_FILE, atomic_write_json, commit_record_path
+
+log = logging.getLogger("pairsel")
 
 
 def _flatten(d, prefix=""):
@@ -145,10 +149,11 @@ def _keep_committed(folder: Path) -> tuple[set[int], list[Problem]]:
 
 
 def prepare_output(out_dir: Path, cfg: DictConfig, overwrite: bool, force: bool,
-                   specs: list[dict] | None = None) -> tuple[set[int], set[int], list[str]]:
+                   input_plan: dict | None = None) -> tuple[set[int], set[int], list[str]]:
     """Make out_dir ready; return the shard ids already committed there (resume is the default), those scored and
     waiting for their labels (the decoy rule: pipeline/calibration.py), and one line for each committed shard that
-    is redone because its files differ from its commit record."""
+    is redone because its files differ from its commit record. input_plan: the plan's plan_fingerprint, which a
+    resume must find unchanged."""
     check_output_dir(out_dir)
     if overwrite:
         remove_own_output(out_dir, cfg.embedder.cache_dir)
@@ -156,8 +161,8 @@ def prepare_output(out_dir: Path, cfg: DictConfig, overwrite: bool, force: bool,
     commits.mkdir(parents=True, exist_ok=True)
     job = out_dir / JOB_RECORD
     current = {"label_config": label_config(cfg), "config_hash": config_hash(cfg), "schema_version": SCHEMA_VERSION}
-    if specs is not None:
-        current["input_plan"] = plan_fingerprint(specs)
+    if input_plan is not None:
+        current["input_plan"] = input_plan
     if job.exists():
         previous = json.loads(job.read_text())
         written = previous.get("schema_version", 1)  # records before this key were all version 1
@@ -165,7 +170,7 @@ def prepare_output(out_dir: Path, cfg: DictConfig, overwrite: bool, force: bool,
             raise ConfigError(f"output.dir: holds shards of schema version {written} and this pairsel writes "
                               f"version {SCHEMA_VERSION}; use --overwrite to start afresh, or another output.dir")
         diff = config_diff(previous["label_config"], current["label_config"])
-        if specs is not None and previous.get("input_plan", current["input_plan"]) != current["input_plan"]:
+        if input_plan is not None and previous.get("input_plan", input_plan) != input_plan:
             old, new = previous["input_plan"], current["input_plan"]
             diff.append(f"input plan: {old['shards']} shards ({old['sha256']}) -> {new['shards']} shards "
                         f"({new['sha256']}); the input files changed")
@@ -189,3 +194,18 @@ def prepare_output(out_dir: Path, cfg: DictConfig, overwrite: bool, force: bool,
     lines += [f"shard {p.shard_id} is scored again: {layout.SCORED}/{p.line()}" for p in damaged_scored
               if p.shard_id not in committed]
     return committed, scored - committed, lines
+
+
+def finish_output(out_dir: Path, cfg: DictConfig, started_at: str, wall_seconds: float, planned_shards: int) -> dict:
+    """Once every shard is committed: the manifest, the dataset card (never over a README.md of the user's), and
+    the job's working folders gone, the labelled shards holding everything the scored ones did. Returns the
+    manifest."""
+    result = manifest.build(out_dir, cfg, started_at, wall_seconds, planned_shards=planned_shards)
+    manifest.write(out_dir, result)
+    if (out_dir / layout.CARD).exists() and not is_pairsel_card(out_dir / layout.CARD):
+        log.warning("%s/README.md is not pairsel's dataset card: left as it is, no card written", out_dir)
+    else:
+        card.write_card(str(out_dir), result)
+    for folder in (layout.STAGING, layout.SCORED):
+        shutil.rmtree(out_dir / folder, ignore_errors=True)
+    return result

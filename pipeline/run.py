@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import tarfile
 import threading
@@ -27,10 +26,10 @@ from typing import Callable
 import ray
 from omegaconf import DictConfig
 
-from pipeline import card, manifest
 from pipeline.calibration import commit_dir, label_scored_shards
 from pipeline.config import REPO_ROOT, ConfigError, to_dict
-from pipeline.output_dir import check_output_dir, is_pairsel_card, prepare_output
+from pipeline.manifest import now_iso
+from pipeline.output_dir import check_output_dir, finish_output, plan_fingerprint, prepare_output
 from pipeline.plan import build_dataset, read_spec
 from pipeline.verify import read_commit_records
 from stages import faults
@@ -226,12 +225,12 @@ class Job:
 def prepare(cfg: DictConfig, overwrite: bool = False, force: bool = False) -> Job:
     """Everything before Ray: the output dir checked (never a user's folder), the input planned, the output dir
     made ready for a fresh run or a resume. Raises ConfigError for every user error."""
-    t0, started_at = time.monotonic(), manifest.now_iso()
+    t0, started_at = time.monotonic(), now_iso()
     out_dir = Path(cfg.output.dir)
     check_output_dir(out_dir)
     specs = plan_input(cfg)
     try:
-        committed, scored, redone = prepare_output(out_dir, cfg, overwrite, force, specs)
+        committed, scored, redone = prepare_output(out_dir, cfg, overwrite, force, plan_fingerprint(specs))
     except OSError as e:  # a folder the user cannot write to, a full disk
         raise ConfigError(f"output.dir: cannot write to {e.filename or out_dir}: {e.strerror or e}") from None
     for line in redone:
@@ -280,15 +279,7 @@ def execute(job: Job, address: str | None = None, quiet: bool = False, progress:
     except Exception as e:
         log.exception("labelling the scored shards failed; rerun the same command to finish")
         raise JobStopped(interrupted=False, cause=e) from e
-    result = manifest.build(out_dir, cfg, job.started_at, time.monotonic() - job.t0, planned_shards=len(job.specs))
-    manifest.write(out_dir, result)
-    if (out_dir / layout.CARD).exists() and not is_pairsel_card(out_dir / layout.CARD):
-        log.warning("%s/README.md is not pairsel's dataset card: left as it is, no card written", out_dir)
-    else:
-        card.write_card(str(out_dir), result)
-    for folder in (layout.STAGING, layout.SCORED):  # the labelled shards hold everything the scored ones did
-        shutil.rmtree(out_dir / folder, ignore_errors=True)
-    return result
+    return finish_output(out_dir, cfg, job.started_at, time.monotonic() - job.t0, planned_shards=len(job.specs))
 
 
 def _ray_tasks(cfg: DictConfig):

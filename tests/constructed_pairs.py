@@ -219,19 +219,26 @@ def set_of(row: dict) -> str:
 
 def run_job(world: dict, root: Path, mode: str, overrides=(), baseline: bool = False):
     """Label the written sets (world: write()'s paths and kinds, and the MiniLM "model") with the job's own stages
-    through pipeline/plan.py:run_local, the precomputed generator giving each pair its five candidates, under
-    configs/demo.yaml's scoring in `mode` or (baseline) the fixed rule it replaces, bench/baseline.yaml's keys on
-    top of it. No in-shard negatives: each pair brings its own. Embeddings are cached in root/cache. Returns the
-    config and the labelled rows."""
+    through pipeline/plan.py:run_local, with job_config's config. Returns the config and the labelled rows."""
     from pipeline import config
     from pipeline.plan import run_local
     from stages.inputs import plan_shards
 
+    cfg = config.load(job_config(world, root, mode, baseline), list(overrides))
+    config.resolve_paths(cfg)
+    return cfg, run_local(cfg, plan_shards(config.to_dict(cfg)["input"]))
+
+
+def job_config(world: dict, root: Path, mode: str, baseline: bool = False, rows_per_shard: int = 200) -> Path:
+    """A job config (written under root) over the written sets: the precomputed generator gives each pair its five
+    candidates, configs/demo.yaml's scoring in `mode` or (baseline) the fixed rule it replaces, bench/baseline.yaml's
+    keys on top of it. No in-shard negatives: each pair brings its own. Embeddings are cached in root/cache, the
+    output goes to root/out-<mode>."""
     scoring = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["scoring"]
     if baseline:
         scoring.update(yaml.safe_load((REPO / "bench" / "baseline.yaml").read_text())["scoring"])
     name = f"{mode}-baseline" if baseline else mode
-    spec = {"input": {"path": world["input"], "format": "mmeb", "rows_per_shard": 200},
+    spec = {"input": {"path": world["input"], "format": "mmeb", "rows_per_shard": rows_per_shard},
             "generators": [{"name": "given", "backend": "precomputed", "model": "given", "k": 5,
                             "options": {"path": world["rationales"]}}],
             "embedder": {"backend": "sentence_transformers", "model": world["model"], "cache_dir": str(root / "cache"),
@@ -239,9 +246,7 @@ def run_job(world: dict, root: Path, mode: str, overrides=(), baseline: bool = F
             "scoring": {**scoring, "mode": mode, "in_shard_negatives": 0}, "output": {"dir": str(root / f"out-{name}")}}
     path = root / f"job-{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
-    cfg = config.load(path, list(overrides))
-    config.resolve_paths(cfg)
-    return cfg, run_local(cfg, plan_shards(config.to_dict(cfg)["input"]))
+    return path
 
 
 def minilm_embed(model_path: str):

@@ -29,7 +29,12 @@ ROWS_PER_SHARD = 6
 
 
 def run_pipeline(args: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pipeline", "run", "configs/demo.yaml", *args]
+    return pairsel(["run", "configs/demo.yaml", *args], env, timeout)
+
+
+def pairsel(args: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` in a session of its own, ended with everything left in it."""
+    cmd = [sys.executable, "-m", "pipeline", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
