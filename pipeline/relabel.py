@@ -31,7 +31,7 @@ from pipeline.errors import ConfigError
 from pipeline.manifest import commit_records, now_iso
 from pipeline.output_dir import check_output_dir, finish_output, prepare_output
 from pipeline.plan import provenance
-from pipeline.verify import DamagedOutput, Depth, check_records, label_stages, read_json, recompute
+from pipeline.verify import DamagedOutput, Depth, check_records, config_hashes, label_stages, read_json, recompute
 from schemas import CALIBRATED_COLUMNS, OUTPUT_SCHEMA, SCHEMA_VERSION, conform
 from stages import layout
 from stages.files import atomic_copy, atomic_write_table, shard_file, shard_name
@@ -81,6 +81,12 @@ def relabel(old_dir: Path, cfg: DictConfig, overwrite: bool = False) -> dict:
     damaged = [p for found in check_records(old_dir, records, Depth.RESUME).values() for p in found]
     if damaged:
         raise DamagedOutput(old_dir, damaged)
+    job_hash = read_json(old_dir / layout.MANIFEST)[0]["config_hash"]
+    for record in (r for r in records if r["path"]):
+        hashes = config_hashes(pq.read_table(old_dir / record["path"], columns=["provenance"]))
+        if hashes != {job_hash}:
+            raise ConfigError(f"old_dir: {record['path']} was labelled under config {', '.join(sorted(hashes))}, not "
+                              f"the job's {job_hash} (a resume with --force): its pairs are not all the job's config's")
     check_output_dir(out)
     old_job, _ = read_json(old_dir / layout.JOB_RECORD)
     committed, scored, redone = prepare_output(out, cfg, overwrite, force=False,

@@ -248,11 +248,17 @@ def column_problems(rel: str, work: pa.Table, again: pa.Table, names: list[str],
     return problems
 
 
+def config_hashes(stored: pa.Table) -> set:
+    """The config hashes that a data file's rows were labelled under (provenance.config_hash): the manifest's alone,
+    unless a resume with --force kept shards of another config."""
+    return set(stored["provenance"].combine_chunks().field("config_hash").to_pylist())
+
+
 def label_problems(rel: str, stored: pa.Table, stages: list, config_hash: Optional[str],
                    shard_id: int) -> tuple[list[Problem], Optional[pa.Table]]:
     """Where the stored score and label columns of a data file differ from what the stages compute again, and
     the recomputed rows (None where they cannot be recomputed)."""
-    hashes = set(stored["provenance"].combine_chunks().field("config_hash").to_pylist())
+    hashes = config_hashes(stored)
     if config_hash is not None and hashes != {config_hash}:
         return [Problem(rel, f"labelled under config {', '.join(sorted(map(str, hashes)))}, not the manifest's "
                              f"{config_hash} (a resume with --force): its labels cannot be recomputed", shard_id)], None

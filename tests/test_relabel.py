@@ -8,6 +8,7 @@ keys move real labels.
 import hashlib
 import json
 import os
+import shutil
 import signal
 
 import pyarrow.parquet as pq
@@ -53,7 +54,7 @@ def jobs(request, constructed_sets, tmp_path_factory):
     old, fresh = root / "old", root / "fresh"
     ok(pairsel(["run", job, f"output.dir={old}"]))
     ok(pairsel(["run", job, f"output.dir={fresh}", *NEW_KEYS[rule]]))
-    return {"rule": rule, "root": root, "old": old, "fresh": fresh, "keys": NEW_KEYS[rule]}
+    return {"rule": rule, "root": root, "old": old, "fresh": fresh, "keys": NEW_KEYS[rule], "config": job}
 
 
 def test_relabel_writes_what_a_run_with_the_keys_writes(jobs):
@@ -101,6 +102,11 @@ def test_relabel_refuses_what_it_cannot_do(jobs, tmp_path):
     one_line_exit_2(pairsel(["relabel", str(old), str(new), "scoring.seed=1"]), "scoring.seed", "relabel changes only")
     one_line_exit_2(pairsel(["relabel", str(old), str(old), *jobs["keys"]]), "new_dir", "is old_dir")
     one_line_exit_2(pairsel(["relabel", str(tmp_path), str(new)]), "old_dir", "manifest")  # not a finished job
+    # a job resumed with --force at another rate keeps its shards' labels, which its config does not make
+    forced = tmp_path / "forced"
+    shutil.copytree(old, forced)
+    ok(pairsel(["run", jobs["config"], f"output.dir={forced}", "scoring.decision.fdr=0.3", "--force"]))
+    one_line_exit_2(pairsel(["relabel", str(forced), str(new)]), "old_dir", "a resume with --force")
     (tmp_path / "notes.txt").write_text("a user's file")
     one_line_exit_2(pairsel(["relabel", str(old), str(tmp_path)]), "output.dir", "not a pairsel output")
     ok(pairsel(["relabel", str(old), str(new)]))  # no keys: the job's own labels again
