@@ -17,7 +17,8 @@ import pytest
 from tests.constructed_pairs import job_config, write
 from tests.job_runs import pairsel
 
-PAIRS_PER_SET = 40  # 4 subsets (hard and easy, with and without the evidence) of one 40-row shard each
+PAIRS_PER_SET = 40  # 4 subsets (hard and easy, with and without the evidence) of one shard each
+BAD_LINES = ["{not json", json.dumps({"qry": "", "pos_text": "an orphan target"})]  # quarantined by the read
 NEW_KEYS = {"decoys": ["scoring.mode=cosine", "scoring.decision.fdr=0.3"], "bar": ["scoring.epsilon=0.02"]}
 
 
@@ -50,7 +51,11 @@ def jobs(request, constructed_sets, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"relabel-{rule}")
     sets = {name: pairs[:PAIRS_PER_SET] for name, pairs in constructed_sets["sets"].items()}
     world = {**write(root / "data", sets), "model": constructed_sets["model"]}
-    job = str(job_config(world, root, "pair_aware", baseline=rule == "bar", rows_per_shard=PAIRS_PER_SET))
+    with_bad = root / "data" / "pairs" / "hard_content_free.jsonl"
+    lines = with_bad.read_text().splitlines()
+    with_bad.write_text("\n".join(lines[:3] + BAD_LINES + lines[3:]) + "\n")
+    job = str(job_config(world, root, "pair_aware", baseline=rule == "bar",
+                         rows_per_shard=PAIRS_PER_SET + len(BAD_LINES)))
     old, fresh = root / "old", root / "fresh"
     ok(pairsel(["run", job, f"output.dir={old}"]))
     ok(pairsel(["run", job, f"output.dir={fresh}", *NEW_KEYS[rule]]))
@@ -62,7 +67,8 @@ def test_relabel_writes_what_a_run_with_the_keys_writes(jobs):
     before = files(old)
     proc = ok(pairsel(["relabel", str(old), str(new), *jobs["keys"]]))
     assert f"pairs written to {new}/data/" in proc.stdout
-    assert shards(new) == shards(fresh) and len(shards(new)) == 4 + 4 + 1  # data, records, the job record
+    # data, quarantine (the bad lines), commit records, the job record
+    assert shards(new) == shards(fresh) and len(shards(new)) == 4 + 1 + 4 + 1
     assert files(old) == before  # only read
     assert decisions(new) == decisions(fresh) != decisions(old)  # the keys moved labels
     made, ran = (json.loads((d / "manifest.json").read_text()) for d in (new, fresh))
@@ -73,7 +79,7 @@ def test_relabel_writes_what_a_run_with_the_keys_writes(jobs):
         m["config"]["output"]["dir"] = None
     assert made == ran
     assert ok(pairsel(["verify", str(new)])).stdout.startswith(f"pairsel verify: {new} is whole")
-    assert sorted(p.name for p in new.iterdir()) == ["README.md", "_commits", "data", "manifest.json"]
+    assert sorted(p.name for p in new.iterdir()) == ["README.md", "_commits", "data", "manifest.json", "quarantine"]
 
 
 def test_a_killed_relabel_resumes_to_the_same_output(jobs):
