@@ -109,7 +109,8 @@ def _relabel_shard(old_dir: Path, record: dict, cfg: DictConfig, stages: list) -
     parts, quarantine_parts = [], []
     if record["path"]:
         _, again, _ = recompute(pq.read_table(old_dir / record["path"]), stages)
-        rows = [to_output_row(row, provenance(cfg)) for row in again.to_pylist()]
+        stamp = provenance(cfg)
+        rows = [to_output_row(row, stamp) for row in again.to_pylist()]
         if decoy_rule(cfg):  # as the plan scores a shard: the decisions wait for the job's calibration
             for row in rows:
                 row.update(dict.fromkeys(CALIBRATED_COLUMNS))
