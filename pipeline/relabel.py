@@ -29,7 +29,7 @@ from pipeline import config
 from pipeline.calibration import commit_dir, decoy_rule, label_scored_shards
 from pipeline.errors import ConfigError
 from pipeline.manifest import commit_records, now_iso
-from pipeline.output_dir import check_output_dir, finish_output, prepare_output
+from pipeline.output_dir import finish_output, prepare_output
 from pipeline.plan import provenance
 from pipeline.verify import DamagedOutput, Depth, check_records, config_hashes, label_stages, read_json, recompute
 from schemas import CALIBRATED_COLUMNS, OUTPUT_SCHEMA, SCHEMA_VERSION, conform
@@ -74,9 +74,10 @@ def load_config(old_dir: Path, new_dir: str, overrides: list[str]) -> DictConfig
 def relabel(old_dir: Path, cfg: DictConfig, overwrite: bool = False) -> dict:
     """Write NEW (cfg.output.dir) from OLD's shards; returns NEW's manifest. OLD must be whole (DamagedOutput)."""
     t0, started_at = time.monotonic(), now_iso()
-    out = Path(cfg.output.dir)
-    if out.resolve() == old_dir.resolve():
-        raise ConfigError(f"new_dir: {out} is old_dir: relabel leaves the job as it is and writes a new output")
+    out, old = Path(cfg.output.dir).resolve(), old_dir.resolve()
+    if out == old or out.is_relative_to(old) or old.is_relative_to(out):
+        raise ConfigError(f"new_dir: {cfg.output.dir} {'is' if out == old else 'overlaps'} old_dir: relabel leaves the "
+                          "job as it is and writes a new output beside it")
     records = commit_records(old_dir)
     damaged = [p for found in check_records(old_dir, records, Depth.RESUME).values() for p in found]
     if damaged:
@@ -87,7 +88,6 @@ def relabel(old_dir: Path, cfg: DictConfig, overwrite: bool = False) -> dict:
         if hashes != {job_hash}:
             raise ConfigError(f"old_dir: {record['path']} was labelled under config {', '.join(sorted(hashes))}, not "
                               f"the job's {job_hash} (a resume with --force): its pairs are not all the job's config's")
-    check_output_dir(out)
     old_job, _ = read_json(old_dir / layout.JOB_RECORD)
     committed, scored, redone = prepare_output(out, cfg, overwrite, force=False,
                                                input_plan=(old_job or {}).get("input_plan"))

@@ -107,6 +107,8 @@ def test_relabel_refuses_what_it_cannot_do(jobs, tmp_path):
     # a key that decided what was generated, drawn or embedded
     one_line_exit_2(pairsel(["relabel", str(old), str(new), "scoring.seed=1"]), "scoring.seed", "relabel changes only")
     one_line_exit_2(pairsel(["relabel", str(old), str(old), *jobs["keys"]]), "new_dir", "is old_dir")
+    one_line_exit_2(pairsel(["relabel", str(old), str(old / "relabelled")]), "new_dir", "overlaps old_dir")
+    one_line_exit_2(pairsel(["relabel", str(old), str(old.parent)]), "new_dir", "overlaps old_dir")
     one_line_exit_2(pairsel(["relabel", str(tmp_path), str(new)]), "old_dir", "manifest")  # not a finished job
     # a job resumed with --force at another rate keeps its shards' labels, which its config does not make
     forced = tmp_path / "forced"
