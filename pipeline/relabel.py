@@ -31,7 +31,8 @@ from pipeline.errors import ConfigError
 from pipeline.manifest import commit_records, now_iso
 from pipeline.output_dir import finish_output, prepare_output
 from pipeline.plan import provenance
-from pipeline.verify import DamagedOutput, Depth, check_records, config_hashes, label_stages, read_json, recompute
+from pipeline.verify import (DamagedOutput, Depth, check_records, config_hashes, label_stages, manifest_problems,
+                             read_json, recompute)
 from schemas import CALIBRATED_COLUMNS, OUTPUT_SCHEMA, SCHEMA_VERSION, conform
 from stages import layout
 from stages.files import atomic_copy, atomic_write_table, shard_file, shard_name
@@ -79,10 +80,12 @@ def relabel(old_dir: Path, cfg: DictConfig, overwrite: bool = False) -> dict:
         raise ConfigError(f"new_dir: {cfg.output.dir} {'is' if out == old else 'overlaps'} old_dir: relabel leaves the "
                           "job as it is and writes a new output beside it")
     records = commit_records(old_dir)
-    damaged = [p for found in check_records(old_dir, records, Depth.RESUME).values() for p in found]
+    saved, why = read_json(old_dir / layout.MANIFEST)
+    damaged = manifest_problems(saved, why, records)  # e.g. a copy that lost its commit records
+    damaged += [p for found in check_records(old_dir, records, Depth.RESUME).values() for p in found]
     if damaged:
         raise DamagedOutput(old_dir, damaged)
-    job_hash = read_json(old_dir / layout.MANIFEST)[0]["config_hash"]
+    job_hash = saved["config_hash"]
     for record in (r for r in records if r["path"]):
         hashes = config_hashes(pq.read_table(old_dir / record["path"], columns=["provenance"]))
         if hashes != {job_hash}:

@@ -301,7 +301,8 @@ class Verdict:
     checked: str  # what was checked, in words
 
 
-def _manifest_problems(manifest: Optional[dict], why: Optional[str], records: list[dict]) -> list[Problem]:
+def manifest_problems(manifest: Optional[dict], why: Optional[str], records: list[dict]) -> list[Problem]:
+    """Where the commit records and the manifest's list of shards disagree (or why there is no manifest)."""
     if manifest is None:
         return [Problem(layout.MANIFEST, f"{why}: the job has not finished; rerun its command to finish it")]
     problems = []
@@ -341,7 +342,7 @@ def verify(out_dir, quick: bool = False) -> Verdict:
     manifest, why = read_json(out_dir / layout.MANIFEST)
     job, _ = read_json(out_dir / layout.JOB_RECORD)
     if source == f"{layout.COMMITS}/":
-        problems += _manifest_problems(manifest, why, records)
+        problems += manifest_problems(manifest, why, records)
     elif source == layout.MANIFEST:
         problems.append(Problem(f"{layout.COMMITS}/", "missing: the shards are checked against manifest.json alone"))
     planned = ((job or {}).get("input_plan") or {}).get("shards")

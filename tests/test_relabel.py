@@ -110,6 +110,12 @@ def test_relabel_refuses_what_it_cannot_do(jobs, tmp_path):
     one_line_exit_2(pairsel(["relabel", str(old), str(old / "relabelled")]), "new_dir", "overlaps old_dir")
     one_line_exit_2(pairsel(["relabel", str(old), str(old.parent)]), "new_dir", "overlaps old_dir")
     one_line_exit_2(pairsel(["relabel", str(tmp_path), str(new)]), "old_dir", "manifest")  # not a finished job
+    # a copy of the job that lost its commit records is not the job its manifest lists
+    bare = tmp_path / "bare"
+    shutil.copytree(old, bare, ignore=shutil.ignore_patterns("_commits"))
+    proc = pairsel(["relabel", str(bare), str(new)])
+    assert proc.returncode == 1 and f"pairsel: {bare} is damaged: manifest.json: lists shard 0" in proc.stderr
+    assert not new.exists()
     # a job resumed with --force at another rate keeps its shards' labels, which its config does not make
     forced = tmp_path / "forced"
     shutil.copytree(old, forced)
