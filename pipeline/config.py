@@ -187,9 +187,10 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{getattr(e, 'problem', None) or e}{where}"
 
 
-def load(path: str | os.PathLike | None, overrides: list[str] = (), saved: dict | None = None) -> DictConfig:
+def load(path: str | os.PathLike | None, overrides: list[str] = (), saved: dict | None = None,
+         files: bool = True) -> DictConfig:
     """default.yaml <- job config file (or `saved`: a finished job's whole config, as its manifest holds it) <-
-    key=value overrides, then checked."""
+    key=value overrides, then checked; files=False leaves out whether the files it names exist (check)."""
     try:
         base = OmegaConf.load(DEFAULT_CONFIG)
         # Each generator entry is completed from the first entry of default.yaml.
@@ -223,11 +224,13 @@ def load(path: str | os.PathLike | None, overrides: list[str] = (), saved: dict 
         typed = OmegaConf.merge(OmegaConf.structured(JobConfig), merged)
     except OmegaConfBaseException as e:
         raise _as_config_error(e) from None
-    check(typed)
+    check(typed, files)
     return typed
 
 
-def check(cfg: DictConfig) -> None:
+def check(cfg: DictConfig, files: bool = True) -> None:
+    """Every rule of the config, and (files) that the input's image root, precomputed rationales and local model
+    folders it names exist: what a run reads, and a relabel of its output does not."""
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         fail(sorted(missing)[0], "is required and has no value")
@@ -240,7 +243,7 @@ def check(cfg: DictConfig) -> None:
     choice("input.format", cfg.input.format)
     if cfg.input.rows_per_shard < 1:
         fail("input.rows_per_shard", "must be >= 1")
-    if cfg.input.image_root is not None and not Path(cfg.input.image_root).is_dir():
+    if files and cfg.input.image_root is not None and not Path(cfg.input.image_root).is_dir():
         fail("input.image_root", f"not a directory: {cfg.input.image_root}")
 
     if not cfg.generators:
@@ -268,9 +271,9 @@ def check(cfg: DictConfig) -> None:
         if g.sampling.max_new_tokens < 1:
             fail(f"{key}.sampling.max_new_tokens", "must be >= 1")
         _check_resources(f"{key}.resources", g.resources)
-        if g.backend == "precomputed" and not Path(str(options.path)).is_file():
+        if files and g.backend == "precomputed" and not Path(str(options.path)).is_file():
             fail(f"{key}.options.path", f"precomputed rationales file not found: {options.path}")
-        if g.backend in LOCAL_MODEL_BACKENDS:
+        if files and g.backend in LOCAL_MODEL_BACKENDS:
             check_model_ref(f"{key}.model", g.model)
         if g.backend == "openai" and cfg.rounds.k0 is not None and options.use_n:
             # one request with n choices samples them all from the first candidate's seed: a later round
@@ -282,7 +285,8 @@ def check(cfg: DictConfig) -> None:
     backend_options("embedder.options", embedder_class(cfg.embedder.backend), cfg.embedder.backend, "embedder",
                     cfg.embedder.options)
     choice("embedder.pooling", cfg.embedder.pooling)
-    check_model_ref("embedder.model", cfg.embedder.model)
+    if files:
+        check_model_ref("embedder.model", cfg.embedder.model)
     _check_resources("embedder.resources", cfg.embedder.resources)
     for side in ("query_instruction", "reasoned_query_instruction", "target_instruction",
                  "reasoned_target_instruction"):

@@ -63,7 +63,7 @@ def load_config(old_dir: Path, new_dir: str, overrides: list[str]) -> DictConfig
         if key not in RELABEL_KEYS:
             raise ConfigError(f"{key}: relabel changes only {', '.join(RELABEL_KEYS)}; the other keys decided what "
                               "the job generated and embedded: run the job with them")
-    cfg = config.load(None, list(overrides), saved=saved["config"])
+    cfg = config.load(None, list(overrides), saved=saved["config"], files=False)  # no model nor input is read
     if cfg.rounds.k0 is not None:
         raise ConfigError("rounds.k0: the job ran in rounds, and which pairs got more candidates followed from its "
                           "labels: run it again to change them")

@@ -82,6 +82,18 @@ def test_relabel_writes_what_a_run_with_the_keys_writes(jobs):
     assert sorted(p.name for p in new.iterdir()) == ["README.md", "_commits", "data", "manifest.json", "quarantine"]
 
 
+def test_relabel_reads_neither_the_input_nor_the_rationales(jobs):
+    """An output copied to a machine without the job's input and models relabels there (the config's checks that
+    the files it names exist are a run's, not a relabel's)."""
+    data, elsewhere, new = jobs["root"] / "data", jobs["root"] / "data-elsewhere", jobs["root"] / "moved"
+    data.rename(elsewhere)  # the input pairs and the precomputed rationales file
+    try:
+        ok(pairsel(["relabel", str(jobs["old"]), str(new), *jobs["keys"]]))
+    finally:
+        elsewhere.rename(data)
+    assert shards(new) == shards(jobs["fresh"])
+
+
 def test_a_killed_relabel_resumes_to_the_same_output(jobs):
     old, new = jobs["old"], jobs["root"] / "killed"
     args = ["relabel", str(old), str(new), *jobs["keys"]]
