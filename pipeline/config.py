@@ -161,6 +161,10 @@ CHOICES = {
 
 # The keys whose values decide the labels; a resume refuses if these changed.
 LABEL_KEYS = ("input.rows_per_shard", "generators", "prompts", "embedder", "rounds", "scoring")
+# The label keys that act only on the similarities an output stores (the scores, stages/score.py, and the decisions,
+# stages/select.py and stages/calibrate.py): `pairsel relabel` changes them without running a model.
+RELABEL_KEYS = ("scoring.mode", "scoring.temperature", "scoring.epsilon", "scoring.decision.fdr",
+                "scoring.decision.group")
 # Keys under those that change where or how fast work runs, not the labels (and each backend's speed-only
 # options: label_config asks its Options).
 _NOT_LABELS = ("resources", "cache_dir")

@@ -19,8 +19,8 @@ import yaml
 from omegaconf import DictConfig
 
 from pipeline import card, manifest
-from pipeline.config import ConfigError, config_hash, label_config
-from pipeline.verify import Depth, Problem, check_records, read_commit_records
+from pipeline.config import RELABEL_KEYS, ConfigError, config_hash, label_config
+from pipeline.verify import Depth, Problem, check_records, read_commit_records, read_json
 from schemas import SCHEMA_VERSION
 from stages import layout
 from stages.files import SHARD_FILE, SHARD_GLOB, TEMP_SHARD_FILE, atomic_write_json, commit_record_path
@@ -148,6 +148,20 @@ def _keep_committed(folder: Path) -> tuple[set[int], list[Problem]]:
     return kept, damaged
 
 
+def _relabel_hint(out_dir: Path, previous: dict, current: dict) -> str:
+    """Where a finished job and this config differ only in keys that `pairsel relabel` changes: the command that
+    writes the job under this config without running a model."""
+    old, new = _flatten(previous["label_config"]), _flatten(current["label_config"])
+    changed = {k for k in set(old) | set(new) if old.get(k) != new.get(k)}
+    if not changed or not changed <= set(RELABEL_KEYS):
+        return ""
+    finished, _ = read_json(out_dir / layout.MANIFEST)
+    if (finished or {}).get("status") != "complete":
+        return ""
+    keys = " ".join(f"{k}={new[k]}" for k in sorted(changed))
+    return f", or write the job under this config without running a model: pairsel relabel {out_dir} NEW_DIR {keys}"
+
+
 def prepare_output(out_dir: Path, cfg: DictConfig, overwrite: bool, force: bool,
                    input_plan: dict | None = None) -> tuple[set[int], set[int], list[str]]:
     """Make out_dir ready; return the shard ids already committed there (resume is the default), those scored and
@@ -170,14 +184,17 @@ def prepare_output(out_dir: Path, cfg: DictConfig, overwrite: bool, force: bool,
             raise ConfigError(f"output.dir: holds shards of schema version {written} and this pairsel writes "
                               f"version {SCHEMA_VERSION}; use --overwrite to start afresh, or another output.dir")
         diff = config_diff(previous["label_config"], current["label_config"])
-        if input_plan is not None and previous.get("input_plan", input_plan) != input_plan:
+        same_input = input_plan is None or previous.get("input_plan", input_plan) == input_plan
+        if not same_input:
             old, new = previous["input_plan"], current["input_plan"]
             diff.append(f"input plan: {old['shards']} shards ({old['sha256']}) -> {new['shards']} shards "
                         f"({new['sha256']}); the input files changed")
         if diff and not force:
             raise ConfigError(
                 "output.dir: holds a run made with a different label config or input; use --overwrite to start "
-                "afresh or --force to resume anyway. Changed:\n  " + "\n  ".join(diff)
+                f"afresh or --force to resume anyway{_relabel_hint(out_dir, previous, current) if same_input else ''}"
+                ". Changed:\n  "
+                + "\n  ".join(diff)
             )
         if diff:  # forced: the pair_id index was made from the old input
             shutil.rmtree(out_dir / layout.INDEX, ignore_errors=True)

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from pipeline import config
+from pipeline.config import RELABEL_KEYS
 from pipeline.calibration import commit_dir, decoy_rule, label_scored_shards
 from pipeline.errors import ConfigError
 from pipeline.manifest import commit_records, now_iso
@@ -39,11 +40,6 @@ from stages.files import atomic_copy, atomic_write_table, shard_file, shard_name
 from stages.write import commit_shard, to_output_row
 
 log = logging.getLogger("pairsel")
-
-# The keys that act only on the stored similarities: the scores (stages/score.py) and the decisions
-# (stages/select.py, stages/calibrate.py).
-RELABEL_KEYS = ("scoring.mode", "scoring.temperature", "scoring.epsilon", "scoring.decision.fdr",
-                "scoring.decision.group")
 
 
 def load_config(old_dir: Path, new_dir: str, overrides: list[str]) -> DictConfig:

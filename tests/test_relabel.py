@@ -105,6 +105,17 @@ def test_a_killed_relabel_resumes_to_the_same_output(jobs):
     assert ok(pairsel(args)).stdout == ok(pairsel(args)).stdout  # a finished relabel, run again, changes nothing
 
 
+def test_a_run_at_relabel_keys_over_a_finished_job_says_how_to_relabel(jobs):
+    """Refused as any change of label config is, with the relabel command that writes it; a change that needs the
+    models gets no such line."""
+    old, config = jobs["old"], jobs["config"]
+    proc = pairsel(["run", config, f"output.dir={old}", *jobs["keys"]])
+    assert proc.returncode == 2
+    assert f"pairsel relabel {old} NEW_DIR {' '.join(sorted(jobs['keys']))}. Changed:" in proc.stderr
+    proc = pairsel(["run", config, f"output.dir={old}", *jobs["keys"], "scoring.seed=1"])
+    assert proc.returncode == 2 and "different label config" in proc.stderr and "relabel" not in proc.stderr
+
+
 def one_line_exit_2(proc, *words):
     assert proc.returncode == 2, proc.stderr[-2000:]
     line, = proc.stderr.strip().splitlines()
