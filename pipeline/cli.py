@@ -389,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    if args.command in ("run", "relabel") and not verbose:  # until the log file takes them: only warnings on the terminal
+    # only warnings on the terminal: a run's log file takes the rest (--verbose shows it there too); a relabel ends
+    # with the summary
+    if args.command in ("run", "relabel") and not verbose:
         for handler in logging.getLogger().handlers:
             handler.setLevel(logging.WARNING)
     # `run CONFIG --overwrite key=value`: argparse leaves overrides that follow a flag unparsed

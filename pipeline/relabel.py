@@ -2,13 +2,13 @@
 without running a model.
 
 Every score and label of an output recomputes from the similarities it stores (pipeline/verify.py recomputes
-them to check a job). So the settings that act on those similarities alone may change after the job: RELABEL_KEYS,
-e.g. another false-discovery rate, one calibration group for the whole job, the cosine mode. NEW becomes a pairsel
-output of its own, with a manifest and card, and with the shards and commit records that `pairsel run` writes
-with OLD's config and these keys, byte for byte (tests/test_relabel.py), but that images an input carried inline
-keep the paths of OLD's copies (OLD/_images/). OLD is only read. The other keys decided what OLD generated, drew
-and embedded (candidates, decoys, controls, negatives), so they cannot change here, and a job run in rounds cannot
-be relabelled at all: which pairs got more candidates followed from its labels.
+them to check a job). So the settings that act on those similarities alone (config.RELABEL_KEYS) may change after
+the job: another false-discovery rate, one calibration group for the whole job, the cosine mode. NEW becomes a
+pairsel output of its own, with a manifest and card, and with the shards and commit records that `pairsel run`
+writes with OLD's config and these keys, byte for byte (tests/test_relabel.py), but that images an input carried
+inline keep the paths of OLD's copies (OLD/_images/). OLD is only read. The other keys decided what OLD generated,
+drew and embedded (candidates, decoys, controls, negatives), so they cannot change here, and a job run in rounds
+cannot be relabelled at all: which pairs got more candidates followed from its labels.
 
 Each of OLD's shards is recomputed by the job's own label stages (pipeline/verify.py:label_stages) and committed
 into NEW as the Ray Data plan commits it (stages/write.py:commit_shard; under the decoy rule into NEW/_scored,
@@ -26,7 +26,6 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from pipeline import config
-from pipeline.config import RELABEL_KEYS
 from pipeline.calibration import commit_dir, decoy_rule, label_scored_shards
 from pipeline.errors import ConfigError
 from pipeline.manifest import commit_records, now_iso
@@ -56,9 +55,9 @@ def load_config(old_dir: Path, new_dir: str, overrides: list[str]) -> DictConfig
                           f"pairsel writes version {SCHEMA_VERSION}")
     for item in overrides:
         key = item.partition("=")[0]
-        if key not in RELABEL_KEYS:
-            raise ConfigError(f"{key}: relabel changes only {', '.join(RELABEL_KEYS)}; the other keys decided what "
-                              "the job generated and embedded: run the job with them")
+        if key not in config.RELABEL_KEYS:
+            raise ConfigError(f"{key}: relabel changes only {', '.join(config.RELABEL_KEYS)}; the other keys "
+                              "decided what the job generated and embedded: run the job with them")
     cfg = config.load(None, list(overrides), saved=saved["config"], files=False)  # no model nor input is read
     if cfg.rounds.k0 is not None:
         raise ConfigError("rounds.k0: the job ran in rounds, and which pairs got more candidates followed from its "
@@ -126,6 +125,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("old_dir", help="output folder of a finished pairsel job (read only)")
     parser.add_argument("new_dir", help="where the relabelled output goes: a new or empty folder, or an unfinished "
                                         "relabel of the same job and keys to resume")
-    parser.add_argument("overrides", nargs="*", help=f"key=value, of {', '.join(RELABEL_KEYS)}")
+    parser.add_argument("overrides", nargs="*", help=f"key=value, of {', '.join(config.RELABEL_KEYS)}")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete what an earlier run wrote to new_dir (only pairsel's own files) and start afresh")
