@@ -42,10 +42,12 @@ def _flatten(d, prefix=""):
     return {prefix[:-1]: d}
 
 
-def config_diff(old: dict, new: dict) -> list[str]:
+def _config_changes(old: dict, new: dict) -> dict[str, tuple]:
+    """The flat keys (`generators[0].k`) whose values differ, in key order: (old value, new value), '<unset>' where
+    one side lacks the key."""
     a, b = _flatten(old), _flatten(new)
-    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k)]
+    return {k: (a.get(k, "<unset>"), b.get(k, "<unset>")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
 
 
 def plan_fingerprint(specs: list[dict]) -> dict:
@@ -148,17 +150,15 @@ def _keep_committed(folder: Path) -> tuple[set[int], list[Problem]]:
     return kept, damaged
 
 
-def _relabel_hint(out_dir: Path, previous: dict, current: dict) -> str:
-    """Where a finished job and this config differ only in keys that `pairsel relabel` changes: the command that
-    writes the job under this config without running a model."""
-    old, new = _flatten(previous["label_config"]), _flatten(current["label_config"])
-    changed = {k for k in set(old) | set(new) if old.get(k) != new.get(k)}
-    if not changed or not changed <= set(RELABEL_KEYS):
+def _relabel_hint(out_dir: Path, changes: dict[str, tuple]) -> str:
+    """Where a finished job and this config differ only in keys that `pairsel relabel` changes (_config_changes):
+    the command that writes the job under this config without running a model."""
+    if not changes or not set(changes) <= set(RELABEL_KEYS):
         return ""
     finished, _ = read_json(out_dir / layout.MANIFEST)
     if (finished or {}).get("status") != "complete":
         return ""
-    keys = " ".join(f"{k}={new[k]}" for k in sorted(changed))
+    keys = " ".join(f"{k}={now}" for k, (_, now) in changes.items())
     return f", or write the job under this config without running a model: pairsel relabel {out_dir} NEW_DIR {keys}"
 
 
@@ -183,18 +183,18 @@ def prepare_output(out_dir: Path, cfg: DictConfig, overwrite: bool, force: bool,
         if written != SCHEMA_VERSION:  # not even --force: one output holds one schema version
             raise ConfigError(f"output.dir: holds shards of schema version {written} and this pairsel writes "
                               f"version {SCHEMA_VERSION}; use --overwrite to start afresh, or another output.dir")
-        diff = config_diff(previous["label_config"], current["label_config"])
-        same_input = input_plan is None or previous.get("input_plan", input_plan) == input_plan
-        if not same_input:
+        changes = _config_changes(previous["label_config"], current["label_config"])
+        diff = [f"{k}: {was!r} -> {now!r}" for k, (was, now) in changes.items()]
+        input_changed = input_plan is not None and previous.get("input_plan", input_plan) != input_plan
+        if input_changed:
             old, new = previous["input_plan"], current["input_plan"]
             diff.append(f"input plan: {old['shards']} shards ({old['sha256']}) -> {new['shards']} shards "
                         f"({new['sha256']}); the input files changed")
         if diff and not force:
+            hint = "" if input_changed else _relabel_hint(out_dir, changes)  # relabel keeps the job's input
             raise ConfigError(
                 "output.dir: holds a run made with a different label config or input; use --overwrite to start "
-                f"afresh or --force to resume anyway{_relabel_hint(out_dir, previous, current) if same_input else ''}"
-                ". Changed:\n  "
-                + "\n  ".join(diff)
+                f"afresh or --force to resume anyway{hint}. Changed:\n  " + "\n  ".join(diff)
             )
         if diff:  # forced: the pair_id index was made from the old input
             shutil.rmtree(out_dir / layout.INDEX, ignore_errors=True)

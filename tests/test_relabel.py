@@ -5,7 +5,6 @@ cannot do in one line, exit 2.
 Real jobs through the CLI (real Ray): the constructed pairs with MiniLM (tests/constructed_pairs.py), so that the
 keys move real labels.
 """
-import hashlib
 import json
 import os
 import shutil
@@ -15,22 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.constructed_pairs import job_config, write
-from tests.job_runs import pairsel
+from tests.job_runs import checksums, pairsel
 
 PAIRS_PER_SET = 40  # 4 subsets (hard and easy, with and without the evidence) of one shard each
 BAD_LINES = ["{not json", json.dumps({"qry": "", "pos_text": "an orphan target"})]  # quarantined by the read
 NEW_KEYS = {"decoys": ["scoring.mode=cosine", "scoring.decision.fdr=0.3"], "bar": ["scoring.epsilon=0.02"]}
 
 
-def files(root) -> dict:
-    """Every file under root (relative path -> sha256)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def shards(root) -> dict:
     """The shard files and commit records, what must be the same bytes."""
-    return {k: v for k, v in files(root).items() if k.startswith(("data/", "quarantine/", "_commits/"))}
+    return {k: v for k, v in checksums(root).items() if k.startswith(("data/", "quarantine/", "_commits/"))}
 
 
 def decisions(root) -> dict:
@@ -64,12 +57,12 @@ def jobs(request, constructed_sets, tmp_path_factory):
 
 def test_relabel_writes_what_a_run_with_the_keys_writes(jobs):
     old, fresh, new = jobs["old"], jobs["fresh"], jobs["root"] / "new"
-    before = files(old)
+    before = checksums(old)
     proc = ok(pairsel(["relabel", str(old), str(new), *jobs["keys"]]))
     assert f"pairs written to {new}/data/" in proc.stdout
     # data, quarantine (the bad lines), commit records, the job record
     assert shards(new) == shards(fresh) and len(shards(new)) == 4 + 1 + 4 + 1
-    assert files(old) == before  # only read
+    assert checksums(old) == before  # only read
     assert decisions(new) == decisions(fresh) != decisions(old)  # the keys moved labels
     made, ran = (json.loads((d / "manifest.json").read_text()) for d in (new, fresh))
     for m, d in ((made, new), (ran, fresh)):
@@ -126,7 +119,7 @@ def one_line_exit_2(proc, *words):
 
 def test_relabel_refuses_what_it_cannot_do(jobs, tmp_path):
     old, new = jobs["old"], tmp_path / "new"
-    before = files(old)
+    before = checksums(old)
     # a key that decided what was generated, drawn or embedded
     one_line_exit_2(pairsel(["relabel", str(old), str(new), "scoring.seed=1"]), "scoring.seed", "relabel changes only")
     one_line_exit_2(pairsel(["relabel", str(old), str(old), *jobs["keys"]]), "new_dir", "is old_dir")
@@ -152,4 +145,4 @@ def test_relabel_refuses_what_it_cannot_do(jobs, tmp_path):
     # after the first say what changed)
     proc = pairsel(["relabel", str(old), str(new), *jobs["keys"]])
     assert proc.returncode == 2 and "output.dir: holds a run made with a different label config" in proc.stderr
-    assert files(old) == before
+    assert checksums(old) == before
