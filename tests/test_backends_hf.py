@@ -205,6 +205,37 @@ def test_a_model_with_a_full_processor(tiny_models, tmp_path):
                                atol=1e-4)
 
 
+def test_qwen_rows_are_encoded_as_the_models_own_processor_encodes_them(tiny_models):
+    """A Qwen-style model's rows are encoded by pairsel (tokenizer + image processor, the image tokens expanded
+    from the image's grid) also where the model's processor loads (transformers with torchvision, as on GPU
+    machines): the tensors must be the processor's. Where it does not load there is nothing to compare."""
+    import torch
+
+    from stages.backends.hf.inputs import ModelInputs
+
+    inputs = ModelInputs(str(tiny_models["generator"]))
+    if inputs.processor is None:
+        pytest.skip("Qwen's processor does not load here (transformers needs torchvision for it)")
+    assert inputs.counts_image_tokens
+    image = noise_image(3)
+    cases = [(inputs.chat_prompt("Think step by step: what is in the picture?", image), image, False, None),
+             (inputs.raw_text(f"{IMAGE_MARKER} what is in the picture?", image), image, True, 512),
+             (inputs.raw_text("a caption cut short " * 20, image), image, True, 16),
+             (inputs.raw_text("Query: text alone", None), None, True, 512)]
+    for text, im, special, max_length in cases:
+        ours = inputs.encode(text, im, add_special_tokens=special, max_length=max_length)
+        theirs = dict(inputs.processor(text=[text], images=None if im is None else [im],
+                                       add_special_tokens=special, return_tensors="pt"))
+        if max_length is not None:
+            theirs = inputs._truncate(theirs, max_length)
+        if im is None and "mm_token_type_ids" not in ours:  # a row without images: the processor's mask is 0s
+            assert not theirs.pop("mm_token_type_ids", torch.zeros(1)).any()
+        assert set(theirs) <= set(ours), text
+        for key, value in theirs.items():
+            assert torch.equal(ours[key], value), (key, text)
+        assert inputs.lengths([text], [im], special, max_length) == [ours["input_ids"].shape[1]]
+
+
 # --- transformers embedder on the tiny VLM ------------------------------------
 
 def mixed_inputs() -> list[EmbedInput]:
