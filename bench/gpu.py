@@ -10,7 +10,9 @@
 2. Runs the stages on demo pairs (10 per subset, images included) through pipeline/plan.py:run_local with
    configs/demo.yaml, K candidates of up to N new tokens, the model as generator and embedder, 64 rows per
    generate and embed call; every backend call is timed, and NVML samples the GPU's utilisation meanwhile.
-   Then the same job again (a twin run: its rows must equal the first's).
+   Then the same job again (a twin run: its rows must equal the first's; where they do not, the first backend
+   call whose output differs for the same input names the stage). The rates are the twin's: the first run also
+   pays the device's cold start (kernels load on first use), shown apart.
 3. Drives the same model directly on the same inputs: one `generate` call over the sequences the job sampled
    (transformers' own sampling), and the embedder inputs of the job in batches of 64 sorted by length, images
    included (the model's own vision tower per batch), last-token pooling.
@@ -217,9 +219,44 @@ def summary(job: dict, pairs: int) -> dict:
     }
 
 
-def same_rows(a: list[dict], b: list[dict]) -> bool:
-    key = lambda r: r["pair_id"]  # noqa: E731
-    return sorted(a, key=key) == sorted(b, key=key)
+def twin_differences(a: list[dict], b: list[dict]) -> str:
+    """'yes' where the two runs' rows are equal, else which columns differ in how many rows (by pair_id)."""
+    first, second = ({r["pair_id"]: r for r in rows} for rows in (a, b))
+    if first.keys() != second.keys():
+        return f"**no**: {len(first.keys() ^ second.keys())} pair_ids in one run only"
+    columns: dict[str, int] = {}
+    rows = 0
+    for pair_id, row in first.items():
+        differ = [k for k in row.keys() | second[pair_id].keys() if row.get(k) != second[pair_id].get(k)]
+        rows += bool(differ)
+        for k in differ:
+            columns[k] = columns.get(k, 0) + 1
+    if not rows:
+        return "yes"
+    return f"**no**: {rows} of {len(first)} rows differ (" + ", ".join(
+        f"{k} {n}" for k, n in sorted(columns.items(), key=lambda kv: (-kv[1], kv[0]))) + ")"
+
+
+def first_call_difference(a: list[dict], b: list[dict]) -> str:
+    """The first backend call (in call order) whose output differs between two runs' recorded calls, or ''."""
+    import numpy as np
+
+    for i, (x, y) in enumerate(zip(a, b)):
+        where = f"call {i + 1} ({x['kind']})"
+        if x["kind"] != y["kind"] or x["items"] != y["items"]:
+            return f"{where}: other inputs"
+        if x["kind"] == "generate":
+            first, second = ([g.text for gens in c["out"] for g in gens] for c in (x, y))
+            differ = sum(p != q for p, q in zip(first, second))
+            if differ:
+                return f"{where}: {differ} of {len(first)} texts differ for the same requests"
+        else:
+            first, second = np.asarray(x["out"]), np.asarray(y["out"])
+            differ = int((~np.all(first == second, axis=1)).sum())
+            if differ:
+                return (f"{where}: {differ} of {len(first)} vectors differ for the same inputs (largest "
+                        f"difference {float(np.abs(first - second).max()):.1e})")
+    return "" if len(a) == len(b) else f"{len(a)} calls against {len(b)}"
 
 
 def table(s: dict, direct: dict, extra: dict) -> str:
@@ -229,7 +266,7 @@ def table(s: dict, direct: dict, extra: dict) -> str:
     d_emb_prep = direct["embed"]["inputs"] / (direct["embed"]["seconds"] + direct["embed"]["prepare"])
     pct = lambda x: "–" if x is None else f"{x:.0f}%"  # noqa: E731
     rows = [
-        "| | pairsel stages | same model, direct | ratio | target |",
+        "| | pairsel stages (second run) | same model, direct | ratio | target |",
         "|---|---|---|---|---|",
         f"| generation, tokens/s | {gen_rate:,.0f} ({s['gen_seconds']:.1f} s for {s['tokens']:,} tokens, "
         f"{s['generate_calls']} calls) | {d_gen:,.0f} (one `generate` call over the same {direct['gen']['sequences']} "
@@ -247,6 +284,8 @@ def table(s: dict, direct: dict, extra: dict) -> str:
         f"| CPU seconds per pair outside the model calls (stage code, cache, scoring; model loads excluded) | "
         f"{s['cpu_per_pair']:.3f} | | | |",
         f"| job wall time (run_local, model loads included), s | {s['wall']:.1f} | | | |",
+        f"| the first run's model calls, s (cold start included) | generate {extra['cold_gen']:.1f}, embed "
+        f"{extra['cold_embed']:.2f} | | | |",
         f"| twin run: rows identical (labels, texts, similarities) | {extra['twin']} | | | identical |",
     ]
     return "\n".join(rows)
@@ -300,8 +339,12 @@ def main(argv=None) -> int:
         extra = {"peak_job": f"{torch.cuda.max_memory_allocated() / GIB:.1f}" if util else "–"}
         print("the same job again (twin) ...", flush=True)
         twin = run_job(cfg_args, tmp / "run-2", sync)
-        extra["twin"] = "yes" if same_rows(job["rows"], twin["rows"]) else "**no**"
-        s = summary(job, pairs)
+        extra["twin"] = twin_differences(job["rows"], twin["rows"])
+        if extra["twin"] != "yes":
+            extra["twin"] += "; first: " + (first_call_difference(job["calls"], twin["calls"]) or
+                                            "every model call gave the same output")
+        cold, s = summary(job, pairs), summary(twin, pairs)
+        extra["cold_gen"], extra["cold_embed"] = cold["gen_seconds"], cold["embed_seconds"]
 
         print("the same model, driven directly ...", flush=True)
         from transformers import AutoModelForImageTextToText
@@ -325,8 +368,9 @@ def main(argv=None) -> int:
             extra["util_direct_gen"] = util.mean_over([(t_gen, t_emb)])
             extra["util_direct_embed"] = util.mean_over([(t_end - direct["embed"]["seconds"], t_end)])
         text = table(s, direct, extra)
-        embedder = json.dumps({"inputs path": "processor" if inputs.processor is not None
-                               else "tokenizer + image processor"})
+        embedder = json.dumps({"rows encoded by": "tokenizer + image processor" if inputs.counts_image_tokens
+                               or inputs.processor is None else "processor",
+                               "processor loaded": inputs.processor is not None})
         gpu = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine()
         text += (f"\n\n{pairs} demo pairs, K = {k}, up to {new_tokens} new tokens; a Qwen2-VL of {params / 1e6:,.1f} M "
                  f"parameters ({'tiny shape, float32' if smoke else '2B shape, bfloat16'}, random weights) as "

@@ -201,6 +201,10 @@ class TransformersGenerator:
             if len(chunk) == 1:
                 results[chunk[0]] = self._failed(requests[chunk[0]], e)
                 return
+            # one generate call per request is many times slower on a GPU, and in `sorted` batching its rows run
+            # in other shapes than a rerun whose batch succeeds: say so
+            log.warning("a generate call over %d requests failed (%s); each of them again on its own",
+                        len(chunk), _error_text(e))
             for i in chunk:
                 self._generate_chunk(requests, rows, [i], shape, results)
 
