@@ -165,9 +165,9 @@ def test_text_only_causal_lm_loads_through_the_fallback(tiny_models, tmp_path):
 
 
 def test_a_model_with_a_full_processor(tiny_models, tmp_path):
-    """The Qwen processors need torchvision, so the tiny Qwen models take the
-    tokenizer + image processor path here. A tiny LLaVA, whose processor loads
-    without torchvision, covers the processor path of both backends."""
+    """Qwen-style models take pairsel's tokenizer + image processor path whether or not their processor loads
+    (the test above). A tiny LLaVA, whose processor loads without torchvision and decides its own image tokens,
+    covers the processor path of both backends."""
     import torch
     from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
