@@ -59,13 +59,15 @@ demo: models demo-data
 # The fault-injection tests take 4-9 minutes on 2 cores: they run under `make faults`, not here.
 # The main suite runs in .venv; the tests on real vLLM (tests/real_vllm, marked `vllm`) run in .venv-vllm,
 # where PAIRSEL_REQUIRE_VLLM=1 makes a vLLM that does not import an error, never a skip. Neither environment
-# runs the other's tests.
+# runs the other's tests, but for one: .venv-vllm has torchvision, so Qwen's own processor loads there (as on
+# GPU machines) and the test that pairsel encodes a Qwen row as that processor does runs there too.
 test: venv vllm-env
 	$(PY) -m pytest -q -m "not faults and not vllm" tests
 	$(MAKE) --no-print-directory test-vllm
 
 test-vllm: vllm-env
 	PAIRSEL_REQUIRE_VLLM=1 $(VPY) -m pytest -q -m "not faults" tests/real_vllm
+	PAIRSEL_REQUIRE_VLLM=1 $(VPY) -m pytest -q tests/test_backends_hf.py -k own_processor
 
 # Three generators pooled: two tiny local models and the tiny model served over HTTP (scripts/serve_openai.py).
 pool-demo: models demo-data
