@@ -273,6 +273,54 @@ def test_an_embedder_says_what_it_decided_on_this_machine(embedder, tiny_models)
     assert chosen.vector_settings == {"device": "cpu", "dtype": "torch.bfloat16", "batching": "sorted"}
 
 
+def test_a_gpu_model_call_holds_cudnn_to_deterministic_convolutions():
+    """On a GPU each model call runs with cuDNN held to deterministic algorithms (a free choice let a twin run's
+    Conv3d patch embedding differ in the last bits), and gives the process its own flags back afterwards, also
+    when the call fails; off a GPU cuDNN is left alone. Only flags: no GPU needed."""
+    import torch
+
+    from stages.backends.hf.inputs import inference
+
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    try:
+        cudnn.deterministic, cudnn.benchmark = False, True
+        with inference("cuda:0"):
+            assert (cudnn.deterministic, cudnn.benchmark) == (True, False)
+            assert torch.is_inference_mode_enabled()
+        assert (cudnn.deterministic, cudnn.benchmark) == (False, True)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            with inference("cuda"):
+                raise RuntimeError("CUDA out of memory")
+        assert (cudnn.deterministic, cudnn.benchmark) == (False, True)
+        with inference("cpu"):
+            assert (cudnn.deterministic, cudnn.benchmark) == (False, True)
+            assert torch.is_inference_mode_enabled()
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_twin_of_the_backends_gives_the_same_bits(tiny_models, device):
+    """What a twin run relies on, on this machine's CPU and (where there is one) its GPU with the GPU defaults
+    (bfloat16, sorted batching, preparing threads): new backends on the same inputs give the same texts and the
+    same vectors, bit for bit."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no GPU here")
+    requests = [request(f"Look: {IMAGE_MARKER} what is it?", image=noise_image(i), seeds=[i, i + 7])
+                for i in range(3)] + [request("Just text.", seeds=[5])]
+    texts, vectors = [], []
+    for _ in range(2):
+        generator = TransformersGenerator(str(tiny_models["generator"]), device=device)
+        texts.append([[g.text for g in gens] for gens in generator.generate(requests)])
+        embedder = TransformersEmbedder(str(tiny_models["embedder"]), device=device)
+        vectors.append(embedder.embed(mixed_inputs()))
+    assert texts[0] == texts[1]
+    assert np.array_equal(*vectors)
+
+
 def test_batched_equals_one_by_one(embedder):
     inputs = mixed_inputs()
     batched = embedder.embed(inputs)  # batch_size=3: two batches, sorted by length

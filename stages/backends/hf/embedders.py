@@ -12,7 +12,7 @@ from stages.backends.base import POOLINGS, EmbedInput, l2_normalise
 from stages.backends.hf.batching import (Batch, batching_for, default_batch_tokens, exact_batches, prefetched,
                                          preparing_threads, sorted_batches, text_config)
 from stages.backends.hf.inputs import (DeviceOptions, ModelInputs, TransformersOptions, device_for, dtype_for,
-                                       load_model, pinned, to_device)
+                                       inference, load_model, pinned, to_device)
 from stages.backends.options import option
 from stages.backends.prompt_text import raw_text
 from stages.faults import fault_point
@@ -165,7 +165,7 @@ class TransformersEmbedder:
         import torch
 
         keys = list(new)
-        with torch.inference_mode():
+        with inference(self.device):
             if self.batching == "sorted" and len(keys) > 1:
                 both = to_device({"pixel_values": torch.cat([new[k]["pixel_values"] for k in keys]),
                                   "image_grid_thw": torch.cat([new[k]["image_grid_thw"] for k in keys])}, self.device)
@@ -192,12 +192,10 @@ class TransformersEmbedder:
 
     def _forward(self, tensors: dict, image_features: list, n_real: int):
         """The batch's pooled rows, float32, on the device (no copy back yet)."""
-        import torch
-
         batch = to_device(tensors, self.device)
         if image_features:
             batch["mm_encoder_outputs"] = {"image": self._join(image_features)}
-        with torch.inference_mode():
+        with inference(self.device):
             hidden = self.model(**batch, **self.forward_options).last_hidden_state
             return self._pool(hidden, batch["attention_mask"])[:n_real]
 

@@ -24,7 +24,8 @@ from typing import Optional
 
 from stages.backends.base import Generation, GenRequest
 from stages.backends.hf.batching import batching_for, default_batch_tokens, padded_length, sorted_batches, text_config
-from stages.backends.hf.inputs import ModelInputs, TransformersOptions, device_for, dtype_for, load_model, to_device
+from stages.backends.hf.inputs import (ModelInputs, TransformersOptions, device_for, dtype_for, inference,
+                                       load_model, to_device)
 from stages.backends.options import option
 from stages.faults import fault_point
 
@@ -211,7 +212,6 @@ class TransformersGenerator:
     def _generate_rows(self, requests: list[GenRequest], prompts: list[dict], max_new: int,
                        width: Optional[int]) -> list[list[Generation]]:
         """One generate call: each request's rows left-padded to `width` (None: the longest prompt)."""
-        import torch
         from transformers import GenerationConfig, LogitsProcessorList
 
         counts = [self._n_rows(r) for r in requests]
@@ -224,7 +224,7 @@ class TransformersGenerator:
         config = GenerationConfig(max_new_tokens=max_new, do_sample=False,
                                   eos_token_id=self.stop_ids, pad_token_id=self.inputs.pad_token_id)
         sampler = DeviceSampler(seeds, temperatures, top_ps, width, self.device)
-        with torch.inference_mode():
+        with inference(self.device):
             output = self.model.generate(**batch, generation_config=config,
                                          logits_processor=LogitsProcessorList([sampler]))
         new_tokens = output[:, width:].cpu().tolist()

@@ -11,6 +11,7 @@ first and their tensors built on another thread while the model runs.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import Optional
@@ -250,6 +251,29 @@ def pinned(batch: dict, device: str) -> dict:
     if not device.startswith("cuda"):
         return batch
     return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@contextlib.contextmanager
+def inference(device: str):
+    """The context of every model call of these backends: inference mode, and on a GPU cuDNN held to
+    deterministic convolution algorithms without autotuning. Left free, cuDNN may pick an algorithm whose
+    reduction order follows the order its threads finish in, so the same input gives other bits from one run to
+    the next (Qwen-VL's patch embedding is a Conv3d) and a twin run's shards differ. The cudnn flags are
+    process-wide: set for the call and restored after it."""
+    import torch
+
+    if not device.startswith("cuda"):
+        with torch.inference_mode():
+            yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
 
 
 def to_device(batch: dict, device: str) -> dict:
