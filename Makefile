@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-vllm models demo-data venv clean faults bench bench-bytes bench-vllm bench-gpu pool-demo vllm-env vllm-demo
+.PHONY: demo test test-vllm test-gpu models demo-data venv clean faults bench bench-bytes bench-vllm bench-gpu pool-demo vllm-env vllm-demo
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -100,6 +100,12 @@ bench-vllm: vllm-env
 GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 bench-gpu:
 	$(GPU_PYTHON) bench/gpu.py
+
+# On a GPU machine, the tests that ask for the GPU (conftest.py's `device`, and the defaults a GPU decides); the
+# rest of the suite hides the GPU and asserts what CI runs, the CPU.
+test-gpu:
+	PAIRSEL_TEST_GPU=1 $(GPU_PYTHON) -m pytest -q tests/test_backends_hf.py tests/test_backend_options.py \
+		-k "cuda or decided_on_this_machine"
 
 clean:
 	rm -rf out models data/demo

@@ -42,20 +42,11 @@ def test_a_backend_built_in_python_checks_its_options_too(tiny_models, tmp_path)
 
 # ------------------------------------------------------------------ speed-only, measured
 
-@pytest.fixture(params=["cpu", "cuda"])
-def device(request):
-    """The CPU, where these were measured, and a GPU where there is one (batch shapes can choose other kernels
-    there)."""
-    import torch
-
-    if request.param == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no GPU here")
-    return request.param
-
-
 def test_exact_embedder_vectors_do_not_depend_on_batch_size(tiny_models, device):
-    """`exact` fills batches up to batch_size rows: a different batch_size changes only how many rows a forward
-    runs, and must leave every vector the same, bit for bit (or batch_size would be a label option)."""
+    """On the CPU, where this was measured, and on a GPU (conftest's `device`: batch shapes can choose other
+    kernels there). `exact` fills batches up to batch_size rows: a different batch_size changes only how many
+    rows a forward runs, and must leave every vector the same, bit for bit (or batch_size would be a label
+    option)."""
     from stages.backends.hf import TransformersEmbedder
 
     inputs = mixed_inputs()

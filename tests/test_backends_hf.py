@@ -300,15 +300,10 @@ def test_a_gpu_model_call_holds_cudnn_to_deterministic_convolutions():
         cudnn.deterministic, cudnn.benchmark = saved
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_a_twin_of_the_backends_gives_the_same_bits(tiny_models, device):
-    """What a twin run relies on, on this machine's CPU and (where there is one) its GPU with the GPU defaults
-    (bfloat16, sorted batching, preparing threads): new backends on the same inputs give the same texts and the
-    same vectors, bit for bit."""
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no GPU here")
+    """What a twin run relies on, on the CPU and (conftest's `device`) on a GPU with the GPU defaults (bfloat16,
+    sorted batching, preparing threads): new backends on the same inputs give the same texts and the same
+    vectors, bit for bit."""
     requests = [request(f"Look: {IMAGE_MARKER} what is it?", image=noise_image(i), seeds=[i, i + 7])
                 for i in range(3)] + [request("Just text.", seeds=[5])]
     texts, vectors = [], []
