@@ -316,6 +316,20 @@ def test_a_twin_of_the_backends_gives_the_same_bits(tiny_models, device):
     assert np.array_equal(*vectors)
 
 
+def test_the_attention_implementation_reaches_transformers(tiny_models):
+    """options.attn_implementation goes to from_pretrained as a transformers user sets it: eager attention gives
+    the default's vectors and texts up to float error, and a name transformers does not know fails the load."""
+    path = str(tiny_models["embedder"])
+    default = TransformersEmbedder(path, device="cpu").embed(mixed_inputs())
+    eager = TransformersEmbedder(path, device="cpu", attn_implementation="eager").embed(mixed_inputs())
+    np.testing.assert_allclose(eager, default, atol=1e-5)
+    generate = [request("Just text.", seeds=[3]), request(f"Look: {IMAGE_MARKER}", image=noise_image(4), seeds=[5])]
+    assert all(g.finish_reason in ("stop", "length") for r in TransformersGenerator(
+        str(tiny_models["generator"]), device="cpu", attn_implementation="eager").generate(generate) for g in r)
+    with pytest.raises(ValueError, match="no_such_attention"):
+        TransformersEmbedder(path, device="cpu", attn_implementation="no_such_attention")
+
+
 def test_batched_equals_one_by_one(embedder):
     inputs = mixed_inputs()
     batched = embedder.embed(inputs)  # batch_size=3: two batches, sorted by length

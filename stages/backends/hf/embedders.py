@@ -81,7 +81,8 @@ class TransformersEmbedder:
         self.length_bucket = self.options.length_bucket
         self.inputs = ModelInputs(model, trust_remote_code)
         dtype = dtype_for(self.options.dtype, self.device)
-        self.model = load_model(model, [AutoModel], trust_remote_code, self.device, dtype)
+        self.model = load_model(model, [AutoModel], trust_remote_code, self.device, dtype,
+                                self.options.attn_implementation)
         self.vector_settings = {"device": self.device, "dtype": str(dtype), "batching": self.batching}
         params = inspect.signature(self.model.forward).parameters
         # decoders would build a KV cache nobody reads; encoders take no such argument

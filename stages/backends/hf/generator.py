@@ -130,8 +130,9 @@ class TransformersGenerator:
         self.batching = batching_for(self.options.batching, self.device)
         self.length_bucket = self.options.length_bucket
         self.inputs = ModelInputs(model, trust_remote_code)
-        self.model = load_model(model, [AutoModelForImageTextToText, AutoModelForCausalLM],
-                                 trust_remote_code, self.device, dtype_for(self.options.dtype, self.device))
+        self.model = load_model(model, [AutoModelForImageTextToText, AutoModelForCausalLM], trust_remote_code,
+                                self.device, dtype_for(self.options.dtype, self.device),
+                                self.options.attn_implementation)
         self.stop_ids = self._stop_ids()
         # Sampling settings come from the request alone: drop the model's
         # defaults (top_k, repetition_penalty, ...) that generate() would merge in.

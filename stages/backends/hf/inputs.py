@@ -47,6 +47,11 @@ class TransformersOptions(DeviceOptions):
     batching: Optional[str] = option(None, "how a call's rows become batches: `exact` (batch-invariant) or "
                                            "`sorted` (see below)", label=True, choices=BATCHINGS,
                                      shown="`sorted` on a GPU, `exact` elsewhere")
+    # the attention kernels decide the last bits of every hidden state: kept in the labels
+    attn_implementation: Optional[str] = option(
+        None, "transformers' attention implementation (`sdpa`, `eager`, `flash_attention_2`, ...); "
+              "`flash_attention_2`, where flash-attn is installed, runs a Qwen-VL vision tower's images in one call "
+              "per layer", label=True, shown="transformers' choice")
 
 
 def device_for(device: Optional[str]) -> str:
@@ -284,12 +289,14 @@ def to_device(batch: dict, device: str) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def load_model(model: str, auto_classes: list, trust_remote_code: bool, device: str, dtype):
+def load_model(model: str, auto_classes: list, trust_remote_code: bool, device: str, dtype,
+               attn_implementation: Optional[str] = None):
     """The first auto class that knows this model's config, moved to device."""
     errors = []
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     for auto_class in auto_classes:
         try:
-            loaded = auto_class.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
+            loaded = auto_class.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
             return loaded.to(device).eval()
         except (ValueError, KeyError) as e:  # config not mapped to this auto class
             errors.append(f"{auto_class.__name__}: {e}")
