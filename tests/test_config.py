@@ -202,13 +202,17 @@ def test_only_label_options_change_the_label_hash(job, rationales, prefix, backe
                                         ("did not change" if same else "changed")
 
 
-def test_vllm_takes_the_transformers_embedder_options_and_passes_engine_options_on(job):
-    vllm = config.load(job, ["embedder.backend=vllm"])
-    ignored = config.load(job, ["embedder.backend=vllm", "embedder.options.batch_size=4",
-                                "embedder.options.batching=sorted"])
-    engine = config.load(job, ["embedder.backend=vllm", "embedder.options.max_model_len=64"])
+@pytest.mark.parametrize("prefix, role", [("embedder", embedder_class), ("generators.0", generator_class)])
+def test_vllm_takes_the_transformers_options_and_passes_engine_options_on(job, prefix, role):
+    """A config that sets the transformers backend's options changes to vLLM by `backend` alone: vLLM takes them
+    and ignores them (they would reach vllm.LLM as unknown engine arguments), dtype and engine options go on."""
+    vllm = config.load(job, [f"{prefix}.backend=vllm"])
+    ignored = config.load(job, [f"{prefix}.backend=vllm", f"{prefix}.options.batching=sorted",
+                                f"{prefix}.options.length_bucket=16", f"{prefix}.options.attn_implementation=eager"])
+    engine = config.load(job, [f"{prefix}.backend=vllm", f"{prefix}.options.max_model_len=64"])
     assert config.config_hash(ignored) == config.config_hash(vllm) != config.config_hash(engine)
-    options = embedder_class("vllm").Options.parse({"batch_size": 4, "max_model_len": 64, "dtype": "float32"})
+    options = role("vllm").Options.parse({"batching": "sorted", "attn_implementation": "eager",
+                                          "max_model_len": 64, "dtype": "float32"})
     assert options.passed_on == {"max_model_len": 64, "dtype": "float32"}
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from stages.backends.base import IMAGE_MARKER, POOLINGS, EmbedInput, GenRequest, Generation, l2_normalise
 from stages.backends.hf.embedders import TransformersEmbedderOptions
+from stages.backends.hf.generator import TransformersGeneratorOptions
 from stages.backends.options import BackendOptions, option
 from stages.backends.prompt_text import IMAGE, chat_content, image_parts
 
@@ -204,6 +205,9 @@ def engine_kwargs(**kwargs) -> dict:
 @dataclass(frozen=True)
 class VLLMGeneratorOptions(BackendOptions):
     PASSES_ON: ClassVar[Optional[str]] = "`vllm.LLM`"
+    # vLLM batches and picks its attention by itself; dtype is an engine argument of its own
+    IGNORES: ClassVar[tuple[str, ...]] = tuple(f.name for f in TransformersGeneratorOptions.declared()
+                                               if f.name != "dtype")
     enable_prefix_caching: bool = option(True, "a pair's K samples share their prompt's KV cache", label=True)
     chat_template: Optional[str] = option(None, "a chat template (a file, or inline Jinja) in place of the "
                                                 "tokenizer's", label=True)
@@ -212,7 +216,7 @@ class VLLMGeneratorOptions(BackendOptions):
 @dataclass(frozen=True)
 class VLLMEmbedderOptions(BackendOptions):
     PASSES_ON: ClassVar[Optional[str]] = "`vllm.LLM`"
-    # vLLM batches by itself; dtype is an engine argument of its own
+    # vLLM batches and picks its attention by itself; dtype is an engine argument of its own
     IGNORES: ClassVar[tuple[str, ...]] = tuple(f.name for f in TransformersEmbedderOptions.declared()
                                                if f.name != "dtype")
     image_placeholder: Optional[str] = option(None, "the text standing for the image in the prompt", label=True,
