@@ -368,8 +368,8 @@ def main(argv=None) -> int:
             extra["util_direct_gen"] = util.mean_over([(t_gen, t_emb)])
             extra["util_direct_embed"] = util.mean_over([(t_end - direct["embed"]["seconds"], t_end)])
         text = table(s, direct, extra)
-        embedder = json.dumps({"rows encoded by": "tokenizer + image processor" if inputs.counts_image_tokens
-                               or inputs.processor is None else "processor",
+        embedder = json.dumps({"rows encoded by": "processor" if inputs.encodes_with_processor
+                               else "tokenizer + image processor",
                                "processor loaded": inputs.processor is not None})
         gpu = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine()
         text += (f"\n\n{pairs} demo pairs, K = {k}, up to {new_tokens} new tokens; a Qwen2-VL of {params / 1e6:,.1f} M "

@@ -49,7 +49,6 @@ def _config_changes(old: dict, new: dict) -> dict[str, tuple]:
     return {k: (a.get(k, "<unset>"), b.get(k, "<unset>")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-
 def plan_fingerprint(specs: list[dict]) -> dict:
     """What the shard plan is made of: a changed input (rows added, removed or rewritten) changes it."""
     cut = [[s["source"], s["start"], s["stop"], s["offset"]] for s in specs]

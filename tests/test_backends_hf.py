@@ -220,7 +220,7 @@ def test_qwen_rows_are_encoded_as_the_models_own_processor_encodes_them(tiny_mod
         # .venv-vllm has torchvision (vLLM needs it): `make test-vllm` runs this test there, where it must not skip
         assert os.environ.get("PAIRSEL_REQUIRE_VLLM") != "1", "Qwen's processor does not load in .venv-vllm"
         pytest.skip("Qwen's processor does not load here (transformers needs torchvision for it)")
-    assert inputs.counts_image_tokens
+    assert inputs.counts_image_tokens and not inputs.encodes_with_processor
     image = noise_image(3)
     cases = [(inputs.chat_prompt("Think step by step: what is in the picture?", image), image, False, None),
              (inputs.raw_text(f"{IMAGE_MARKER} what is in the picture?", image), image, True, 512),
@@ -318,7 +318,8 @@ def test_a_twin_of_the_backends_gives_the_same_bits(tiny_models, device):
 
 def test_the_attention_implementation_reaches_transformers(tiny_models):
     """options.attn_implementation goes to from_pretrained as a transformers user sets it: eager attention gives
-    the default's vectors and texts up to float error, and a name transformers does not know fails the load."""
+    the default's vectors up to float error and generates, and a name transformers does not know fails the
+    load."""
     path = str(tiny_models["embedder"])
     default = TransformersEmbedder(path, device="cpu").embed(mixed_inputs())
     eager = TransformersEmbedder(path, device="cpu", attn_implementation="eager").embed(mixed_inputs())

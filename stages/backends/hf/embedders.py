@@ -105,7 +105,8 @@ class TransformersEmbedder:
             return np.zeros((0, self._dim()), dtype=np.float32)
         texts = [self.inputs.raw_text(x.text, x.image) for x in inputs]
         images = [x.image for x in inputs]
-        if self.inputs.counts_image_tokens or (self.inputs.processor is None and all(im is None for im in images)):
+        if not self.inputs.encodes_with_processor and (self.inputs.counts_image_tokens
+                                                       or all(im is None for im in images)):
             rows = None  # encoded batch by batch, on the preparing threads
             lengths = self.inputs.lengths(texts, images, add_special_tokens=True, max_length=self.max_length)
         else:  # a processor decides how many tokens its text and images take: encode every row now

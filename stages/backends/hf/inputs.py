@@ -117,13 +117,19 @@ class ModelInputs:
     @property
     def counts_image_tokens(self) -> bool:
         """Whether a row's length is known without processing its image: a Qwen-style image processor (one token
-        per merged patch). Such rows are encoded here (tokenizer + image processor, the image tokens expanded
-        from the image's grid) whether or not the model's processor loaded: the processor would process a
-        row's image again for every row that holds it, on the caller's thread, where this path processes each
-        image once per call on the embedder's preparing threads (and tests on machines without torchvision,
-        where Qwen's processor does not load, run the path that GPU machines run)."""
+        per merged patch)."""
         return (self.takes_images and hasattr(self.image_processor, "merge_size")
                 and hasattr(self.image_processor, "get_number_of_image_patches"))
+
+    @property
+    def encodes_with_processor(self) -> bool:
+        """Whether `encode` hands a row to the model's processor: only where one loaded and decides its own image
+        tokens. A Qwen-style model's rows are encoded here (tokenizer + image processor, the image tokens
+        expanded from the image's grid) whether or not its processor loaded: the processor would process a row's
+        image again for every row that holds it, on the caller's thread, where this path processes each image
+        once per call on the embedder's preparing threads (and tests on machines without torchvision, where
+        Qwen's processor does not load, run the path that GPU machines run)."""
+        return self.processor is not None and not self.counts_image_tokens
 
     # --- text -------------------------------------------------------------
 
@@ -156,7 +162,7 @@ class ModelInputs:
         tokens; image tokens are never cut (the model needs all of them).
         vision: the image's `image_tensors`, when the caller already has them."""
         self.check(text, image)
-        if self.processor is not None and not self.counts_image_tokens:
+        if self.encodes_with_processor:
             row = dict(self.processor(text=[text], images=[image] if image is not None else None,
                                       add_special_tokens=add_special_tokens, return_tensors="pt"))
         else:
@@ -267,13 +273,10 @@ def inference(device: str):
     process-wide: set for the call and restored after it."""
     import torch
 
-    if not device.startswith("cuda"):
-        with torch.inference_mode():
-            yield
-        return
     cudnn = torch.backends.cudnn
     saved = cudnn.deterministic, cudnn.benchmark
-    cudnn.deterministic, cudnn.benchmark = True, False
+    if device.startswith("cuda"):
+        cudnn.deterministic, cudnn.benchmark = True, False
     try:
         with torch.inference_mode():
             yield
